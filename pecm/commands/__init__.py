@@ -1,0 +1,1 @@
+"""CLI sub-commands: every public module here exposes ``register(subparsers)`` (see `pecm.cli`)."""
