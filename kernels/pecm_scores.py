@@ -1,0 +1,118 @@
+# Fused all-pairs PECM scores: (sim, conf, score) float32 [B, N] from the canonical operands.
+#
+# Math (see `pecm.backends.base`), per query b and candidate n, float32 accumulation:
+#
+#     num  = qw[b] . c[n]          K*D-long dot  -> tiled over BLOCK_KD chunks with tl.dot
+#     den  = qden[b] . cm[n]       K-long dot    (one BLOCK_K >= K chunk; sum_k qden[b] when cm is None)
+#     sim  = qp[b] . cp[n]         D-long dot    (BLOCK_KD chunks)
+#     conf = num / den if den > 0 else 0;   score = sim * conf
+#
+# Tiling: one program owns a [BLOCK_B queries x BLOCK_N candidates] tile and keeps the three float32
+# accumulators in registers; the epilogue writes sim, conf and score once. The query operands stay
+# float32; half-type candidate tiles are multiplied with a hi/lo split of the query tile (see
+# `common.dot_mode`), float32 candidates use an IEEE float32 dot.
+#
+# Autotune: a small config set keyed on (K, D, B bucket) plus the argument dtypes (Triton adds the
+# dtype of every tensor argument to the key); one config under TRITON_INTERPRET=1.
+#
+# Backward: `PecmScoresFn` saves (sim, conf) and calls `pecm_scores_bwd.pecm_scores_backward`.
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import _epilogue, _pecm_tile, b_bucket, configs, dot_mode, next_pow2, prepare_qsum
+
+_GPU_CONFIGS = [
+    ({"BLOCK_B": 16, "BLOCK_N": 64, "BLOCK_KD": 64}, 4, 3),
+    ({"BLOCK_B": 32, "BLOCK_N": 128, "BLOCK_KD": 64}, 4, 3),
+    ({"BLOCK_B": 64, "BLOCK_N": 64, "BLOCK_KD": 64}, 4, 3),
+    ({"BLOCK_B": 64, "BLOCK_N": 128, "BLOCK_KD": 32}, 4, 4),
+    ({"BLOCK_B": 128, "BLOCK_N": 64, "BLOCK_KD": 32}, 8, 3),
+    ({"BLOCK_B": 128, "BLOCK_N": 128, "BLOCK_KD": 32}, 8, 3),
+]
+_INTERP_CONFIG = ({"BLOCK_B": 16, "BLOCK_N": 32, "BLOCK_KD": 64}, 4, 1)
+
+
+@triton.autotune(configs=configs(_GPU_CONFIGS, _INTERP_CONFIG), key=["K", "D", "B_BUCKET", "HAS_CM", "MODE"])
+@triton.jit
+def _pecm_scores_kernel(
+    qw_ptr, qden_ptr, qsum_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, sim_ptr, conf_ptr, score_ptr,
+    B, N, K, D, B_BUCKET,
+    HAS_CM: tl.constexpr, MODE: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KD: tl.constexpr,
+):  # fmt: skip
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    sim, num, den = _pecm_tile(
+        qw_ptr, qden_ptr, qsum_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, offs_b, offs_n, B, N, K, D,
+        HAS_CM, MODE, BLOCK_B, BLOCK_N, BLOCK_KD, BLOCK_K,
+    )  # fmt: skip
+    conf = _epilogue(sim, num, den, 2)
+    score = sim * conf
+    out = offs_b.to(tl.int64)[:, None] * N + offs_n[None, :]
+    m = (offs_b < B)[:, None] & (offs_n < N)[None, :]
+    tl.store(sim_ptr + out, sim, mask=m)
+    tl.store(conf_ptr + out, conf, mask=m)
+    tl.store(score_ptr + out, score, mask=m)
+
+
+def _contig(*ts):
+    return tuple(None if t is None else t.contiguous() for t in ts)
+
+
+def pecm_scores_fwd(qw, qden, qp, c, cm: Optional[torch.Tensor], cp) -> Tuple[torch.Tensor, ...]:
+    """Launch the fused forward: (sim, conf, score) float32 [B, N]. No autograd."""
+    qw, qden, qp, c, cm, cp = _contig(qw, qden, qp, c, cm, cp)
+    b, k = qden.shape
+    n = c.shape[0]
+    d = qp.shape[1]
+    if qw.shape != (b, k * d) or c.shape != (n, k * d) or cp.shape != (n, d):
+        raise ValueError(f"pecm_scores_fwd: inconsistent shapes qw={list(qw.shape)} c={list(c.shape)} cp={list(cp.shape)}")
+    sim = torch.empty((b, n), dtype=torch.float32, device=qw.device)
+    conf = torch.empty_like(sim)
+    score = torch.empty_like(sim)
+    qsum = prepare_qsum(qden, cm)
+    grid = lambda meta: (triton.cdiv(b, meta["BLOCK_B"]), triton.cdiv(n, meta["BLOCK_N"]))
+    _pecm_scores_kernel[grid](
+        qw, qden, qsum, qp, c, qden if cm is None else cm, cp, sim, conf, score,
+        b, n, k, d, b_bucket(b),
+        HAS_CM=cm is not None, MODE=dot_mode(c.dtype), BLOCK_K=max(16, next_pow2(k)),
+    )  # fmt: skip
+    return sim, conf, score
+
+
+class PecmScoresFn(torch.autograd.Function):
+    """Differentiable fused scores w.r.t. qw, qden, qp, c and cp (cm is a constant mask)."""
+
+    @staticmethod
+    def forward(ctx, qw, qden, qp, c, cm, cp):
+        sim, conf, score = pecm_scores_fwd(qw, qden, qp, c, cm, cp)
+        ctx.save_for_backward(qw, qden, qp, c, cm, cp, sim, conf)
+        return sim, conf, score
+
+    @staticmethod
+    def backward(ctx, g_sim, g_conf, g_score):
+        from .pecm_scores_bwd import pecm_scores_backward
+
+        qw, qden, qp, c, cm, cp, sim, conf = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grads = pecm_scores_backward(
+            qw, qden, qp, c, cm, cp, sim, conf, g_sim, g_conf, g_score,
+            need_qw=need[0], need_qden=need[1], need_qp=need[2], need_c=need[3], need_cp=need[5],
+        )  # fmt: skip
+        g_qw, g_qden, g_qp, g_c, g_cp = grads
+        return g_qw, g_qden, g_qp, g_c, None, g_cp
+
+
+def pecm_scores(qw, qden, qp, c, cm, cp):
+    """Functional entry point: fused (sim, conf, score), differentiable when an input requires grad."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (qw, qden, qp, c, cp)):
+        return PecmScoresFn.apply(qw, qden, qp, c, cm, cp)
+    return pecm_scores_fwd(qw, qden, qp, c, cm, cp)
