@@ -74,7 +74,8 @@ def pecm_scores_fwd(qw, qden, qp, c, cm: Optional[torch.Tensor], cp) -> Tuple[to
     n = c.shape[0]
     d = qp.shape[1]
     if qw.shape != (b, k * d) or c.shape != (n, k * d) or cp.shape != (n, d):
-        raise ValueError(f"pecm_scores_fwd: inconsistent shapes qw={list(qw.shape)} c={list(c.shape)} cp={list(cp.shape)}")
+        shapes = f"qw={list(qw.shape)} qp={list(qp.shape)} c={list(c.shape)} cp={list(cp.shape)}"
+        raise ValueError(f"pecm_scores_fwd: inconsistent operand shapes {shapes}")
     sim = torch.empty((b, n), dtype=torch.float32, device=qw.device)
     conf = torch.empty_like(sim)
     score = torch.empty_like(sim)

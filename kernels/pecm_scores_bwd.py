@@ -65,7 +65,8 @@ def _mm_kernel(
         a = tl.load(a_ptr + rm[:, None] * s_am + rr64[None, :] * s_ar, mask=mm[:, None] & mr[None, :], other=0.0)
         bt = tl.load(b_ptr + rr64[:, None] * s_br + rp[None, :] * s_bp, mask=mr[:, None] & mp[None, :], other=0.0)
         acc = _dot_acc(acc, a, bt, MODE)
-    tl.store(out_ptr + rm[:, None] * s_om + rp[None, :] * s_op, acc.to(out_ptr.dtype.element_ty), mask=mm[:, None] & mp[None, :])
+    out = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rm[:, None] * s_om + rp[None, :] * s_op, out, mask=mm[:, None] & mp[None, :])
 
 
 def mm(a: torch.Tensor, bm: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
