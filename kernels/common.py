@@ -81,6 +81,35 @@ def configs(gpu, interp):
     return [triton.Config(dict(meta), num_warps=w, num_stages=s) for meta, w, s in chosen]
 
 
+SMEM_BUDGET = 160 * 1024  # bytes of shared memory a pipelined config may plan for (H100: 227 KB max)
+REG_TILE_BUDGET = 64 * 1024  # elements of the per-program register tiles (accumulator / gathered chunk)
+
+
+def prune_configs(rows: str, cols: str):
+    """`early_config_prune` for autotune: drop configs whose tiles cannot fit (shared memory for the
+    pipelined dot operands, register tiles), keeping at least the smallest config.
+
+    `rows` / `cols` name the meta-parameters (or kernel kwargs, e.g. "KT") of the output tile.
+    """
+
+    def prune(cfgs, named_args, **kwargs):
+        allargs = {**named_args, **kwargs}
+        c = allargs.get("c_ptr")
+        elt = c.element_size() if hasattr(c, "element_size") else 4
+        kept = []
+        for cfg in cfgs:
+            meta = {**allargs, **cfg.kwargs}
+            r, n, kd = int(meta[rows]), int(meta[cols]), int(meta["BLOCK_KD"])
+            smem = cfg.num_stages * (r * kd * 4 + kd * n * elt)
+            if smem <= SMEM_BUDGET and r * n <= REG_TILE_BUDGET // 2 and n * kd <= REG_TILE_BUDGET:
+                kept.append(cfg)
+        if not kept:
+            kept = [min(cfgs, key=lambda cfg: sum(int(v) for v in cfg.kwargs.values()) * cfg.num_stages)]
+        return kept
+
+    return prune
+
+
 @triton.jit
 def _dot_acc(acc, a, b, MODE: tl.constexpr):
     """acc += a @ b with a float32 [M, R] and b [R, P] in the storage dtype (see MODE above)."""

@@ -30,6 +30,7 @@ import triton.language as tl
 from .common import (
     BY_CODE,
     MAX_KT,
+    REG_TILE_BUDGET,
     _epilogue,
     _pack_keys,
     configs,
@@ -41,6 +42,8 @@ from .common import (
 )
 
 _GPU_CONFIGS = [
+    ({"BLOCK_KD": 16}, 8, 2),
+    ({"BLOCK_KD": 32}, 4, 2),
     ({"BLOCK_KD": 64}, 4, 2),
     ({"BLOCK_KD": 128}, 4, 2),
     ({"BLOCK_KD": 64}, 8, 2),
@@ -48,7 +51,18 @@ _GPU_CONFIGS = [
 _INTERP_CONFIG = ({"BLOCK_KD": 64}, 4, 1)
 
 
-@triton.autotune(configs=configs(_GPU_CONFIGS, _INTERP_CONFIG), key=["K", "D", "KT", "HAS_CM"])
+def _prune_gather(cfgs, named_args, **kwargs):
+    """Keep configs whose gathered [KT, BLOCK_KD] chunk fits the register budget (>= one config)."""
+    kt = int(kwargs.get("KT", named_args.get("KT", 16)))
+    kept = [cfg for cfg in cfgs if kt * cfg.kwargs["BLOCK_KD"] <= REG_TILE_BUDGET // 4]
+    return kept or [min(cfgs, key=lambda cfg: cfg.kwargs["BLOCK_KD"])]
+
+
+@triton.autotune(
+    configs=configs(_GPU_CONFIGS, _INTERP_CONFIG),
+    key=["K", "D", "KT", "HAS_CM"],
+    prune_configs_by={"early_config_prune": _prune_gather},
+)
 @triton.jit
 def _pecm_rerank_kernel(
     qw_ptr, qden_ptr, qsum_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, cand_ptr, part_ptr,

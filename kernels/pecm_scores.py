@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _epilogue, _pecm_tile, b_bucket, configs, dot_mode, next_pow2, prepare_qsum
+from .common import _epilogue, _pecm_tile, b_bucket, configs, dot_mode, next_pow2, prepare_qsum, prune_configs
 
 _GPU_CONFIGS = [
     ({"BLOCK_B": 16, "BLOCK_N": 64, "BLOCK_KD": 64}, 4, 3),
@@ -38,7 +38,11 @@ _GPU_CONFIGS = [
 _INTERP_CONFIG = ({"BLOCK_B": 16, "BLOCK_N": 32, "BLOCK_KD": 64}, 4, 1)
 
 
-@triton.autotune(configs=configs(_GPU_CONFIGS, _INTERP_CONFIG), key=["K", "D", "B_BUCKET", "HAS_CM", "MODE"])
+@triton.autotune(
+    configs=configs(_GPU_CONFIGS, _INTERP_CONFIG),
+    key=["K", "D", "B_BUCKET", "HAS_CM", "MODE"],
+    prune_configs_by={"early_config_prune": prune_configs("BLOCK_B", "BLOCK_N")},
+)
 @triton.jit
 def _pecm_scores_kernel(
     qw_ptr, qden_ptr, qsum_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, sim_ptr, conf_ptr, score_ptr,

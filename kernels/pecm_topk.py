@@ -43,10 +43,12 @@ from .common import (
     interpret,
     next_pow2,
     prepare_qsum,
+    prune_configs,
     target_programs,
 )
 
 _GPU_CONFIGS = [
+    ({"BLOCK_B": 16, "BLOCK_KD": 16}, 8, 2),
     ({"BLOCK_B": 16, "BLOCK_KD": 32}, 4, 2),
     ({"BLOCK_B": 16, "BLOCK_KD": 64}, 8, 2),
     ({"BLOCK_B": 32, "BLOCK_KD": 32}, 8, 2),
@@ -57,7 +59,11 @@ _INTERP_CONFIG = ({"BLOCK_B": 4, "BLOCK_KD": 64}, 4, 1)
 FALLBACK_CHUNK = 8192
 
 
-@triton.autotune(configs=configs(_GPU_CONFIGS, _INTERP_CONFIG), key=["K", "D", "KT", "B_BUCKET", "HAS_CM", "MODE"])
+@triton.autotune(
+    configs=configs(_GPU_CONFIGS, _INTERP_CONFIG),
+    key=["K", "D", "KT", "B_BUCKET", "HAS_CM", "MODE"],
+    prune_configs_by={"early_config_prune": prune_configs("BLOCK_B", "KT")},
+)
 @triton.jit
 def _pecm_topk_kernel(
     qw_ptr, qden_ptr, qsum_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, part_ptr,

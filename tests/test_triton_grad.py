@@ -67,7 +67,8 @@ def test_grad_matches_torch_backend(device, dtype, masks, pooled, use):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert torch.isfinite(a).all(), name
         scale = max(1.0, float(b.float().abs().max()))
-        torch.testing.assert_close(a.float(), b.float(), atol=atol * scale, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+        msg = lambda m, n=name: f"grad of {n}: {m}"
+        torch.testing.assert_close(a.float(), b.float(), atol=atol * scale, rtol=rtol, msg=msg)
     assert any(float(x.abs().max()) > 0 for x in grads_t), "all gradients are zero: the test would be vacuous"
 
 

@@ -1,0 +1,101 @@
+"""Triton backend plumbing: registry behaviour with/without Triton or CUDA, `supports`, autotune pruning."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from pecm import ops  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(code: str, **env) -> str:
+    full = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    for k, v in env.items():
+        if v is None:
+            full.pop(k, None)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=full, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_without_triton_the_package_imports_and_reports_triton_unavailable():
+    out = _run(
+        "import sys; sys.modules['triton'] = None\n"
+        "import pecm\n"
+        "from pecm import backends\n"
+        "print(backends.available_backends())\n"
+        "print(backends.backend_errors()['triton'])\n"
+        "import pecm.kernels as k; print(k.HAS_TRITON, bool(k.IMPORT_ERROR))\n",
+        TRITON_INTERPRET="1",
+    )
+    lines = out.strip().splitlines()
+    assert "triton" not in lines[0] and "torch" in lines[0]
+    assert "triton" in lines[1].lower()
+    assert lines[2] == "False True"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_cpu_only_without_interpreter_reports_why():
+    out = _run(
+        "from pecm import backends\nprint(backends.available_backends()); print(backends.backend_errors()['triton'])",
+        TRITON_INTERPRET=None,
+    )
+    first, second = out.strip().splitlines()
+    assert "triton" not in first
+    assert "TRITON_INTERPRET" in second and "CUDA" in second
+
+
+@pytest.mark.interpret
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+def test_supports_and_dtype_errors():
+    pytest.importorskip("triton")
+    from test_triton_kernels import fresh_triton_backend
+
+    fresh_triton_backend()
+    from pecm.backends import get_backend
+
+    be = get_backend("triton", torch.device("cpu"), torch.float32)
+    assert be.name == "triton" and be.differentiable
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        assert be.supports(torch.device("cpu"), dt)
+    assert not be.supports(torch.device("cpu"), torch.float64)
+    q = torch.randn(2, 3, 4, dtype=torch.float64)
+    with pytest.raises((TypeError, ValueError), match="triton"):
+        ops.pecm_scores(q, q, torch.ones(3), backend="triton")
+
+
+def test_autotune_pruning_keeps_fitting_configs():
+    pytest.importorskip("triton")
+    import importlib
+
+    import triton
+
+    from pecm.backends import triton_backend  # noqa: F401  (registers pecm.kernels in a source checkout)
+
+    # the package re-exports functions named like their modules: fetch the modules themselves
+    common, pecm_rerank, pecm_topk = (
+        importlib.import_module(f"pecm.kernels.{m}") for m in ("common", "pecm_rerank", "pecm_topk")
+    )
+
+    cfgs = [triton.Config(dict(m), num_warps=w, num_stages=s) for m, w, s in pecm_topk._GPU_CONFIGS]
+    prune = common.prune_configs("BLOCK_B", "KT")
+    c32 = torch.empty(1, 8, dtype=torch.float32)
+    c16 = torch.empty(1, 8, dtype=torch.float16)
+    big = prune(cfgs, {"c_ptr": c32}, KT=1024)
+    assert big and all(c.num_stages * (c.kwargs["BLOCK_B"] * c.kwargs["BLOCK_KD"] * 4 + c.kwargs["BLOCK_KD"] * 1024 * 4)
+                       <= common.SMEM_BUDGET for c in big)  # fmt: skip
+    assert len(prune(cfgs, {"c_ptr": c16}, KT=64)) == len(cfgs)  # small lists keep every config
+    gcfgs = [triton.Config(dict(m), num_warps=w, num_stages=s) for m, w, s in pecm_rerank._GPU_CONFIGS]
+    kept = pecm_rerank._prune_gather(gcfgs, {}, KT=1024)
+    assert kept and all(c.kwargs["BLOCK_KD"] * 1024 <= common.REG_TILE_BUDGET // 4 for c in kept)
