@@ -200,6 +200,18 @@ def test_topk_large_k_uses_chunked_path(device):
     check_topk(vals, ids, ref_scores(q, c, w, qm, cm)[2], 1100, 2e-2)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_query_blocks_scores_and_topk(device):
+    """B larger than one query block (scores: 16 rows, interpreter top-k: 4 rows), N over several tiles."""
+    q, c, w, qm, cm = make_case(device, torch.float32, b=18, n=70, k=3, d=16)
+    ref = ref_scores(q, c, w, qm, cm)
+    out = ops.pecm_scores(q, c, w, q_mask=qm, c_mask=cm, backend="triton")
+    for got, exp in zip(out, ref):
+        np.testing.assert_allclose(got.double().cpu().numpy(), exp, atol=1e-5, rtol=0)
+    vals, ids = ops.pecm_topk(q[:9], c, w, 3, q_mask=qm[:9], c_mask=cm, backend="triton")
+    check_topk(vals, ids, ref[2][:9], 3, 1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # re-ranking
 # ------------------------------------------------------------------------------------------------
