@@ -42,6 +42,12 @@ def interpret() -> bool:
 INTERPRET_AT_IMPORT = interpret()
 
 
+def kt_floor() -> int:
+    """Smallest top-k list / candidate tile of the top-k and rerank kernels (GPU: 64-wide tiles keep the
+    dot and the gathers efficient for small k; interpreter: 16, its tl.sort cost grows with the width)."""
+    return 16 if interpret() else 64
+
+
 def next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 

@@ -35,7 +35,7 @@ from .common import (
     _pack_keys,
     configs,
     decode_keys,
-    interpret,
+    kt_floor,
     next_pow2,
     prepare_qsum,
     target_programs,
@@ -130,7 +130,7 @@ def pecm_rerank(qw, qden, qp, c, cm, cp, cand, k: int, by: str = "score"):
         raise ValueError(f"cand: expected shape [B={b}, M], got {list(cand.shape)}")
     if n >= 2**31:
         raise ValueError(f"c: at most {2**31 - 1} rows for rerank (int32 ids in the keys), got N={n}")
-    kt = max(32 if not interpret() else 16, next_pow2(min(k, max(m, 1))))
+    kt = max(kt_floor(), next_pow2(min(k, max(m, 1))))
     if kt > MAX_KT:  # k > MAX_KT: every program keeps its whole slice of MAX_KT ids (exact)
         kt = per_prog = MAX_KT
     else:

@@ -6,7 +6,7 @@
 #
 # Algorithm (FAISS block-select, adapted to Triton's block programming model):
 #   grid = (query blocks of BLOCK_B, S candidate splits). Program (i, s) streams its contiguous
-#   candidate range in tiles of KT = max(32, next_pow2(k)) candidates. Each (value, id) is packed into
+#   candidate range in tiles of KT = max(64, next_pow2(k)) candidates. Each (value, id) is packed into
 #   an int64 key ordered like the value (`common._pack_keys`), so one sort moves values and ids.
 #   The program keeps a running list `best` [BLOCK_B, KT] sorted descending. For each tile:
 #       if max(tile) <= min(best)   -> skip (exact: nothing in the tile can enter any row's list)
@@ -40,7 +40,7 @@ from .common import (
     configs,
     decode_keys,
     dot_mode,
-    interpret,
+    kt_floor,
     next_pow2,
     prepare_qsum,
     prune_configs,
@@ -139,7 +139,7 @@ def pecm_topk(qw, qden, qp, c, cm, cp, k: int, by: str = "score", chunk_size: Op
         raise ValueError(f"c: at most {2**31 - MAX_KT - 1} candidates per call (int32 ids), got N={n}")
     if k > MAX_KT:
         return _topk_chunked(qw, qden, qp, c, cm, cp, k, by, chunk_size)
-    kt = max(32 if not interpret() else 16, next_pow2(k))
+    kt = max(kt_floor(), next_pow2(k))
     n_split = _splits(b, n, kt, chunk_size, qw.device)
     per_prog = triton.cdiv(triton.cdiv(n, n_split), kt) * kt
     n_split = triton.cdiv(n, per_prog)

@@ -60,6 +60,7 @@ def test_cpu_only_without_interpreter_reports_why():
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 def test_supports_and_dtype_errors():
     pytest.importorskip("triton")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # shared helpers, any import mode
     from test_triton_kernels import fresh_triton_backend
 
     fresh_triton_backend()

@@ -6,6 +6,7 @@ CPU under TRITON_INTERPRET=1 (marked ``interpret``) without CUDA, the GPU with i
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -16,6 +17,7 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # shared helpers, any import mode
 from test_triton_kernels import DEVICES, fresh_triton_backend, make_case  # noqa: E402
 
 from pecm import ops  # noqa: E402
