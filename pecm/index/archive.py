@@ -1,0 +1,371 @@
+"""`ArchiveIndex`: the on-disk PECM archive (create / open / add / get / delete / compact / search).
+
+Crash safety (append): (1) truncate every data file to its committed size, (2) write the new rows
+at the end and fsync, (3) insert and commit the metadata rows, (4) replace ``manifest.json``
+atomically (temp file, fsync, ``os.replace``, fsync the directory). Only step 4 commits; a crash
+before it leaves the previous index: readers use only the manifest's ``count`` rows, and metadata
+rows with id >= ``next_id`` are invisible and deleted by the next writer.
+
+Concurrency: one writer (``mode="a"``) holds an exclusive ``fcntl.flock`` on ``write.lock``; a
+second writer gets `IndexLockedError`. Readers take no lock: they see the manifest they opened
+(call `refresh()` to see later commits).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import sys
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from . import format as fmt
+from .format import IndexCorruptError, IndexLockedError
+from .meta import MetaStore
+
+ADD_BLOCK = 32768  # items encoded and written per block
+
+
+def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
+    view = memoryview(np.ascontiguousarray(data)).cast("B")
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _as_array(x, name: str) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+class ArchiveIndex:
+    """An on-disk archive of PECM items; see the module docstring and docs/index.md."""
+
+    def __init__(self, root: str, manifest: dict, mode: str, lock_fd: Optional[int]):
+        self.root, self.mode, self._lock_fd = root, mode, lock_fd
+        self._meta: Optional[MetaStore] = None
+        self._load(manifest)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def create(cls, path, K: int, D: int, dtype: str = "float16", weights=None, overwrite: bool = False):
+        """Create an empty index at ``path`` and return it open for appending."""
+        path = os.fspath(path)
+        for name, v in (("K", K), ("D", D)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        if dtype not in fmt.DTYPES:
+            raise ValueError(f"dtype: expected one of {fmt.DTYPES}, got {dtype!r}")
+        w = np.ones(K, dtype=np.float64) if weights is None else _as_array(weights, "weights").astype(np.float64)
+        if w.shape != (K,):
+            raise ValueError(f"weights: expected shape [K={K}], got {list(w.shape)}")
+        if not np.all(np.isfinite(w)) or (w < 0).any():
+            raise ValueError("weights: must be finite and non-negative")
+        if os.path.exists(os.path.join(path, fmt.MANIFEST)):
+            if not overwrite:
+                raise FileExistsError(f"index: {path!r} already holds an index (use overwrite=True)")
+            shutil.rmtree(path)
+        os.makedirs(path, exist_ok=True)
+        files = fmt.file_names(0, dtype == "int8")
+        for name in files.values():
+            open(os.path.join(path, name), "wb").close()
+        MetaStore(os.path.join(path, fmt.META_DB), writable=True).close()
+        manifest = {
+            "format": fmt.FORMAT_NAME,
+            "version": fmt.FORMAT_VERSION,
+            "K": int(K),
+            "D": int(D),
+            "dtype": dtype,
+            "count": 0,
+            "next_id": 0,
+            "generation": 0,
+            "normalized": True,
+            "weights": [float(x) for x in w],
+            "files": files,
+            "item_bytes": fmt.item_bytes(K, D, dtype),
+            "sizes": {n: 0 for n in files},
+            "checksums": [],
+            "tombstones": [],
+        }
+        fmt.write_manifest(path, manifest)
+        return cls.open(path, mode="a")
+
+    @classmethod
+    def open(cls, path, verify: bool = False, mode: str = "r"):
+        """Open an index for reading (``"r"``) or appending (``"a"``, exclusive).
+
+        Always checks the manifest and the data file sizes; ``verify=True`` also recomputes every
+        checksum. Problems raise `IndexCorruptError` (a ValueError).
+        """
+        path = os.fspath(path)
+        if mode not in ("r", "a"):
+            raise ValueError(f"mode: expected 'r' or 'a', got {mode!r}")
+        lock_fd = None
+        if mode == "a":
+            if not os.path.isdir(path):
+                raise FileNotFoundError(f"index: no such directory {path!r}")
+            lock_fd = os.open(os.path.join(path, fmt.LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(lock_fd)
+                raise IndexLockedError(f"index: {path!r} is open for writing by another process") from None
+        try:
+            m = cls._read_consistent(path, verify)
+            idx = cls(path, m, mode, lock_fd)
+            if mode == "a":
+                idx._recover()
+            return idx
+        except BaseException:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+
+    @staticmethod
+    def _read_consistent(path: str, verify: bool) -> dict:
+        for _ in range(20):  # a concurrent compact may swap generations between our reads
+            m = fmt.read_manifest(path)
+            try:
+                fmt.check_sizes(path, m)
+                if verify:
+                    fmt.verify_checksums(path, m)
+            except IndexCorruptError:
+                if fmt.read_manifest(path).get("generation") != m["generation"]:
+                    continue
+                raise
+            return m
+        raise IndexCorruptError(f"index: {path!r} keeps changing generation while opening")
+
+    def _load(self, m: dict) -> None:
+        self.manifest = m
+        self.K, self.D, self.dtype, self.count = m["K"], m["D"], m["dtype"], m["count"]
+        self.weights = np.asarray(m["weights"], dtype=np.float32)
+        self.layout = fmt.layout(self.K, self.D, self.dtype)
+        self.item_bytes = fmt.item_bytes(self.K, self.D, self.dtype)
+        self.paths = {k: os.path.join(self.root, v) for k, v in m["files"].items()}
+        self.tombstones = np.asarray(sorted(m["tombstones"]), dtype=np.int64)
+        self._mm: Dict[str, np.memmap] = {}
+
+    def _recover(self) -> None:
+        """Writer only: drop bytes and metadata rows of an interrupted append or compact."""
+        for logical, p in self.paths.items():
+            need = self.count * self.item_bytes[logical]
+            if os.path.getsize(p) != need:
+                os.truncate(p, need)
+        keep = set(self.manifest["files"].values()) | {fmt.META_DB, fmt.MANIFEST, fmt.LOCK_FILE}
+        for name in os.listdir(self.root):
+            if name.endswith(".bin") and name not in keep or name.startswith(f".{fmt.MANIFEST}"):
+                os.remove(os.path.join(self.root, name))
+        self.meta.rollback_to(self.manifest["next_id"])
+
+    @property
+    def meta(self) -> MetaStore:
+        if self._meta is None:
+            self._meta = MetaStore(os.path.join(self.root, fmt.META_DB), writable=self.mode == "a")
+        return self._meta
+
+    def refresh(self) -> "ArchiveIndex":
+        """Reader: re-read the manifest to see appends committed since opening."""
+        self._load(self._read_consistent(self.root, verify=False))
+        return self
+
+    def close(self) -> None:
+        self._mm = {}
+        if self._meta is not None:
+            self._meta.close()
+            self._meta = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __len__(self) -> int:
+        """Number of live items (committed minus deleted)."""
+        return self.count - len(self.tombstones)
+
+    def __repr__(self) -> str:
+        return f"ArchiveIndex({self.root!r}, K={self.K}, D={self.D}, dtype={self.dtype}, items={len(self)})"
+
+    # ------------------------------------------------------------------ raw access
+    def array(self, logical: str) -> np.ndarray:
+        """Read-only memmap of the committed rows of one data file (empty array when count is 0)."""
+        if logical not in self._mm:
+            dt, shape = self.layout[logical]
+            if self.count == 0:
+                self._mm[logical] = np.zeros((0, *shape), dtype=dt)
+            else:
+                self._mm[logical] = np.memmap(self.paths[logical], dtype=dt, mode="r", shape=(self.count, *shape))
+        return self._mm[logical]
+
+    def ids(self) -> np.ndarray:
+        return self.array("ids")
+
+    def rows_of(self, ids) -> np.ndarray:
+        """Row positions of global ids; KeyError for unknown or deleted ids."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        all_ids = self.ids()
+        rows = np.searchsorted(all_ids, ids)
+        if self.count == 0:
+            ok = np.zeros(ids.shape, dtype=bool)
+        else:
+            ok = (rows < self.count) & (all_ids[np.minimum(rows, self.count - 1)] == ids)
+        ok &= ~np.isin(ids, self.tombstones)
+        if not np.all(ok):
+            raise KeyError(f"ids: unknown or deleted ids {ids[~ok][:10].tolist()}")
+        return rows
+
+    def dequantize(self, rows: slice | np.ndarray) -> np.ndarray:
+        """Stored prototypes of some rows as float32/float16 (int8 is dequantised per row)."""
+        p = np.asarray(self.array("prototypes")[rows])
+        if self.dtype != "int8":
+            return p
+        return p.astype(np.float32) * np.asarray(self.array("scales")[rows])[..., None]
+
+    def get(self, ids, vectors: bool = False) -> List[dict]:
+        """Metadata rows of the given ids; with ``vectors=True`` each row also holds ``prototypes``
+        (unit, float32 [K, D]), ``mask`` (bool [K]) and ``pooled`` (float32 [D])."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        rows = self.rows_of(ids)
+        out = self.meta.rows(ids.tolist())
+        if vectors:
+            protos = self.dequantize(rows).astype(np.float32)
+            masks = np.asarray(self.array("masks")[rows]).astype(bool)
+            pooled = np.asarray(self.array("pooled")[rows]).astype(np.float32)
+            for j, row in enumerate(out):
+                row.update(prototypes=protos[j], mask=masks[j], pooled=pooled[j])
+        return out
+
+    # ------------------------------------------------------------------ writing
+    def _require_writer(self) -> None:
+        if self.mode != "a" or self._lock_fd is None:
+            raise ValueError("index: opened read-only; use ArchiveIndex.open(path, mode='a') to modify it")
+
+    def add(self, prototypes, masks=None, metadata=None, pooled=None, progress=None) -> np.ndarray:
+        """Append items; returns their global ids (int64 [n]). One crash-safe commit per call.
+
+        prototypes: [n, K, D] (or [K, D]) any float; masks: bool [n, K]; metadata: a list of n dicts
+        (keys modality/source/text, anything else goes to extras) or None; pooled: [n, D] to use
+        instead of Eq. 4 with the index weights.
+        """
+        self._require_writer()
+        x = _as_array(prototypes, "prototypes")
+        if x.ndim == 2:
+            x = x[None]
+            masks = None if masks is None else _as_array(masks, "masks")[None]
+            pooled = None if pooled is None else _as_array(pooled, "pooled")[None]
+        if x.ndim != 3 or x.shape[1:] != (self.K, self.D):
+            raise ValueError(f"prototypes: expected shape [n, K={self.K}, D={self.D}], got {list(x.shape)}")
+        if x.dtype.kind != "f":
+            raise TypeError(f"prototypes: expected a float array, got dtype {x.dtype}")
+        n = x.shape[0]
+        if masks is not None:
+            masks = _as_array(masks, "masks")
+            if masks.shape != (n, self.K):
+                raise ValueError(f"masks: expected shape [n={n}, K={self.K}], got {list(masks.shape)}")
+            if masks.dtype.kind == "f":
+                raise TypeError(f"masks: expected a bool array, got dtype {masks.dtype}")
+        if pooled is not None:
+            pooled = _as_array(pooled, "pooled")
+            if pooled.shape != (n, self.D):
+                raise ValueError(f"pooled: expected shape [n={n}, D={self.D}], got {list(pooled.shape)}")
+        if metadata is not None and len(metadata) != n:
+            raise ValueError(f"metadata: expected {n} rows, got {len(metadata)}")
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        start, first_id = self.count, self.manifest["next_id"]
+        new_ids = np.arange(first_id, first_id + n, dtype=np.int64)
+        crcs = {k: 0 for k in self.paths}
+        fds = {k: os.open(p, os.O_WRONLY) for k, p in self.paths.items()}
+        show = sys.stderr.isatty() if progress is None else bool(progress)
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n, desc="pecm index add", unit="item", disable=not show or n < ADD_BLOCK)
+            for s in range(0, n, ADD_BLOCK):
+                e = min(n, s + ADD_BLOCK)
+                blk = fmt.encode_block(
+                    x[s:e],
+                    None if masks is None else masks[s:e],
+                    None if pooled is None else pooled[s:e],
+                    self.weights,
+                    self.dtype,
+                )
+                blk["ids"] = new_ids[s:e]
+                for logical, arr in blk.items():
+                    buf = np.ascontiguousarray(arr)
+                    crcs[logical] = fmt.zlib.crc32(memoryview(buf).cast("B"), crcs[logical])
+                    _pwrite_all(fds[logical], buf, (start + s) * self.item_bytes[logical])
+                bar.update(e - s)
+            bar.close()
+            for fd in fds.values():
+                os.fsync(fd)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        if metadata is not None:
+            self.meta.insert(new_ids.tolist(), metadata)
+            self.meta.commit()
+        m = dict(self.manifest)
+        m["count"] = start + n
+        m["next_id"] = first_id + n
+        m["sizes"] = {k: (start + n) * self.item_bytes[k] for k in self.paths}
+        m["checksums"] = m["checksums"] + [{"start": start, "count": n, "crc32": crcs}]
+        fmt.write_manifest(self.root, m)
+        self._load(m)
+        return new_ids
+
+    def delete(self, ids) -> int:
+        """Tombstone items (search never returns them; `compact` reclaims the space). Returns the count."""
+        self._require_writer()
+        ids = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
+        self.rows_of(ids)  # KeyError for unknown / already deleted
+        m = dict(self.manifest)
+        m["tombstones"] = sorted(set(m["tombstones"]) | set(ids.tolist()))
+        fmt.write_manifest(self.root, m)
+        self._load(m)
+        return int(ids.size)
+
+    def compact(self, progress=None) -> None:
+        """Rewrite the data files without tombstoned rows (ids are kept), as a new generation.
+
+        Crash-safe: new files are written and fsynced under new names, then the manifest switches
+        to them atomically; the old files are removed afterwards (or by the next writer's recovery).
+        """
+        self._require_writer()
+        from .compact import compact_index
+
+        m = compact_index(self, progress)
+        self._load(m)
+        self._recover()
+
+    def stats(self) -> dict:
+        return {
+            "path": self.root,
+            "K": self.K,
+            "D": self.D,
+            "dtype": self.dtype,
+            "count": self.count,
+            "live": len(self),
+            "deleted": int(len(self.tombstones)),
+            "next_id": self.manifest["next_id"],
+            "generation": self.manifest["generation"],
+            "appends": len(self.manifest["checksums"]),
+            "normalized": True,
+            "weights": [float(x) for x in self.weights],
+            "bytes": {k: self.count * self.item_bytes[k] for k in self.paths},
+            "files": dict(self.manifest["files"]),
+        }
+
+    def search(self, queries, k: int = 10, **kw):
+        """Top-k search; see `pecm.index.search.search` for the arguments."""
+        from .search import search
+
+        return search(self, queries, k, **kw)

@@ -1,0 +1,219 @@
+"""Search of an `ArchiveIndex`: exhaustive (streamed fused top-k) and two-stage (pooled top-M + rerank).
+
+Exhaustive: the committed rows are read in chunks of ``chunk_size`` items with positioned reads
+into two reused buffers (the next chunk is read by a helper thread while the current one is
+scored), so memory stays bounded by the chunk size whatever the index size. Each chunk goes through
+``pecm.ops.pecm_topk(..., normalized=True, c_pooled=..., c_mask=...)``; the per-chunk results are
+merged exactly with global row numbers, then mapped to global ids. Tombstoned rows are excluded by
+asking a chunk for ``k + (its number of tombstones)`` and dropping them.
+
+Two-stage: a streamed GEMM top-M over ``pooled.bin`` (cosine of unit pooled vectors, i.e. ``sim``),
+then ``pecm.ops.pecm_rerank`` over the M gathered candidates (read through ``numpy.memmap``).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .. import ops
+from ..backends.base import merge_topk, pad_topk
+
+DEFAULT_CHUNK = 16384
+POOLED_CHUNK = 262144
+MODES = ("exhaustive", "two_stage")
+
+
+def _check_int(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+    return int(v)
+
+
+def _queries(index, queries, q_mask) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    q = queries.detach().cpu() if isinstance(queries, torch.Tensor) else torch.as_tensor(np.asarray(queries))
+    if not q.dtype.is_floating_point:
+        raise TypeError(f"queries: expected a float array, got dtype {q.dtype}")
+    if q.ndim == 2:
+        q = q.unsqueeze(0)
+        q_mask = None if q_mask is None else np.asarray(q_mask)[None]
+    if q.ndim != 3 or tuple(q.shape[1:]) != (index.K, index.D):
+        raise ValueError(f"queries: expected shape [B, K={index.K}, D={index.D}], got {list(q.shape)}")
+    qm = None
+    if q_mask is not None:
+        qm = torch.as_tensor(np.asarray(q_mask))
+        if tuple(qm.shape) != (q.shape[0], index.K):
+            raise ValueError(f"q_mask: expected shape [B={q.shape[0]}, K={index.K}], got {list(qm.shape)}")
+        qm = qm.bool()
+    return q.float().contiguous(), qm
+
+
+class _ChunkReader:
+    """Positioned reads of row ranges of some data files into reused buffers (double-buffered)."""
+
+    def __init__(self, index, logicals: List[str], chunk: int):
+        self.index, self.logicals, self.chunk = index, logicals, chunk
+        self.fds = {k: os.open(index.paths[k], os.O_RDONLY) for k in logicals}
+        self.bufs = [
+            {k: np.empty((chunk, *index.layout[k][1]), dtype=index.layout[k][0]) for k in logicals} for _ in range(2)
+        ]
+
+    def read(self, slot: int, s: int, e: int) -> Dict[str, np.ndarray]:
+        out = {}
+        for k in self.logicals:
+            arr = self.bufs[slot][k][: e - s]
+            view = memoryview(arr.reshape(-1).view(np.uint8))
+            off, got = s * self.index.item_bytes[k], 0
+            while got < len(view):
+                n = os.preadv(self.fds[k], [view[got:]], off + got)
+                if n <= 0:
+                    from .format import IndexCorruptError
+
+                    raise IndexCorruptError(f"index: {self.index.paths[k]} ended early while reading rows [{s}, {e})")
+                got += n
+            out[k] = arr
+        return out
+
+    def stream(self, start: int, end: int):
+        """Yield (s, e, arrays) over [start, end), reading chunk i+1 while chunk i is used."""
+        spans = [(s, min(end, s + self.chunk)) for s in range(start, end, self.chunk)]
+        with ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(self.read, 0, *spans[0]) if spans else None
+            for i, (s, e) in enumerate(spans):
+                cur = fut.result()
+                fut = pool.submit(self.read, (i + 1) % 2, *spans[i + 1]) if i + 1 < len(spans) else None
+                yield s, e, cur
+
+    def close(self):
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+def _dead(index, ids: np.ndarray) -> Optional[np.ndarray]:
+    if not index.tombstones.size:
+        return None
+    d = np.isin(ids, index.tombstones)
+    return d if d.any() else None
+
+
+def _exhaustive(index, q, qm, k, by, chunk, backend, start, end):
+    b = q.shape[0]
+    w = torch.from_numpy(index.weights)
+    vals = torch.empty((b, 0), dtype=torch.float32)
+    rows = torch.empty((b, 0), dtype=torch.int64)
+    names = ["prototypes", "pooled", "masks", "ids"] + (["scales"] if index.dtype == "int8" else [])
+    reader = _ChunkReader(index, names, chunk)
+    try:
+        for s, e, a in reader.stream(start, end):
+            n = e - s
+            c = torch.from_numpy(a["prototypes"])
+            if index.dtype == "int8":
+                c = c.float() * torch.from_numpy(a["scales"]).unsqueeze(-1)
+            cp = torch.from_numpy(a["pooled"]).to(c.dtype)
+            cm = None if a["masks"].all() else torch.from_numpy(a["masks"]).bool()
+            dead = _dead(index, a["ids"])
+            kk = min(n, k + (0 if dead is None else int(dead.sum())))
+            tv, ti = ops.pecm_topk(
+                q, c, w, kk, q_mask=qm, c_mask=cm, c_pooled=cp, by=by, backend=backend, normalized=True
+            )
+            tv, ti = tv.cpu().float(), ti.cpu()
+            if dead is not None:
+                bad = torch.from_numpy(dead)[ti.clamp(min=0)] | (ti < 0)
+                tv = tv.masked_fill(bad, float("-inf"))
+                ti = ti.masked_fill(bad, -1)
+            vals, rows = merge_topk(vals, rows, tv, torch.where(ti >= 0, ti + s, ti), k)
+    finally:
+        reader.close()
+    return pad_topk(vals, rows, k)
+
+
+def _pooled_topm(index, qp, m, chunk, start, end):
+    b = qp.shape[0]
+    vals = torch.empty((b, 0), dtype=torch.float32)
+    rows = torch.empty((b, 0), dtype=torch.int64)
+    reader = _ChunkReader(index, ["pooled", "ids"], chunk)
+    try:
+        for s, e, a in reader.stream(start, end):
+            sim = qp @ torch.from_numpy(a["pooled"]).float().T
+            dead = _dead(index, a["ids"])
+            if dead is not None:
+                sim[:, torch.from_numpy(dead)] = float("-inf")
+            tv, ti = torch.topk(sim, min(m, e - s), dim=1)
+            ti = torch.where(torch.isfinite(tv), ti + s, torch.full_like(ti, -1))
+            vals, rows = merge_topk(vals, rows, tv, ti, m)
+    finally:
+        reader.close()
+    return rows
+
+
+def _two_stage(index, q, qm, k, by, m, backend, start, end):
+    b = q.shape[0]
+    w = torch.from_numpy(index.weights)
+    _, _, qp = ops.prepare_query(q, w, qm, None)
+    cand = _pooled_topm(index, qp, m, POOLED_CHUNK, start, end).numpy()
+    valid = cand >= 0
+    uniq = np.unique(cand[valid])
+    if uniq.size == 0:
+        return pad_topk(torch.empty((b, 0)), torch.empty((b, 0), dtype=torch.int64), k)
+    local = np.where(valid, np.searchsorted(uniq, np.where(valid, cand, 0)), -1)
+    c = torch.from_numpy(np.ascontiguousarray(index.dequantize(uniq)))
+    cp = torch.from_numpy(np.asarray(index.array("pooled")[uniq])).to(c.dtype)
+    masks = np.asarray(index.array("masks")[uniq])
+    cm = None if masks.all() else torch.from_numpy(masks).bool()
+    tv, ti = ops.pecm_rerank(
+        q, c, torch.from_numpy(local), w, k, q_mask=qm, c_mask=cm, c_pooled=cp, by=by, backend=backend, normalized=True
+    )
+    ti = ti.cpu()
+    rows = torch.where(ti >= 0, torch.from_numpy(uniq)[ti.clamp(min=0)], ti)
+    return tv.cpu().float(), rows
+
+
+def search(
+    index,
+    queries,
+    k: int = 10,
+    *,
+    mode: str = "exhaustive",
+    shortlist: Optional[int] = None,
+    by: str = "score",
+    q_mask=None,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+    rows: Optional[Tuple[int, int]] = None,
+    with_metadata: bool = True,
+):
+    """Top-k items of the index for each query.
+
+    queries: [B, K, D] (or [K, D], treated as B = 1) float prototypes (need not be unit length);
+    q_mask: bool [B, K]. ``mode="two_stage"`` shortlists ``shortlist`` items (default max(10k, 100))
+    by pooled sim before reranking by ``by``. ``rows=(start, end)`` restricts the search to a row range
+    (used by `pecm.distributed`). Returns ``(scores float32 [B, k], ids int64 [B, k], metadata)``
+    as numpy arrays; metadata is a list per query of row dicts (None where the id is -1), or None when
+    ``with_metadata=False``. Missing results (k > live items) are (-inf, -1).
+    """
+    k = _check_int(k, "k")
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if by not in ops.BY_CHOICES:
+        raise ValueError(f"by: expected one of {ops.BY_CHOICES}, got {by!r}")
+    chunk = DEFAULT_CHUNK if chunk_size is None else _check_int(chunk_size, "chunk_size")
+    m = max(10 * k, 100) if shortlist is None else _check_int(shortlist, "shortlist")
+    q, qm = _queries(index, queries, q_mask)
+    b = q.shape[0]
+    start, end = (0, index.count) if rows is None else (max(0, int(rows[0])), min(index.count, int(rows[1])))
+    if b == 0 or end <= start:
+        vals, r = pad_topk(torch.empty((b, 0)), torch.empty((b, 0), dtype=torch.int64), k)
+    elif mode == "exhaustive":
+        vals, r = _exhaustive(index, q, qm, k, by, chunk, backend, start, end)
+    else:
+        vals, r = _two_stage(index, q, qm, k, by, max(m, k), backend, start, end)
+    r = r.numpy()
+    ids = np.where(r >= 0, np.asarray(index.ids())[np.clip(r, 0, max(index.count - 1, 0))] if index.count else -1, -1)
+    ids = ids.astype(np.int64)
+    scores = vals.numpy().astype(np.float32)
+    meta = [index.meta.rows(row.tolist()) for row in ids] if with_metadata else None
+    return scores, ids, meta
