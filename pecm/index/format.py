@@ -166,17 +166,20 @@ def encode_block(protos, masks: Optional[np.ndarray], pooled, weights: np.ndarra
 
     Returns logical file -> contiguous numpy array (without "ids").
     """
-    x = torch.as_tensor(protos).float()
+    a = protos.detach().cpu().numpy() if isinstance(protos, torch.Tensor) else np.asarray(protos)
+    if a.dtype != np.float32 or not a.flags.writeable:
+        a = np.array(a, dtype=np.float32)  # one copy; also makes read-only memmaps safe for torch
+    x = torch.from_numpy(a)
     n, k, d = x.shape
     if not bool(torch.isfinite(x).all()):
         raise ValueError("prototypes: contain NaN or inf values")
-    m = torch.ones((n, k), dtype=torch.bool) if masks is None else torch.as_tensor(masks).bool()
+    m = torch.ones((n, k), dtype=torch.bool) if masks is None else torch.from_numpy(np.array(masks, dtype=bool))
     unit = F.normalize(x, dim=-1, eps=EPS) * m.unsqueeze(-1)
     if pooled is None:
         w = torch.as_tensor(weights, dtype=torch.float32)
         p = F.normalize(torch.einsum("nkd,k->nd", unit, w), dim=-1, eps=EPS)
     else:
-        p = torch.as_tensor(pooled).float()
+        p = torch.from_numpy(np.array(pooled, dtype=np.float32))
         if not bool(torch.isfinite(p).all()):
             raise ValueError("pooled: contains NaN or inf values")
         p = F.normalize(p, dim=-1, eps=EPS)

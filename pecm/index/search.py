@@ -35,7 +35,7 @@ def _check_int(v, name: str) -> int:
 
 
 def _queries(index, queries, q_mask) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    q = queries.detach().cpu() if isinstance(queries, torch.Tensor) else torch.as_tensor(np.asarray(queries))
+    q = queries.detach().cpu() if isinstance(queries, torch.Tensor) else torch.from_numpy(np.array(queries))
     if not q.dtype.is_floating_point:
         raise TypeError(f"queries: expected a float array, got dtype {q.dtype}")
     if q.ndim == 2:
@@ -45,7 +45,7 @@ def _queries(index, queries, q_mask) -> Tuple[torch.Tensor, Optional[torch.Tenso
         raise ValueError(f"queries: expected shape [B, K={index.K}, D={index.D}], got {list(q.shape)}")
     qm = None
     if q_mask is not None:
-        qm = torch.as_tensor(np.asarray(q_mask))
+        qm = torch.as_tensor(np.array(q_mask))
         if tuple(qm.shape) != (q.shape[0], index.K):
             raise ValueError(f"q_mask: expected shape [B={q.shape[0]}, K={index.K}], got {list(qm.shape)}")
         qm = qm.bool()

@@ -1,0 +1,186 @@
+"""`pecm index create|add|info|verify|compact|delete`: manage an on-disk `pecm.index.ArchiveIndex`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+
+def _load_npy(path: str, name: str) -> np.ndarray:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{name}: no such file {path!r}")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        raise ValueError(f"{name}: {path!r} is not a readable .npy array ({e})") from e
+
+
+def _load_jsonl(path: str) -> list:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"--meta: line {n} of {path!r} is not JSON ({e})") from e
+    return rows
+
+
+def load_encoder(ckpt: str):
+    """The model's encoder (`pecm.model.encode.load_encoder`), imported lazily."""
+    try:
+        from pecm.model.encode import load_encoder as _load
+    except ImportError as e:
+        raise ValueError(f"--checkpoint: the model encoder (pecm.model.encode) is not available: {e}") from e
+    if not os.path.exists(ckpt):
+        raise FileNotFoundError(f"--checkpoint: no such file {ckpt!r}")
+    return _load(ckpt)
+
+
+def _weights(spec):
+    if spec is None:
+        return None
+    if spec.endswith(".npy"):
+        return np.asarray(_load_npy(spec, "--weights"), dtype=np.float64)
+    try:
+        return np.asarray([float(x) for x in spec.split(",")], dtype=np.float64)
+    except ValueError as e:
+        raise ValueError(f"--weights: expected a .npy file or comma-separated floats, got {spec!r}") from e
+
+
+def _create(a) -> int:
+    from ..index import ArchiveIndex
+
+    idx = ArchiveIndex.create(a.path, a.K, a.D, dtype=a.dtype, weights=_weights(a.weights), overwrite=a.overwrite)
+    idx.close()
+    print(f"created {a.path} (K={a.K}, D={a.D}, dtype={a.dtype})")
+    return 0
+
+
+def _add_encoded(idx, a) -> int:
+    enc = load_encoder(a.checkpoint)
+    if a.images:
+        items, kind = list(a.images), "image"
+        for p in items:
+            if not os.path.exists(p):
+                raise FileNotFoundError(f"--images: no such file {p!r}")
+    else:
+        with open(a.texts_file, encoding="utf-8") as f:
+            items, kind = [line.strip() for line in f if line.strip()], "text"
+    total = 0
+    for s in range(0, len(items), a.batch_size):
+        part = items[s : s + a.batch_size]
+        protos, masks = enc.encode_images(part) if kind == "image" else enc.encode_texts(part)
+        meta = [{"modality": kind, "source": p} if kind == "image" else {"modality": kind, "text": p} for p in part]
+        total += len(idx.add(np.asarray(protos), np.asarray(masks), metadata=meta, progress=not a.no_progress))
+    return total
+
+
+def _add(a) -> int:
+    from ..index import ArchiveIndex
+
+    with ArchiveIndex.open(a.path, mode="a") as idx:
+        first = idx.manifest["next_id"]
+        if a.checkpoint:
+            if not (a.images or a.texts_file):
+                raise ValueError("--checkpoint: give --images or --texts-file to encode")
+            n = _add_encoded(idx, a)
+        else:
+            if not a.prototypes:
+                raise ValueError("add: give --prototypes F.npy, or --checkpoint with --images/--texts-file")
+            protos = _load_npy(a.prototypes, "--prototypes")
+            masks = None if a.masks is None else _load_npy(a.masks, "--masks")
+            pooled = None if a.pooled is None else _load_npy(a.pooled, "--pooled")
+            meta = None if a.meta is None else _load_jsonl(a.meta)
+            n = len(idx.add(protos, masks, metadata=meta, pooled=pooled, progress=not a.no_progress))
+        print(f"added {n} items (ids {first}..{first + n - 1}); {len(idx)} live items")
+    return 0
+
+
+def _info(a) -> int:
+    from ..index import ArchiveIndex
+
+    with ArchiveIndex.open(a.path) as idx:
+        st = idx.stats()
+    if a.json:
+        print(json.dumps(st))
+    else:
+        for key, v in st.items():
+            print(f"{key:11s} {v}")
+    return 0
+
+
+def _verify(a) -> int:
+    from ..index import ArchiveIndex
+
+    with ArchiveIndex.open(a.path, verify=True) as idx:
+        print(f"ok: {idx.count} rows, {len(idx.manifest['checksums'])} checksum records verified")
+    return 0
+
+
+def _compact(a) -> int:
+    from ..index import ArchiveIndex
+
+    with ArchiveIndex.open(a.path, mode="a") as idx:
+        before = idx.count
+        idx.compact(progress=not a.no_progress)
+        print(f"compacted {a.path}: {before} -> {idx.count} rows")
+    return 0
+
+
+def _delete(a) -> int:
+    from ..index import ArchiveIndex
+
+    with ArchiveIndex.open(a.path, mode="a") as idx:
+        n = idx.delete(a.ids)
+        print(f"deleted {n} items; {len(idx)} live items")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("index", help="create, fill and inspect an on-disk archive index")
+    isub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
+
+    c = isub.add_parser("create", help="create an empty index")
+    c.add_argument("path")
+    c.add_argument("--K", "-K", type=int, default=26, help="prototypes per item (default 26)")
+    c.add_argument("--D", "-D", type=int, default=256, help="prototype dimension (default 256)")
+    c.add_argument("--dtype", choices=("float16", "float32", "int8"), default="float16")
+    c.add_argument("--weights", help="prototype weights w: a .npy file or comma-separated floats (default ones)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing index")
+    c.set_defaults(func=_create)
+
+    ad = isub.add_parser("add", help="append items from .npy arrays or encode them with a checkpoint")
+    ad.add_argument("path")
+    ad.add_argument("--prototypes", help="float array [N, K, D] (.npy)")
+    ad.add_argument("--masks", help="bool array [N, K] (.npy)")
+    ad.add_argument("--pooled", help="float array [N, D] (.npy) used instead of Eq. 4")
+    ad.add_argument("--meta", help="metadata, one JSON object per line (modality/source/text + extras)")
+    ad.add_argument("--checkpoint", help="model checkpoint for --images / --texts-file")
+    ad.add_argument("--images", nargs="+", help="image files to encode (needs --checkpoint)")
+    ad.add_argument("--texts-file", help="text file, one report per line (needs --checkpoint)")
+    ad.add_argument("--batch-size", type=int, default=32)
+    ad.add_argument("--no-progress", action="store_true")
+    ad.set_defaults(func=_add)
+
+    i = isub.add_parser("info", help="print the index statistics")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=_info)
+
+    v = isub.add_parser("verify", help="check sizes and every checksum")
+    v.add_argument("path")
+    v.set_defaults(func=_verify)
+
+    co = isub.add_parser("compact", help="rewrite the files without deleted items")
+    co.add_argument("path")
+    co.add_argument("--no-progress", action="store_true")
+    co.set_defaults(func=_compact)
+
+    de = isub.add_parser("delete", help="delete items by id (tombstones)")
+    de.add_argument("path")
+    de.add_argument("ids", nargs="+", type=int)
+    de.set_defaults(func=_delete)

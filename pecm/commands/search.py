@@ -1,0 +1,87 @@
+"""`pecm search INDEX ...`: top-k search of an archive index (optionally sharded with torchrun)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from .index import _load_npy, load_encoder
+
+
+def _queries(a):
+    if a.query_file:
+        q = np.asarray(_load_npy(a.query_file, "--query-file"))
+        if q.dtype.kind != "f":
+            raise TypeError(f"--query-file: expected a float array [B, K, D], got dtype {q.dtype}")
+        if q.ndim not in (2, 3):
+            raise ValueError(f"--query-file: expected shape [B, K, D], got {list(q.shape)}")
+        m = None if a.query_masks is None else np.asarray(_load_npy(a.query_masks, "--query-masks")).astype(bool)
+        return q, m
+    if not a.checkpoint or not (a.image or a.text):
+        raise ValueError("search: give --query-file F.npy, or --checkpoint with --image or --text")
+    enc = load_encoder(a.checkpoint)
+    protos, masks = enc.encode_images([a.image]) if a.image else enc.encode_texts([a.text])
+    return np.asarray(protos, dtype=np.float32), np.asarray(masks, dtype=bool)
+
+
+def _json_float(x: float):
+    return None if not math.isfinite(x) else float(x)
+
+
+def _run(a) -> int:
+    from ..index import ArchiveIndex
+
+    if a.k < 1:
+        raise ValueError(f"-k: expected an int >= 1, got {a.k}")
+    q, qm = _queries(a)
+    kw = dict(mode=a.mode, shortlist=a.shortlist, by=a.by, q_mask=qm, chunk_size=a.chunk_size, backend=a.backend)
+    rank = 0
+    with ArchiveIndex.open(a.index, verify=a.verify) as idx:
+        if a.distributed:
+            from ..distributed import init_from_env, sharded_search
+
+            rank, _ = init_from_env()
+            scores, ids, meta = sharded_search(idx, q, a.k, with_metadata=rank == 0, **kw)
+        else:
+            scores, ids, meta = idx.search(q, a.k, **kw)
+    if rank != 0:
+        return 0
+    if a.json:
+        out = {
+            "scores": [[_json_float(x) for x in row] for row in scores.tolist()],
+            "ids": ids.tolist(),
+            "metadata": meta,
+        }
+        print(json.dumps(out))
+        return 0
+    for b in range(scores.shape[0]):
+        print(f"query {b}:")
+        for r in range(scores.shape[1]):
+            if ids[b, r] < 0:
+                continue
+            row = meta[b][r] or {}
+            label = row.get("source") or (row.get("text") or "")[:80]
+            print(f"  {r + 1:3d}  id={ids[b, r]:<10d} {a.by}={scores[b, r]:.6f}  {label}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("search", help="top-k search of an archive index")
+    p.add_argument("index", help="index directory")
+    p.add_argument("--query-file", help="float array [B, K, D] (.npy) of query prototypes")
+    p.add_argument("--query-masks", help="bool array [B, K] (.npy)")
+    p.add_argument("--checkpoint", help="model checkpoint to encode --image / --text")
+    p.add_argument("--image", help="query image (needs --checkpoint)")
+    p.add_argument("--text", help="query report text (needs --checkpoint)")
+    p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    p.add_argument("--mode", choices=("exhaustive", "two_stage"), default="exhaustive")
+    p.add_argument("--shortlist", type=int, help="two_stage: candidates kept by pooled sim (default max(10k, 100))")
+    p.add_argument("--by", choices=("score", "sim", "conf"), default="score")
+    p.add_argument("--chunk-size", type=int, help="items scored per chunk (bounds memory)")
+    p.add_argument("--backend", default="auto", help="scoring backend: auto, torch, cpp, triton")
+    p.add_argument("--verify", action="store_true", help="verify every checksum before searching")
+    p.add_argument("--distributed", action="store_true", help="shard across torchrun ranks (rank 0 prints)")
+    p.add_argument("--json", action="store_true", help='print {"scores", "ids", "metadata"} as JSON')
+    p.set_defaults(func=_run)
