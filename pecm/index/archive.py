@@ -25,7 +25,7 @@ from . import format as fmt
 from .format import IndexCorruptError, IndexLockedError
 from .meta import MetaStore
 
-ADD_BLOCK = 32768  # items encoded and written per block
+ADD_BLOCK = 8192  # items encoded and written per block
 
 
 def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
@@ -285,19 +285,14 @@ class ArchiveIndex:
         crcs = {k: 0 for k in self.paths}
         fds = {k: os.open(p, os.O_WRONLY) for k, p in self.paths.items()}
         show = sys.stderr.isatty() if progress is None else bool(progress)
+        enc = fmt.BlockEncoder(self.K, self.D, self.weights, self.dtype, min(n, ADD_BLOCK))
         try:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=n, desc="pecm index add", unit="item", disable=not show or n < ADD_BLOCK)
             for s in range(0, n, ADD_BLOCK):
                 e = min(n, s + ADD_BLOCK)
-                blk = fmt.encode_block(
-                    x[s:e],
-                    None if masks is None else masks[s:e],
-                    None if pooled is None else pooled[s:e],
-                    self.weights,
-                    self.dtype,
-                )
+                blk = enc.encode(x[s:e], None if masks is None else masks[s:e], None if pooled is None else pooled[s:e])
                 blk["ids"] = new_ids[s:e]
                 for logical, arr in blk.items():
                     buf = np.ascontiguousarray(arr)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import zlib
 from typing import Dict, Optional
 
@@ -161,37 +162,64 @@ def verify_checksums(root: str, m: dict) -> None:
                 )
 
 
-def encode_block(protos, masks: Optional[np.ndarray], pooled, weights: np.ndarray, dtype: str) -> Dict[str, np.ndarray]:
-    """Normalise one block of items into the stored arrays (vectorised; torch for threads).
+class BlockEncoder:
+    """Normalises blocks of items into the stored arrays, reusing preallocated buffers.
 
-    Returns logical file -> contiguous numpy array (without "ids").
+    Fresh multi-hundred-MB allocations cost more than the arithmetic (page faults), so the float32
+    work buffers live as long as one `ArchiveIndex.add` call. The arrays returned by `encode` are
+    views of those buffers: write them out before the next call.
     """
-    a = protos.detach().cpu().numpy() if isinstance(protos, torch.Tensor) else np.asarray(protos)
-    if a.dtype != np.float32 or not a.flags.writeable:
-        a = np.array(a, dtype=np.float32)  # one copy; also makes read-only memmaps safe for torch
-    x = torch.from_numpy(a)
-    n, k, d = x.shape
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("prototypes: contain NaN or inf values")
-    m = torch.ones((n, k), dtype=torch.bool) if masks is None else torch.from_numpy(np.array(masks, dtype=bool))
-    unit = F.normalize(x, dim=-1, eps=EPS) * m.unsqueeze(-1)
-    if pooled is None:
-        w = torch.as_tensor(weights, dtype=torch.float32)
-        p = F.normalize(torch.einsum("nkd,k->nd", unit, w), dim=-1, eps=EPS)
-    else:
-        p = torch.from_numpy(np.array(pooled, dtype=np.float32))
-        if not bool(torch.isfinite(p).all()):
-            raise ValueError("pooled: contains NaN or inf values")
-        p = F.normalize(p, dim=-1, eps=EPS)
-    out = {"masks": m.to(torch.uint8).numpy()}
-    if dtype == "int8":
-        scale = unit.abs().amax(-1) / 127.0
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        out["prototypes"] = torch.round(unit / safe.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8).numpy()
-        out["scales"] = scale.numpy()
-        out["pooled"] = p.half().numpy()
-    else:
-        tdt = torch.float16 if dtype == "float16" else torch.float32
-        out["prototypes"] = unit.to(tdt).numpy()
-        out["pooled"] = p.to(tdt).numpy()
-    return out
+
+    def __init__(self, k: int, d: int, weights: np.ndarray, dtype: str, block: int):
+        self.k, self.d, self.dtype = k, d, dtype
+        self.w = torch.as_tensor(np.asarray(weights), dtype=torch.float32)
+        self.x32 = torch.empty((block, k, d))
+        self.nrm = torch.empty((block, k))
+        self.pool = torch.empty((block, 1, d))
+        self.out = torch.empty((block, k, d), dtype=torch.float16 if dtype == "float16" else torch.float32)
+
+    def _input(self, protos, n: int) -> torch.Tensor:
+        if isinstance(protos, torch.Tensor):
+            t = protos.detach().cpu()
+        else:
+            a = np.asarray(protos)
+            if a.dtype not in (np.float16, np.float32, np.float64):
+                a = a.astype(np.float32)
+            with warnings.catch_warnings():  # read-only memmaps: we only read from the tensor
+                warnings.simplefilter("ignore")
+                t = torch.from_numpy(a)
+        if t.dtype == torch.float32 and t.is_contiguous():
+            return t
+        x = self.x32[:n]
+        x.copy_(t)
+        return x
+
+    def encode(self, protos, masks: Optional[np.ndarray], pooled) -> Dict[str, np.ndarray]:
+        n = len(protos)
+        x = self._input(protos, n)
+        nrm = torch.linalg.vector_norm(x, dim=-1, out=self.nrm[:n])
+        if not bool(torch.isfinite(nrm).all()):
+            raise ValueError("prototypes: contain NaN or inf values (or values too large for float32)")
+        m = np.ones((n, self.k), dtype=np.uint8) if masks is None else np.array(masks, dtype=bool).astype(np.uint8)
+        sc = nrm.clamp_min_(EPS).reciprocal_()
+        if masks is not None:
+            sc.mul_(torch.from_numpy(m))
+        if pooled is None:
+            h = torch.bmm((sc * self.w).unsqueeze(1), x, out=self.pool[:n]).squeeze(1)
+        else:
+            h = torch.from_numpy(np.array(pooled, dtype=np.float32))
+            if not bool(torch.isfinite(h).all()):
+                raise ValueError("pooled: contains NaN or inf values")
+        h = F.normalize(h, dim=-1, eps=EPS)
+        unit = torch.mul(x, sc.unsqueeze(-1), out=self.out[:n])
+        out = {"masks": m}
+        if self.dtype == "int8":
+            scale = unit.abs().amax(-1) / 127.0
+            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+            out["prototypes"] = torch.round(unit / safe.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8).numpy()
+            out["scales"] = scale.numpy()
+            out["pooled"] = h.half().numpy()
+        else:
+            out["prototypes"] = unit.numpy()
+            out["pooled"] = h.to(unit.dtype).numpy()
+        return out
