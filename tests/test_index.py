@@ -105,7 +105,8 @@ def test_float16_and_int8_close_to_reference(tmp_path):
             np.testing.assert_allclose(s, got, atol=tol)
             np.testing.assert_allclose(s[:, 0], score.max(1), atol=2 * tol)
         vec = idx.get([7], vectors=True)[0]
-        np.testing.assert_allclose(vec["prototypes"][m[7]], (x[7] / np.linalg.norm(x[7], axis=-1, keepdims=True))[m[7]], atol=tol)
+        unit7 = x[7] / np.linalg.norm(x[7], axis=-1, keepdims=True)
+        np.testing.assert_allclose(vec["prototypes"][m[7]], unit7[m[7]], atol=tol)
         idx.close()
 
 
