@@ -1,0 +1,215 @@
+// pecm._C: pybind11 bindings of the C++ CPU backend. Works on numpy buffers (no libtorch):
+// float32 operands, candidate storage float32 / float16 / bfloat16 (half types may be passed as
+// uint16/int16 bit patterns with the dtype flag). Every argument is checked here and a bad one
+// raises ValueError (never a crash).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "dispatch.h"
+#include "ops.h"
+
+namespace py = pybind11;
+using pecm::Problem;
+
+namespace {
+
+using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+std::string shape_str(const py::array& a) {
+    std::string s = "[";
+    for (py::ssize_t i = 0; i < a.ndim(); i++) s += (i ? ", " : "") + std::to_string(a.shape(i));
+    return s + "]";
+}
+
+void check_shape(const py::array& a, const char* name, int64_t r, int64_t c, const char* rn, const char* cn) {
+    if (a.ndim() != 2 || a.shape(0) != r || a.shape(1) != c)
+        throw py::value_error(std::string(name) + ": expected shape [" + rn + "=" + std::to_string(r) + ", " + cn +
+                              "=" + std::to_string(c) + "], got " + shape_str(a));
+}
+
+int parse_dtype(const std::string& s) {
+    if (s == "float32") return pecm::kF32;
+    if (s == "float16") return pecm::kF16;
+    if (s == "bfloat16") return pecm::kBF16;
+    throw py::value_error("dtype: expected 'float32', 'float16' or 'bfloat16', got '" + s + "'");
+}
+
+int parse_by(const std::string& s) {
+    if (s == "score") return pecm::kScore;
+    if (s == "sim") return pecm::kSim;
+    if (s == "conf") return pecm::kConf;
+    throw py::value_error("by: expected 'score', 'sim' or 'conf', got '" + s + "'");
+}
+
+// Storage arrays must already be C-contiguous with the element size of `dtype` (no silent copies
+// of the big candidate matrix).
+void check_storage(const py::array& a, const char* name, int dtype) {
+    if (!(a.flags() & py::array::c_style))
+        throw py::value_error(std::string(name) + ": expected a C-contiguous array");
+    const char kind = a.dtype().kind();
+    const auto item = a.itemsize();
+    bool ok;
+    if (dtype == pecm::kF32)
+        ok = kind == 'f' && item == 4;
+    else if (dtype == pecm::kF16)
+        ok = item == 2 && (kind == 'f' || kind == 'u' || kind == 'i');
+    else
+        ok = item == 2 && (kind == 'u' || kind == 'i');
+    if (!ok)
+        throw py::value_error(std::string(name) + ": dtype " + std::string(py::str(a.dtype())) +
+                              " does not match the storage dtype flag " + std::to_string(dtype) +
+                              " (float32 -> float32 array; float16 -> float16/uint16; bfloat16 -> uint16/int16)");
+}
+
+struct Held {  // keeps the (possibly converted) query arrays alive for the duration of a call
+    F32 qw, qden, qp;
+    py::array c, cp;
+    py::object cm;
+    std::vector<float> qsum;
+    Problem p{};
+};
+
+void build(Held& h, const py::array& qw_in, const py::array& qden_in, const py::array& qp_in, const py::array& c,
+           const py::object& cm, const py::array& cp, const std::string& dtype_s) {
+    const int dtype = parse_dtype(dtype_s);
+    h.qw = F32::ensure(qw_in);
+    h.qden = F32::ensure(qden_in);
+    h.qp = F32::ensure(qp_in);
+    if (!h.qw || !h.qden || !h.qp) throw py::value_error("qw, qden, qp: expected float32-convertible arrays");
+    if (h.qden.ndim() != 2) throw py::value_error("qden: expected shape [B, K], got " + shape_str(h.qden));
+    if (h.qp.ndim() != 2) throw py::value_error("qp: expected shape [B, D], got " + shape_str(h.qp));
+    const int64_t B = h.qden.shape(0), K = h.qden.shape(1), D = h.qp.shape(1);
+    if (B < 1 || K < 1 || D < 1) throw py::value_error("qden/qp: B, K and D must be >= 1");
+    check_shape(h.qp, "qp", B, D, "B", "D");
+    check_shape(h.qw, "qw", B, K * D, "B", "K*D");
+    check_storage(c, "c", dtype);
+    check_storage(cp, "cp", dtype);
+    if (c.ndim() != 2) throw py::value_error("c: expected shape [N, K*D], got " + shape_str(c));
+    const int64_t N = c.shape(0);
+    if (N < 1) throw py::value_error("c: N must be >= 1");
+    check_shape(c, "c", N, K * D, "N", "K*D");
+    check_shape(cp, "cp", N, D, "N", "D");
+    const void* cm_ptr = nullptr;
+    if (!cm.is_none()) {
+        py::array cma = py::reinterpret_borrow<py::array>(cm);
+        if (!py::isinstance<py::array>(cm)) throw py::value_error("cm: expected a numpy array or None");
+        check_storage(cma, "cm", dtype);
+        check_shape(cma, "cm", N, K, "N", "K");
+        cm_ptr = cma.data();
+    }
+    h.c = c;
+    h.cp = cp;
+    h.cm = cm;
+    h.qsum.assign((size_t)B, 0.f);
+    const float* qd = h.qden.data();
+    for (int64_t b = 0; b < B; b++) {
+        float s = 0.f;
+        for (int64_t t = 0; t < K; t++) s += qd[b * K + t];
+        h.qsum[(size_t)b] = s;
+    }
+    h.p = Problem{h.qw.data(), qd, h.qp.data(), h.qsum.data(), c.data(), cm_ptr, cp.data(), dtype, B, N, K, D};
+}
+
+int64_t check_k(int64_t k) {
+    if (k < 1) throw py::value_error("k: expected an int >= 1, got " + std::to_string(k));
+    return k;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "pecm C++ CPU backend: fused PECM scores / exhaustive top-k / re-rank (OpenMP + SIMD dispatch)";
+
+    m.def("simd_level", &pecm::simd_level, "SIMD path in use: 'scalar', 'avx2' or 'avx512'.");
+    m.def("simd_levels", &pecm::supported_levels, "SIMD paths this CPU and build support, ascending.");
+    m.def(
+        "set_simd",
+        [](const std::string& level) {
+            try {
+                pecm::set_simd(level);
+            } catch (const std::invalid_argument& e) {
+                throw py::value_error(e.what());
+            }
+        },
+        py::arg("level"), "Force a SIMD path (must be supported); PECM_CPP_SIMD sets it at import.");
+    m.def("max_threads", &pecm::max_threads, "OpenMP threads used (OMP_NUM_THREADS).");
+    m.def("has_openmp", []() {
+#if defined(_OPENMP)
+        return true;
+#else
+        return false;
+#endif
+    });
+
+    m.def(
+        "scores",
+        [](py::array qw, py::array qden, py::array qp, py::array c, py::object cm, py::array cp, std::string dtype) {
+            Held h;
+            build(h, qw, qden, qp, c, cm, cp, dtype);
+            const auto B = h.p.B, N = h.p.N;
+            py::array_t<float> sim({B, N}), conf({B, N}), score({B, N});
+            float *ps = sim.mutable_data(), *pc = conf.mutable_data(), *pr = score.mutable_data();
+            {
+                py::gil_scoped_release nogil;
+                pecm::run_scores(h.p, ps, pc, pr);
+            }
+            return py::make_tuple(sim, conf, score);
+        },
+        py::arg("qw"), py::arg("qden"), py::arg("qp"), py::arg("c"), py::arg("cm"), py::arg("cp"), py::arg("dtype"),
+        "(sim, conf, score) float32 [B, N] each.");
+
+    m.def(
+        "topk",
+        [](py::array qw, py::array qden, py::array qp, py::array c, py::object cm, py::array cp, std::string dtype,
+           int64_t k, std::string by) {
+            Held h;
+            build(h, qw, qden, qp, c, cm, cp, dtype);
+            check_k(k);
+            const int byi = parse_by(by);
+            const auto B = h.p.B;
+            py::array_t<float> vals({B, k});
+            py::array_t<int64_t> ids({B, k});
+            float* pv = vals.mutable_data();
+            int64_t* pi = ids.mutable_data();
+            {
+                py::gil_scoped_release nogil;
+                pecm::run_topk(h.p, k, byi, pv, pi);
+            }
+            return py::make_tuple(vals, ids);
+        },
+        py::arg("qw"), py::arg("qden"), py::arg("qp"), py::arg("c"), py::arg("cm"), py::arg("cp"), py::arg("dtype"),
+        py::arg("k"), py::arg("by"), "Exhaustive fused top-k: (values f32 [B, k], ids int64 [B, k]).");
+
+    m.def(
+        "rerank",
+        [](py::array qw, py::array qden, py::array qp, py::array c, py::object cm, py::array cp, std::string dtype,
+           py::array_t<int64_t, py::array::c_style | py::array::forcecast> cand, int64_t k, std::string by) {
+            Held h;
+            build(h, qw, qden, qp, c, cm, cp, dtype);
+            check_k(k);
+            const int byi = parse_by(by);
+            const auto B = h.p.B;
+            if (cand.ndim() != 2 || cand.shape(0) != B)
+                throw py::value_error("cand: expected shape [B=" + std::to_string(B) + ", M], got " + shape_str(cand));
+            const int64_t M = cand.shape(1);
+            const int64_t* pc = cand.data();
+            for (int64_t i = 0; i < B * M; i++)
+                if (pc[i] < -1 || pc[i] >= h.p.N)
+                    throw py::value_error("cand: ids must be in [-1, N=" + std::to_string(h.p.N) + "), got " +
+                                          std::to_string(pc[i]));
+            py::array_t<float> vals({B, k});
+            py::array_t<int64_t> ids({B, k});
+            float* pv = vals.mutable_data();
+            int64_t* pi = ids.mutable_data();
+            {
+                py::gil_scoped_release nogil;
+                pecm::run_rerank(h.p, pc, M, k, byi, pv, pi);
+            }
+            return py::make_tuple(vals, ids);
+        },
+        py::arg("qw"), py::arg("qden"), py::arg("qp"), py::arg("c"), py::arg("cm"), py::arg("cp"), py::arg("dtype"),
+        py::arg("cand"), py::arg("k"), py::arg("by"), "Best k of gathered candidate rows (-1 = padding).");
+}

@@ -1,0 +1,76 @@
+#include "dispatch.h"
+
+#include <cstdlib>
+#include <stdexcept>
+
+namespace pecm {
+namespace {
+
+TileFn g_tile = nullptr;
+std::string g_level;
+
+TileFn tile_for(const std::string& level) {
+#if defined(PECM_HAVE_X86)
+    if (level == "avx512") return &avx512::tile;
+    if (level == "avx2") return &avx2::tile;
+#endif
+    (void)level;
+    return &scalar::tile;
+}
+
+void init_once() {
+    if (g_tile) return;
+    auto levels = supported_levels();
+    std::string best = levels.back();
+    const char* env = std::getenv("PECM_CPP_SIMD");
+    if (env && *env) {
+        std::string want(env);
+        bool known = want == "scalar" || want == "avx2" || want == "avx512";
+        bool ok = false;
+        for (auto& l : levels) ok = ok || l == want;
+        // An unknown or unsupported request never raises at import: it falls back to the best safe level.
+        if (known && ok) best = want;
+    }
+    g_level = best;
+    g_tile = tile_for(best);
+}
+
+}  // namespace
+
+std::vector<std::string> supported_levels() {
+    std::vector<std::string> out{"scalar"};
+#if defined(PECM_HAVE_X86)
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    if (avx2) out.push_back("avx2");
+    if (avx2 && __builtin_cpu_supports("avx512f")) out.push_back("avx512");
+#endif
+    return out;
+}
+
+std::string simd_level() {
+    init_once();
+    return g_level;
+}
+
+void set_simd(const std::string& level) {
+    init_once();
+    if (level != "scalar" && level != "avx2" && level != "avx512")
+        throw std::invalid_argument("level: expected one of 'scalar', 'avx2', 'avx512', got '" + level + "'");
+    for (auto& l : supported_levels()) {
+        if (l == level) {
+            g_level = level;
+            g_tile = tile_for(level);
+            return;
+        }
+    }
+    throw std::invalid_argument("level: '" + level + "' is not supported by this CPU/build (supported: " +
+                                supported_levels().back() + " and below)");
+}
+
+TileFn current_tile() {
+    init_once();
+    return g_tile;
+}
+
+}  // namespace pecm

@@ -1,0 +1,16 @@
+// Run-time choice of the tile kernel: the best ISA this CPU supports, capped by PECM_CPP_SIMD
+// (scalar | avx2 | avx512) at import or by set_simd().
+#pragma once
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace pecm {
+
+std::vector<std::string> supported_levels();  // ascending, always starts with "scalar"
+std::string simd_level();                      // the level in use
+void set_simd(const std::string& level);       // throws std::invalid_argument when unsupported/unknown
+TileFn current_tile();
+
+}  // namespace pecm

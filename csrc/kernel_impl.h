@@ -1,0 +1,150 @@
+// The score tile kernel, compiled once per ISA (kernel_avx512.cpp, kernel_avx2.cpp,
+// kernel_scalar.cpp). See docs/cpp.md for the algorithm.
+//
+// Two ways to feed the register-blocked micro-kernel (QB queries x RB candidate rows, one vector
+// accumulator per pair, horizontal sum at the end):
+//  * streaming (few queries): dot products read the storage dtype directly, converting
+//    fp16/bf16 -> fp32 in registers (F16C / shift), whole rows at a time;
+//  * blocked GEMM (many queries): a kChunk-wide slice of the tile's rows is converted to fp32 once
+//    into an L1/L2-resident buffer, then reused by every query of the tile.
+#pragma once
+#include "kernels.h"
+#include "simd.h"
+
+namespace pecm {
+namespace PECM_NS {
+
+static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+template <int QB, int RB, typename T>
+static void micro(const float* q, int64_t qs, const T* const* cr, int64_t len, float* acc, int64_t accld) {
+    V a[QB][RB];
+    for (int i = 0; i < QB; i++)
+        for (int r = 0; r < RB; r++) a[i][r] = vzero();
+    int64_t j = 0;
+    for (; j + VL <= len; j += VL) {
+        V cv[RB];
+        for (int r = 0; r < RB; r++) cv[r] = vload(cr[r] + j);
+        for (int i = 0; i < QB; i++) {
+            V qv = vload(q + i * qs + j);
+            for (int r = 0; r < RB; r++) a[i][r] = vfma(qv, cv[r], a[i][r]);
+        }
+    }
+    for (int i = 0; i < QB; i++) {
+        for (int r = 0; r < RB; r++) {
+            float s = vsum(a[i][r]);
+            for (int64_t t = j; t < len; t++) s += q[i * qs + t] * to_f32(cr[r] + t);
+            acc[i * accld + r] += s;
+        }
+    }
+}
+
+template <typename T>
+using MicroFn = void (*)(const float*, int64_t, const T* const*, int64_t, float*, int64_t);
+
+template <typename T, int QB>
+static MicroFn<T> pick_rb(int rb) {
+    switch (rb) {
+        case 1: return &micro<QB, 1, T>;
+        case 2: return &micro<QB, (RB_MAX >= 2 ? 2 : 1), T>;
+        case 3: return &micro<QB, (RB_MAX >= 3 ? 3 : 1), T>;
+        default: return &micro<QB, RB_MAX, T>;
+    }
+}
+
+template <typename T>
+static MicroFn<T> pick(int qb, int rb) {
+    switch (qb) {
+        case 1: return pick_rb<T, 1>(rb);
+        case 2: return pick_rb<T, (QB_MAX >= 2 ? 2 : 1)>(rb);
+        case 3: return pick_rb<T, (QB_MAX >= 3 ? 3 : 1)>(rb);
+        default: return pick_rb<T, QB_MAX>(rb);
+    }
+}
+
+// acc[i * nr + r] += q[i] . row_r  for i < nq, r < nr; rows have `rowlen` elements.
+template <typename T>
+static void accumulate(const float* q, int64_t qs, int64_t nq, const T* base, int64_t rowlen, const int64_t* rows,
+                       int64_t n0, int nr, float* acc, float* cbuf) {
+    const T* rp[kRowBlock];
+    for (int r = 0; r < nr; r++) rp[r] = base + (rows ? rows[r] : n0 + r) * rowlen;
+    const bool blocked = nq >= 8;
+    if (!blocked) {
+        for (int r0 = 0; r0 < nr; r0 += RB_MAX) {
+            int rb = (int)imin(RB_MAX, nr - r0);
+            for (int64_t i0 = 0; i0 < nq; i0 += QB_MAX) {
+                int qb = (int)imin(QB_MAX, nq - i0);
+                pick<T>(qb, rb)(q + i0 * qs, qs, rp + r0, rowlen, acc + i0 * nr + r0, nr);
+            }
+        }
+        return;
+    }
+    for (int64_t k0 = 0; k0 < rowlen; k0 += kChunk) {
+        const int64_t len = imin(kChunk, rowlen - k0);
+        const float* cp[kRowBlock];
+        for (int r = 0; r < nr; r++) {
+            float* dst = cbuf + r * kChunk;
+            const T* src = rp[r] + k0;
+            int64_t j = 0;
+            for (; j + VL <= len; j += VL) vstore(dst + j, vload(src + j));
+            for (; j < len; j++) dst[j] = to_f32(src + j);
+            cp[r] = dst;
+        }
+        for (int r0 = 0; r0 < nr; r0 += RB_MAX) {
+            int rb = (int)imin(RB_MAX, nr - r0);
+            for (int64_t i0 = 0; i0 < nq; i0 += QB_MAX) {
+                int qb = (int)imin(QB_MAX, nq - i0);
+                pick<float>(qb, rb)(q + i0 * qs + k0, qs, cp + r0, len, acc + i0 * nr + r0, nr);
+            }
+        }
+    }
+}
+
+template <typename T>
+static void tile_t(const Problem& p, int64_t q0, int64_t q1, const int64_t* rows, int64_t n0, int nr, float* sim,
+                   float* conf, float* score, int64_t ld, float* scratch) {
+    const int64_t nq = q1 - q0, KD = p.K * p.D;
+    float* accn = scratch;
+    float* accs = scratch + nq * nr;
+    float* cbuf = scratch + 2 * kQueryBlock * kRowBlock;
+    for (int64_t i = 0; i < 2 * nq * nr; i++) scratch[i] = 0.f;
+    const bool need_sim = sim || score, need_num = conf || score;
+    if (need_num) accumulate<T>(p.qw + q0 * KD, KD, nq, (const T*)p.c, KD, rows, n0, nr, accn, cbuf);
+    if (need_sim) accumulate<T>(p.qp + q0 * p.D, p.D, nq, (const T*)p.cp, p.D, rows, n0, nr, accs, cbuf);
+    const T* cm = (const T*)p.cm;
+    for (int64_t i = 0; i < nq; i++) {
+        const int64_t b = q0 + i;
+        const float* qd = p.qden + b * p.K;
+        for (int r = 0; r < nr; r++) {
+            const int64_t n = rows ? rows[r] : n0 + r;
+            float cf = 0.f;
+            if (need_num) {
+                float den;
+                if (cm) {
+                    den = 0.f;
+                    const T* m = cm + n * p.K;
+                    for (int64_t t = 0; t < p.K; t++) den += qd[t] * to_f32(m + t);
+                } else {
+                    den = p.qsum[b];
+                }
+                cf = den > 0.f ? accn[i * nr + r] / den : 0.f;
+            }
+            const float s = accs[i * nr + r];
+            if (sim) sim[i * ld + r] = s;
+            if (conf) conf[i * ld + r] = cf;
+            if (score) score[i * ld + r] = s * cf;
+        }
+    }
+}
+
+void tile(const Problem& p, int64_t q0, int64_t q1, const int64_t* rows, int64_t n0, int nr, float* sim, float* conf,
+          float* score, int64_t ld, float* scratch) {
+    switch (p.dtype) {
+        case kF16: tile_t<F16>(p, q0, q1, rows, n0, nr, sim, conf, score, ld, scratch); break;
+        case kBF16: tile_t<BF16>(p, q0, q1, rows, n0, nr, sim, conf, score, ld, scratch); break;
+        default: tile_t<float>(p, q0, q1, rows, n0, nr, sim, conf, score, ld, scratch); break;
+    }
+}
+
+}  // namespace PECM_NS
+}  // namespace pecm

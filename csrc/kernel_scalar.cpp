@@ -1,0 +1,5 @@
+// Tile kernel instantiated for the scalar instruction set (flags set per file in CMakeLists.txt).
+// Only called after dispatch.cpp has checked that the CPU supports it.
+#define PECM_ISA_SCALAR 1
+#define PECM_NS scalar
+#include "kernel_impl.h"

@@ -1,0 +1,48 @@
+// Shared interface between the ISA-specific tile kernels (kernel_<isa>.cpp, each compiled with its
+// own -m flags) and the ISA-neutral drivers (ops.cpp, dispatch.cpp, bindings.cpp).
+//
+// Nothing in this header may instantiate code: it is included by translation units compiled for
+// different instruction sets, and an inline/template symbol shared between them could be merged by
+// the linker into one copy built for the wrong (higher) ISA.
+#pragma once
+#include <cstdint>
+
+namespace pecm {
+
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+// Canonical operands of pecm/backends/base.py as raw C-contiguous buffers.
+struct Problem {
+    const float* qw;    // [B, K*D]
+    const float* qden;  // [B, K]
+    const float* qp;    // [B, D]
+    const float* qsum;  // [B]   sum_k qden[b, k] (the denominator when cm is null)
+    const void* c;      // [N, K*D] storage dtype
+    const void* cm;     // [N, K] storage dtype, or nullptr
+    const void* cp;     // [N, D] storage dtype
+    int dtype;          // DType
+    int64_t B, N, K, D;
+};
+
+// Tile geometry shared by all ISAs (the drivers size scratch buffers with it).
+constexpr int kRowBlock = 32;      // candidate rows per tile
+constexpr int kQueryBlock = 64;    // queries per tile
+constexpr int64_t kChunk = 1024;   // floats of a row converted at a time (blocked GEMM path)
+constexpr int64_t kScratchFloats = kRowBlock * kChunk + 2 * kQueryBlock * kRowBlock;
+
+// Computes, for queries [q0, q1) (q1 - q0 <= kQueryBlock) and nr <= kRowBlock candidate rows
+// (rows[i], or n0 + i when rows is null), whichever of sim / conf / score is non-null:
+// out[(q - q0) * ld + i]. scratch holds kScratchFloats floats (64-byte aligned).
+using TileFn = void (*)(const Problem& p, int64_t q0, int64_t q1, const int64_t* rows, int64_t n0, int nr,
+                        float* sim, float* conf, float* score, int64_t ld, float* scratch);
+
+namespace scalar { void tile(const Problem&, int64_t, int64_t, const int64_t*, int64_t, int, float*, float*, float*,
+                             int64_t, float*); }
+#if defined(PECM_HAVE_X86)
+namespace avx2 { void tile(const Problem&, int64_t, int64_t, const int64_t*, int64_t, int, float*, float*, float*,
+                           int64_t, float*); }
+namespace avx512 { void tile(const Problem&, int64_t, int64_t, const int64_t*, int64_t, int, float*, float*, float*,
+                             int64_t, float*); }
+#endif
+
+}  // namespace pecm

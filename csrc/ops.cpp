@@ -1,0 +1,211 @@
+#include "ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#include "dispatch.h"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace pecm {
+namespace {
+
+struct Entry {
+    float v;
+    int64_t id;
+};
+// "a ranks before b": larger value first, then smaller id (deterministic order for ties).
+inline bool better(const Entry& a, const Entry& b) { return a.v > b.v || (a.v == b.v && a.id < b.id); }
+
+struct Scratch {
+    float* p;
+    Scratch() : p(static_cast<float*>(std::aligned_alloc(64, sizeof(float) * kScratchFloats))) {
+        if (!p) throw std::bad_alloc();
+    }
+    ~Scratch() { std::free(p); }
+};
+
+inline int thread_id() {
+#if defined(_OPENMP)
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+// by -> which output pointer of the tile kernel receives the ranked quantity.
+inline void by_ptrs(int by, float* buf, float** sim, float** conf, float** score) {
+    *sim = by == kSim ? buf : nullptr;
+    *conf = by == kConf ? buf : nullptr;
+    *score = by == kScore ? buf : nullptr;
+}
+
+// Sort `e` best-first and write the best k into values/ids (padding the tail).
+void emit(std::vector<Entry>& e, int64_t k, float* values, int64_t* ids) {
+    const int64_t kk = std::min<int64_t>(k, (int64_t)e.size());
+    std::partial_sort(e.begin(), e.begin() + kk, e.end(), better);
+    for (int64_t j = 0; j < kk; j++) {
+        values[j] = e[j].v;
+        ids[j] = e[j].id;
+    }
+    for (int64_t j = kk; j < k; j++) {
+        values[j] = -std::numeric_limits<float>::infinity();
+        ids[j] = -1;
+    }
+}
+
+}  // namespace
+
+int max_threads() {
+#if defined(_OPENMP)
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+void run_scores(const Problem& p, float* sim, float* conf, float* score) {
+    const TileFn tile = current_tile();
+    const int64_t nblk = (p.N + kRowBlock - 1) / kRowBlock;
+#pragma omp parallel
+    {
+        Scratch s;
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t blk = 0; blk < nblk; blk++) {
+            const int64_t n0 = blk * kRowBlock;
+            const int nr = (int)std::min<int64_t>(kRowBlock, p.N - n0);
+            for (int64_t q0 = 0; q0 < p.B; q0 += kQueryBlock) {
+                const int64_t q1 = std::min<int64_t>(p.B, q0 + kQueryBlock);
+                const int64_t off = q0 * p.N + n0;
+                tile(p, q0, q1, nullptr, n0, nr, sim + off, conf + off, score + off, p.N, s.p);
+            }
+        }
+    }
+}
+
+void run_topk(const Problem& p, int64_t k, int by, float* values, int64_t* ids) {
+    const TileFn tile = current_tile();
+    const int64_t nblk = (p.N + kRowBlock - 1) / kRowBlock;
+    if (k * 4 >= p.N) {
+        // Large k: the output is as large as the score matrix, so materialise the ranked quantity
+        // ([B, N] floats) and select exactly.
+        std::vector<float> all((size_t)(p.B * p.N));
+#pragma omp parallel
+        {
+            Scratch s;
+#pragma omp for schedule(dynamic, 4)
+            for (int64_t blk = 0; blk < nblk; blk++) {
+                const int64_t n0 = blk * kRowBlock;
+                const int nr = (int)std::min<int64_t>(kRowBlock, p.N - n0);
+                for (int64_t q0 = 0; q0 < p.B; q0 += kQueryBlock) {
+                    const int64_t q1 = std::min<int64_t>(p.B, q0 + kQueryBlock);
+                    float *sm, *cf, *sc;
+                    by_ptrs(by, all.data() + q0 * p.N + n0, &sm, &cf, &sc);
+                    tile(p, q0, q1, nullptr, n0, nr, sm, cf, sc, p.N, s.p);
+                }
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t b = 0; b < p.B; b++) {
+                std::vector<Entry> e((size_t)p.N);
+                const float* row = all.data() + b * p.N;
+                for (int64_t n = 0; n < p.N; n++) e[n] = Entry{row[n], n};
+                emit(e, k, values + b * k, ids + b * k);
+            }
+        }
+        return;
+    }
+    // Small k: each thread keeps one bounded min-heap (worst on top) per query; exact merge at the end.
+    const int nt = max_threads();
+    std::vector<std::vector<std::vector<Entry>>> heaps((size_t)nt, std::vector<std::vector<Entry>>((size_t)p.B));
+    auto worse_first = [](const Entry& a, const Entry& b) { return better(a, b); };  // heap top = worst
+#pragma omp parallel
+    {
+        Scratch s;
+        std::vector<float> buf((size_t)kQueryBlock * kRowBlock);
+        auto& mine = heaps[(size_t)thread_id()];
+        for (auto& h : mine) h.reserve((size_t)k);
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t blk = 0; blk < nblk; blk++) {
+            const int64_t n0 = blk * kRowBlock;
+            const int nr = (int)std::min<int64_t>(kRowBlock, p.N - n0);
+            for (int64_t q0 = 0; q0 < p.B; q0 += kQueryBlock) {
+                const int64_t q1 = std::min<int64_t>(p.B, q0 + kQueryBlock);
+                float *sm, *cf, *sc;
+                by_ptrs(by, buf.data(), &sm, &cf, &sc);
+                tile(p, q0, q1, nullptr, n0, nr, sm, cf, sc, kRowBlock, s.p);
+                for (int64_t b = q0; b < q1; b++) {
+                    auto& h = mine[(size_t)b];
+                    const float* v = buf.data() + (b - q0) * kRowBlock;
+                    for (int r = 0; r < nr; r++) {
+                        Entry e{v[r], n0 + r};
+                        if ((int64_t)h.size() < k) {
+                            h.push_back(e);
+                            std::push_heap(h.begin(), h.end(), worse_first);
+                        } else if (better(e, h.front())) {
+                            std::pop_heap(h.begin(), h.end(), worse_first);
+                            h.back() = e;
+                            std::push_heap(h.begin(), h.end(), worse_first);
+                        }
+                    }
+                }
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < p.B; b++) {
+            std::vector<Entry> e;
+            for (int t = 0; t < nt; t++) e.insert(e.end(), heaps[t][b].begin(), heaps[t][b].end());
+            emit(e, k, values + b * k, ids + b * k);
+        }
+    }
+}
+
+void run_rerank(const Problem& p, const int64_t* cand, int64_t m, int64_t k, int by, float* values, int64_t* ids) {
+    const TileFn tile = current_tile();
+    const int64_t mblk = (m + kRowBlock - 1) / kRowBlock;
+    const float ninf = -std::numeric_limits<float>::infinity();
+    std::vector<float> vals((size_t)(p.B * m), ninf);
+#pragma omp parallel
+    {
+        Scratch s;
+        float buf[kRowBlock];
+        int64_t rows[kRowBlock];
+        int pos[kRowBlock];
+#pragma omp for schedule(dynamic, 1) collapse(2)
+        for (int64_t b = 0; b < p.B; b++) {
+            for (int64_t blk = 0; blk < mblk; blk++) {
+                const int64_t j0 = blk * kRowBlock, j1 = std::min<int64_t>(m, j0 + kRowBlock);
+                int nr = 0;
+                for (int64_t j = j0; j < j1; j++) {
+                    const int64_t id = cand[b * m + j];
+                    if (id >= 0) {
+                        rows[nr] = id;
+                        pos[nr++] = (int)(j - j0);
+                    }
+                }
+                if (!nr) continue;
+                float *sm, *cf, *sc;
+                by_ptrs(by, buf, &sm, &cf, &sc);
+                tile(p, b, b + 1, rows, 0, nr, sm, cf, sc, kRowBlock, s.p);
+                for (int r = 0; r < nr; r++) vals[(size_t)(b * m + j0 + pos[r])] = buf[r];
+            }
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t b = 0; b < p.B; b++) {
+            std::vector<Entry> e;
+            e.reserve((size_t)m);
+            for (int64_t j = 0; j < m; j++) {
+                const int64_t id = cand[b * m + j];
+                if (id >= 0) e.push_back(Entry{vals[(size_t)(b * m + j)], id});
+            }
+            emit(e, k, values + b * k, ids + b * k);
+        }
+    }
+}
+
+}  // namespace pecm

@@ -1,0 +1,100 @@
+// Per-ISA vector traits for kernel_impl.h. Exactly one of PECM_ISA_AVX512 / PECM_ISA_AVX2 /
+// PECM_ISA_SCALAR is defined by the including translation unit. Everything here has internal
+// linkage (static) so the copies compiled for different ISAs never meet in the linker.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#if defined(PECM_ISA_AVX512) || defined(PECM_ISA_AVX2)
+#include <immintrin.h>
+#endif
+
+namespace pecm {
+namespace PECM_NS {
+
+// IEEE half -> float in plain C (subnormals, inf and NaN included).
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu;
+    uint32_t man = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else {  // subnormal: renormalise
+            int e = -1;
+            do {
+                e++;
+                man <<= 1;
+            } while ((man & 0x400u) == 0);
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+struct F16 { uint16_t v; };
+struct BF16 { uint16_t v; };
+
+static inline float to_f32(const float* p) { return *p; }
+static inline float to_f32(const F16* p) { return half_to_float(p->v); }
+static inline float to_f32(const BF16* p) { return bf16_to_float(p->v); }
+
+#if defined(PECM_ISA_AVX512)
+typedef __m512 V;
+static constexpr int VL = 16;
+static constexpr int QB_MAX = 4, RB_MAX = 4;  // 16 accumulators + 4 rows + 1 query of 32 zmm
+static inline V vzero() { return _mm512_setzero_ps(); }
+static inline V vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline V vload(const F16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+static inline V vload(const BF16* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+static inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
+static inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float vsum(V v) { return _mm512_reduce_add_ps(v); }
+#elif defined(PECM_ISA_AVX2)
+typedef __m256 V;
+static constexpr int VL = 8;
+static constexpr int QB_MAX = 2, RB_MAX = 4;  // 8 accumulators + 4 rows + 1 query of 16 ymm
+static inline V vzero() { return _mm256_setzero_ps(); }
+static inline V vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline V vload(const F16* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+static inline V vload(const BF16* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+static inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
+static inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float vsum(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#else
+typedef float V;
+static constexpr int VL = 1;
+static constexpr int QB_MAX = 2, RB_MAX = 4;
+static inline V vzero() { return 0.f; }
+static inline V vload(const float* p) { return *p; }
+static inline V vload(const F16* p) { return half_to_float(p->v); }
+static inline V vload(const BF16* p) { return bf16_to_float(p->v); }
+static inline void vstore(float* p, V v) { *p = v; }
+static inline V vfma(V a, V b, V c) { return a * b + c; }
+static inline float vsum(V v) { return v; }
+#endif
+
+}  // namespace PECM_NS
+}  // namespace pecm
