@@ -100,3 +100,20 @@ def test_autotune_pruning_keeps_fitting_configs():
     gcfgs = [triton.Config(dict(m), num_warps=w, num_stages=s) for m, w, s in pecm_rerank._GPU_CONFIGS]
     kept = pecm_rerank._prune_gather(gcfgs, {}, KT=1024)
     assert kept and all(c.kwargs["BLOCK_KD"] * 1024 <= common.REG_TILE_BUDGET // 4 for c in kept)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """Ahead-of-time compile (Triton front end + ptxas) of every kernel's first config for sm_90."""
+    pytest.importorskip("triton")
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "kernels" / "aot_check.py"), "--quick", "--kt", "64"],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "all kernels compiled" in r.stdout
+    assert r.stdout.count("ok    ") == 13
