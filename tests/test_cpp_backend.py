@@ -1,0 +1,274 @@
+"""C++ CPU backend ("cpp", `pecm._C`) against the float64 reference, on every SIMD path this CPU has.
+
+All calls go through `pecm.ops.*(..., backend="cpp")`. Top-k comparisons are tie-aware: the sorted
+values must match the reference top-k values, and every returned id's reference value must equal the
+returned value (so any order among tied candidates is accepted).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+_C = pytest.importorskip("pecm._C", reason="pecm._C is not built (pip install -e . or python setup.py build_ext)")
+
+from pecm import ops  # noqa: E402
+from pecm import reference as R  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+BY_INDEX = {"sim": 0, "conf": 1, "score": 2}
+
+
+def tol(dt: str) -> float:
+    return 1e-5 if dt == "f32" else 2e-2
+
+
+@pytest.fixture(params=_C.simd_levels())
+def simd(request):
+    before = _C.simd_level()
+    _C.set_simd(request.param)
+    yield request.param
+    _C.set_simd(before)
+
+
+def make_case(b, n, k, d, dt, seed=0, mask=False, ties=False):
+    g = torch.Generator().manual_seed(seed + 1000 * k + d + 7 * n + b)
+    q = torch.randn(b, k, d, generator=g)
+    c = torch.randn(n, k, d, generator=g)
+    if ties and n > 2:
+        c[1::3] = c[0]  # many exact duplicates -> tied scores
+    w = torch.rand(k, generator=g) + 0.1
+    cm = qm = None
+    if mask:
+        cm = torch.rand(n, k, generator=g) > 0.4
+        cm[0] = False  # a fully masked candidate: conf = score = 0
+        qm = torch.rand(b, k, generator=g) > 0.3
+        qm[:, 0] = True
+    return q.to(DTYPES[dt]), c.to(DTYPES[dt]), w, qm, cm
+
+
+@functools.lru_cache(maxsize=None)
+def ref_case(b, n, k, d, dt, seed=0, mask=False, ties=False):
+    q, c, w, qm, cm = make_case(b, n, k, d, dt, seed, mask, ties)
+    return np.stack(R.scores(q.float(), c.float(), w, q_mask=qm, c_mask=cm))  # [3, B, N] float64
+
+
+def check_topk(vals, ids, ref_by, k, t, cand=None):
+    vals, ids = vals.numpy().astype(np.float64), ids.numpy()
+    if cand is None:
+        exp_v, _ = R.topk(ref_by, k)
+    else:
+        exp_v, _ = R.rerank(ref_by, cand, k)
+    assert vals.shape == (ref_by.shape[0], k) and ids.shape == vals.shape
+    finite = np.isfinite(exp_v)
+    assert np.array_equal(ids == -1, ~finite), "padding (-1) must appear exactly where the reference runs out"
+    assert np.all(np.isneginf(vals[~finite]))
+    np.testing.assert_allclose(vals[finite], exp_v[finite], atol=t, rtol=0)
+    for b in range(ids.shape[0]):
+        row = ids[b][ids[b] >= 0]
+        assert np.all(np.diff(vals[b][ids[b] >= 0]) <= 0), "values must be sorted descending"
+        np.testing.assert_allclose(ref_by[b, row], vals[b][: len(row)], atol=t, rtol=0)
+        if cand is None:
+            assert len(set(row.tolist())) == len(row), "exhaustive top-k returns each candidate once"
+        else:
+            avail = {i: int((cand[b] == i).sum()) for i in set(row.tolist())}
+            for i, cnt in zip(*np.unique(row, return_counts=True)):
+                assert cnt <= avail[int(i)], "rerank returns an id at most once per occurrence"
+
+
+# ------------------------------------------------------------------------------------------- scores
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("b,n", [(1, 1), (7, 33)])
+@pytest.mark.parametrize("d", [8, 64, 256])
+@pytest.mark.parametrize("k", [1, 4, 26])
+def test_scores_grid(simd, k, d, b, n, dt):
+    q, c, w, _, _ = make_case(b, n, k, d, dt)
+    got = ops.pecm_scores(q, c, w, backend="cpp")
+    ref = ref_case(b, n, k, d, dt)
+    for i, name in enumerate(("sim", "conf", "score")):
+        assert got[i].dtype == torch.float32 and got[i].shape == (b, n), name
+        np.testing.assert_allclose(got[i].numpy(), ref[i], atol=tol(dt), rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("k,d", [(1, 8), (4, 64), (26, 256)])
+def test_scores_masked_many_candidates(simd, k, d, dt):
+    b, n = (7, 1000) if k < 26 else (1, 1000)
+    q, c, w, qm, cm = make_case(b, n, k, d, dt, mask=True)
+    got = ops.pecm_scores(q, c, w, q_mask=qm, c_mask=cm, backend="cpp")
+    ref = ref_case(b, n, k, d, dt, mask=True)
+    for i in range(3):
+        np.testing.assert_allclose(got[i].numpy(), ref[i], atol=tol(dt), rtol=0)
+    assert torch.all(got[1][:, 0] == 0) and torch.all(got[2][:, 0] == 0), "fully masked candidate -> conf 0"
+
+
+def test_many_queries_use_blocked_path(simd):
+    # B >= 8 takes the blocked-GEMM path (fp32 conversion buffer); B = 70 spans two query blocks.
+    for dt in DTYPES:
+        q, c, w, qm, cm = make_case(70, 40, 4, 300, dt, mask=True)
+        got = ops.pecm_scores(q, c, w, q_mask=qm, c_mask=cm, backend="cpp")
+        ref = ops.pecm_scores(q.double(), c.double(), w.double(), q_mask=qm, c_mask=cm, backend="torch")
+        for i in range(3):
+            np.testing.assert_allclose(got[i].numpy(), ref[i].numpy(), atol=tol(dt), rtol=0)
+
+
+def test_fully_masked_query_gives_zero_conf(simd):
+    q, c, w, _, _ = make_case(2, 33, 4, 8, "f32")
+    qm = torch.tensor([[False] * 4, [True, False, True, True]])
+    sim, conf, score = ops.pecm_scores(q, c, w, q_mask=qm, backend="cpp")
+    ref = np.stack(R.scores(q, c, w, q_mask=qm))
+    assert torch.all(conf[0] == 0) and torch.all(score[0] == 0)
+    np.testing.assert_allclose(conf.numpy(), ref[1], atol=1e-5, rtol=0)
+
+
+# -------------------------------------------------------------------------------------------- top-k
+@pytest.mark.parametrize("by", ["score", "sim", "conf"])
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("b,n,topk", [(1, 1, 1), (1, 1, 5), (7, 33, 5), (7, 33, 40), (1, 1000, 10), (1, 1000, 1000)])
+def test_topk(simd, by, dt, b, n, topk):
+    k, d = 4, 64
+    mask = n > 1
+    q, c, w, qm, cm = make_case(b, n, k, d, dt, mask=mask)
+    vals, ids = ops.pecm_topk(q, c, w, topk, q_mask=qm, c_mask=cm, by=by, backend="cpp")
+    ref = ref_case(b, n, k, d, dt, mask=mask)[BY_INDEX[by]]
+    check_topk(vals, ids, ref, topk, tol(dt))
+
+
+@pytest.mark.parametrize("by", ["score", "conf"])
+@pytest.mark.parametrize("topk", [3, 20, 33])
+def test_topk_ties(simd, by, topk):
+    b, n, k, d = 7, 33, 4, 8
+    q, c, w, qm, cm = make_case(b, n, k, d, "f32", ties=True)
+    vals, ids = ops.pecm_topk(q, c, w, topk, by=by, backend="cpp")
+    ref = ref_case(b, n, k, d, "f32", ties=True)[BY_INDEX[by]]
+    check_topk(vals, ids, ref, topk, 1e-5)
+
+
+def test_topk_large_k_and_single_query_shape(simd):
+    q, c, w, _, _ = make_case(1, 1000, 26, 8, "f16")
+    ref = ref_case(1, 1000, 26, 8, "f16")[2]
+    for topk in (100, 249, 250, 999, 1000, 1500):  # heap path below N/4, materialised path above
+        vals, ids = ops.pecm_topk(q[0], c, w, topk, backend="cpp")
+        assert vals.shape == (topk,)
+        check_topk(vals[None], ids[None], ref, topk, 2e-2)
+
+
+def test_topk_empty_inputs_via_ops():
+    q, c, w, _, _ = make_case(2, 5, 4, 8, "f32")
+    v, i = ops.pecm_topk(q, c[:0], w, 3, backend="cpp")
+    assert torch.all(i == -1) and torch.all(torch.isneginf(v))
+    v, i = ops.pecm_topk(q[:0], c, w, 3, backend="cpp")
+    assert v.shape == (0, 3)
+    s = ops.pecm_scores(q, c[:0], w, backend="cpp")
+    assert s[0].shape == (2, 0)
+
+
+# ------------------------------------------------------------------------------------------- rerank
+@pytest.mark.parametrize("by", ["score", "sim", "conf"])
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("topk", [1, 5, 60])
+def test_rerank_padding_and_duplicates(simd, by, dt, topk):
+    b, n, k, d = 7, 33, 4, 64
+    q, c, w, qm, cm = make_case(b, n, k, d, dt, mask=True)
+    g = np.random.default_rng(3)
+    cand = g.integers(-1, n, size=(b, 50))
+    cand[:, :5] = cand[:, 5:10]  # duplicates
+    cand[2] = -1  # a query with only padding
+    cand[3, ::2] = -1
+    vals, ids = ops.pecm_rerank(q, c, torch.from_numpy(cand), w, topk, q_mask=qm, c_mask=cm, by=by, backend="cpp")
+    ref = ref_case(b, n, k, d, dt, mask=True)[BY_INDEX[by]]
+    check_topk(vals, ids, ref, topk, tol(dt), cand=cand)
+    assert torch.all(ids[2] == -1)
+
+
+def test_rerank_long_candidate_lists(simd):
+    b, n, k, d = 2, 1000, 4, 64
+    q, c, w, qm, cm = make_case(b, n, k, d, "bf16", mask=True)
+    cand = np.random.default_rng(5).integers(-1, n, size=(b, 700))
+    vals, ids = ops.pecm_rerank(q, c, cand, w, 100, q_mask=qm, c_mask=cm, backend="cpp")
+    check_topk(vals, ids, ref_case(b, n, k, d, "bf16", mask=True)[2], 100, 2e-2, cand=cand)
+
+
+# ---------------------------------------------------------------------------------- backend plumbing
+def test_backend_registry_and_supports():
+    from pecm.backends import available_backends, get_backend
+
+    assert "cpp" in available_backends()
+    be = get_backend("cpp", torch.device("cpu"), torch.float16)
+    assert be.name == "cpp" and be.differentiable is False
+    for dt in DTYPES.values():
+        assert be.supports(torch.device("cpu"), dt)
+    assert not be.supports(torch.device("cpu"), torch.float64)
+    assert not be.supports(torch.device("cuda"), torch.float32)
+
+
+def test_cpp_refuses_gradients_and_float64():
+    q, c, w, _, _ = make_case(1, 3, 2, 8, "f32")
+    with pytest.raises(ValueError, match="not differentiable"):
+        ops.pecm_scores(q.requires_grad_(), c, w, backend="cpp")
+    with pytest.raises((TypeError, ValueError)):
+        ops.pecm_scores(q.detach().double(), c.double(), w, backend="cpp")
+
+
+def _operands(b=2, n=5, k=3, d=4):
+    rng = np.random.default_rng(0)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    return f(b, k * d), np.abs(f(b, k)), f(b, d), f(n, k * d), None, f(n, d)
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a: a.__setitem__(0, a[0][:, :-1]), "qw: expected shape"),
+        (lambda a: a.__setitem__(3, np.ascontiguousarray(a[3][:, :-1])), "c: expected shape"),
+        (lambda a: a.__setitem__(5, a[5][:-1]), "cp: expected shape"),
+        (lambda a: a.__setitem__(4, np.ones((5, 2), np.float32)), "cm: expected shape"),
+        (lambda a: a.__setitem__(3, a[3].astype(np.float16)), "c: dtype"),
+        (lambda a: a.__setitem__(3, np.asfortranarray(a[3])), "c: expected a C-contiguous"),
+        (lambda a: a.__setitem__(6, "float8"), "dtype: expected"),
+    ],
+)
+def test_extension_argument_checks_raise_value_error(mutate, match):
+    args = list(_operands()) + ["float32"]
+    mutate(args)
+    with pytest.raises(ValueError, match=match):
+        _C.scores(*args)
+
+
+def test_extension_k_by_and_candidate_checks():
+    args = list(_operands()) + ["float32"]
+    with pytest.raises(ValueError, match="k: expected"):
+        _C.topk(*args, 0, "score")
+    with pytest.raises(ValueError, match="by: expected"):
+        _C.topk(*args, 1, "nope")
+    with pytest.raises(ValueError, match="cand: ids"):
+        _C.rerank(*args, np.array([[0, 5], [1, 2]]), 1, "score")
+    with pytest.raises(ValueError, match="cand: expected shape"):
+        _C.rerank(*args, np.array([0, 1]), 1, "score")
+
+
+def test_set_simd_rejects_unknown_and_unsupported_levels():
+    with pytest.raises(ValueError, match="level"):
+        _C.set_simd("sse9")
+    if "avx512" not in _C.simd_levels():
+        with pytest.raises(ValueError, match="not supported"):
+            _C.set_simd("avx512")
+    assert _C.simd_level() in _C.simd_levels()
+
+
+@pytest.mark.parametrize("want", ["scalar", "avx2", "avx512", "bogus"])
+def test_env_var_caps_simd_level(want):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PECM_CPP_SIMD": want}
+    code = "from pecm import _C; print(_C.simd_level(), _C.simd_levels()[-1])"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    got, best = r.stdout.split()
+    assert got == (want if want in _C.simd_levels() else best)
