@@ -222,12 +222,39 @@ class ArchiveIndex:
             raise KeyError(f"ids: unknown or deleted ids {ids[~ok][:10].tolist()}")
         return rows
 
-    def dequantize(self, rows: slice | np.ndarray) -> np.ndarray:
+    def read_rows(self, logical: str, rows: np.ndarray) -> np.ndarray:
+        """Rows of one data file by positioned reads (no mapping: memory use stays the result's size)."""
+        dt, shape = self.layout[logical]
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        out = np.empty((rows.size, *shape), dtype=dt)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.count):
+            raise ValueError(f"rows: expected 0 <= row < {self.count}")
+        size = self.item_bytes[logical]
+        flat = memoryview(out.reshape(-1).view(np.uint8))
+        fd = os.open(self.paths[logical], os.O_RDONLY)
+        try:
+            j = 0
+            while j < rows.size:  # coalesce runs of consecutive rows into one read
+                e = j + 1
+                while e < rows.size and rows[e] == rows[e - 1] + 1:
+                    e += 1
+                want, got = (e - j) * size, 0
+                while got < want:
+                    n = os.preadv(fd, [flat[j * size + got : e * size]], int(rows[j]) * size + got)
+                    if n <= 0:
+                        raise IndexCorruptError(f"index: {self.paths[logical]} ended early at row {rows[j]}")
+                    got += n
+                j = e
+        finally:
+            os.close(fd)
+        return out
+
+    def dequantize(self, rows: np.ndarray) -> np.ndarray:
         """Stored prototypes of some rows as float32/float16 (int8 is dequantised per row)."""
-        p = np.asarray(self.array("prototypes")[rows])
+        p = self.read_rows("prototypes", rows)
         if self.dtype != "int8":
             return p
-        return p.astype(np.float32) * np.asarray(self.array("scales")[rows])[..., None]
+        return p.astype(np.float32) * self.read_rows("scales", rows)[..., None]
 
     def get(self, ids, vectors: bool = False) -> List[dict]:
         """Metadata rows of the given ids; with ``vectors=True`` each row also holds ``prototypes``
@@ -237,8 +264,8 @@ class ArchiveIndex:
         out = self.meta.rows(ids.tolist())
         if vectors:
             protos = self.dequantize(rows).astype(np.float32)
-            masks = np.asarray(self.array("masks")[rows]).astype(bool)
-            pooled = np.asarray(self.array("pooled")[rows]).astype(np.float32)
+            masks = self.read_rows("masks", rows).astype(bool)
+            pooled = self.read_rows("pooled", rows).astype(np.float32)
             for j, row in enumerate(out):
                 row.update(prototypes=protos[j], mask=masks[j], pooled=pooled[j])
         return out

@@ -23,8 +23,8 @@ import torch
 from .. import ops
 from ..backends.base import merge_topk, pad_topk
 
-DEFAULT_CHUNK = 16384
-POOLED_CHUNK = 262144
+DEFAULT_CHUNK = 8192
+POOLED_CHUNK = 65536
 MODES = ("exhaustive", "two_stage")
 
 
@@ -150,19 +150,16 @@ def _pooled_topm(index, qp, m, chunk, start, end):
     return rows
 
 
-def _two_stage(index, q, qm, k, by, m, backend, start, end):
+def _rerank_group(index, q, qm, w, cand, k, by, backend):
     b = q.shape[0]
-    w = torch.from_numpy(index.weights)
-    _, _, qp = ops.prepare_query(q, w, qm, None)
-    cand = _pooled_topm(index, qp, m, POOLED_CHUNK, start, end).numpy()
     valid = cand >= 0
     uniq = np.unique(cand[valid])
     if uniq.size == 0:
         return pad_topk(torch.empty((b, 0)), torch.empty((b, 0), dtype=torch.int64), k)
     local = np.where(valid, np.searchsorted(uniq, np.where(valid, cand, 0)), -1)
     c = torch.from_numpy(np.ascontiguousarray(index.dequantize(uniq)))
-    cp = torch.from_numpy(np.asarray(index.array("pooled")[uniq])).to(c.dtype)
-    masks = np.asarray(index.array("masks")[uniq])
+    cp = torch.from_numpy(index.read_rows("pooled", uniq)).to(c.dtype)
+    masks = index.read_rows("masks", uniq)
     cm = None if masks.all() else torch.from_numpy(masks).bool()
     tv, ti = ops.pecm_rerank(
         q, c, torch.from_numpy(local), w, k, q_mask=qm, c_mask=cm, c_pooled=cp, by=by, backend=backend, normalized=True
@@ -170,6 +167,21 @@ def _two_stage(index, q, qm, k, by, m, backend, start, end):
     ti = ti.cpu()
     rows = torch.where(ti >= 0, torch.from_numpy(uniq)[ti.clamp(min=0)], ti)
     return tv.cpu().float(), rows
+
+
+def _two_stage(index, q, qm, k, by, m, backend, start, end, chunk):
+    w = torch.from_numpy(index.weights)
+    _, _, qp = ops.prepare_query(q, w, qm, None)
+    cand = _pooled_topm(index, qp, m, max(chunk, POOLED_CHUNK), start, end).numpy()
+    # gather at most ~chunk candidate rows at a time: queries are reranked in groups
+    group = max(1, chunk // max(1, cand.shape[1]))
+    outs = [
+        _rerank_group(
+            index, q[g : g + group], None if qm is None else qm[g : g + group], w, cand[g : g + group], k, by, backend
+        )
+        for g in range(0, q.shape[0], group)
+    ]
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
 def search(
@@ -210,10 +222,11 @@ def search(
     elif mode == "exhaustive":
         vals, r = _exhaustive(index, q, qm, k, by, chunk, backend, start, end)
     else:
-        vals, r = _two_stage(index, q, qm, k, by, max(m, k), backend, start, end)
+        vals, r = _two_stage(index, q, qm, k, by, max(m, k), backend, start, end, chunk)
     r = r.numpy()
-    ids = np.where(r >= 0, np.asarray(index.ids())[np.clip(r, 0, max(index.count - 1, 0))] if index.count else -1, -1)
-    ids = ids.astype(np.int64)
+    ids = np.full(r.shape, -1, dtype=np.int64)
+    if (r >= 0).any():
+        ids[r >= 0] = index.read_rows("ids", r[r >= 0])
     scores = vals.numpy().astype(np.float32)
     meta = [index.meta.rows(row.tolist()) for row in ids] if with_metadata else None
     return scores, ids, meta
