@@ -30,9 +30,13 @@ def _unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def _writer(path: str, batches: int) -> None:
+def _writer(path: str, batches: int, opened=None, release=None) -> None:
     idx = ArchiveIndex.open(path, mode="a")
-    for _ in range(batches):
+    if opened is not None:
+        opened.set()
+    for j in range(batches):
+        if j == 1 and release is not None:
+            release.wait(30)  # keep the lock until the parent has tried a second writer
         first = idx.manifest["next_id"]
         ids = np.arange(first, first + batch_size(first))
         idx.add(expected(ids), metadata=[{"text": f"item {i}"} for i in ids], progress=False)
@@ -109,15 +113,16 @@ def test_readers_see_committed_prefix_while_writer_appends(tmp_path):
     ArchiveIndex.create(path, K, D, dtype="float32").close()
     ctx = _ctx()
     q = ctx.Queue()
-    w = ctx.Process(target=_writer, args=(path, 25))
+    opened, release = ctx.Event(), ctx.Event()
+    w = ctx.Process(target=_writer, args=(path, 25, opened, release))
     readers = [ctx.Process(target=_reader, args=(path, 2.0, q)) for _ in range(2)]
     w.start()
     for r in readers:
         r.start()
-    time.sleep(0.5)
-    if w.is_alive():  # a second writer is refused while the first holds the lock
-        with pytest.raises(IndexLockedError):
-            ArchiveIndex.open(path, mode="a")
+    assert opened.wait(30)
+    with pytest.raises(IndexLockedError):  # a second writer is refused while the first holds the lock
+        ArchiveIndex.open(path, mode="a")
+    release.set()
     seen = [q.get(timeout=60) for _ in readers]
     for p in [w, *readers]:
         p.join(60)

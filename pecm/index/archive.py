@@ -17,6 +17,7 @@ import fcntl
 import os
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -312,20 +313,35 @@ class ArchiveIndex:
         crcs = {k: 0 for k in self.paths}
         fds = {k: os.open(p, os.O_WRONLY) for k, p in self.paths.items()}
         show = sys.stderr.isatty() if progress is None else bool(progress)
-        enc = fmt.BlockEncoder(self.K, self.D, self.weights, self.dtype, min(n, ADD_BLOCK))
+        nslots = 2 if n > ADD_BLOCK else 1
+        encs = [fmt.BlockEncoder(self.K, self.D, self.weights, self.dtype, min(n, ADD_BLOCK)) for _ in range(nslots)]
+
+        def write(blk: dict, s: int) -> None:  # runs on the writer thread, in block order
+            for logical, arr in blk.items():
+                buf = np.ascontiguousarray(arr)
+                crcs[logical] = fmt.zlib.crc32(memoryview(buf).cast("B"), crcs[logical])
+                _pwrite_all(fds[logical], buf, (start + s) * self.item_bytes[logical])
+
         try:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=n, desc="pecm index add", unit="item", disable=not show or n < ADD_BLOCK)
-            for s in range(0, n, ADD_BLOCK):
-                e = min(n, s + ADD_BLOCK)
-                blk = enc.encode(x[s:e], None if masks is None else masks[s:e], None if pooled is None else pooled[s:e])
-                blk["ids"] = new_ids[s:e]
-                for logical, arr in blk.items():
-                    buf = np.ascontiguousarray(arr)
-                    crcs[logical] = fmt.zlib.crc32(memoryview(buf).cast("B"), crcs[logical])
-                    _pwrite_all(fds[logical], buf, (start + s) * self.item_bytes[logical])
-                bar.update(e - s)
+            # encode block j+1 while the writer thread writes block j (two buffer slots)
+            with ThreadPoolExecutor(1) as pool:
+                pending: list = [None] * nslots
+                for j, s in enumerate(range(0, n, ADD_BLOCK)):
+                    e, slot = min(n, s + ADD_BLOCK), j % nslots
+                    if pending[slot] is not None:
+                        pending[slot].result()
+                    blk = encs[slot].encode(
+                        x[s:e], None if masks is None else masks[s:e], None if pooled is None else pooled[s:e]
+                    )
+                    blk["ids"] = new_ids[s:e]
+                    pending[slot] = pool.submit(write, blk, s)
+                    bar.update(e - s)
+                for f in pending:
+                    if f is not None:
+                        f.result()
             bar.close()
             for fd in fds.values():
                 os.fsync(fd)
