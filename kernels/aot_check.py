@@ -80,10 +80,9 @@ def main(argv=None) -> int:
         sig = {**QARGS, **cargs, "part_ptr": "*i64", "B": "i32", "N": "i32", "K": "i32", "D": "i32"}
         sig.update(per_prog="i32", B_BUCKET="i32")
         for kt in kts:
-            for cfg in T.prune_configs("BLOCK_B", "KT")(
-                [triton.Config(dict(m), num_warps=w, num_stages=s) for m, w, s in pick(T._GPU_CONFIGS)],
-                {"c_ptr": None},
-                KT=kt,
+            cfgs = [triton.Config(dict(m), num_warps=w, num_stages=s) for m, w, s in pick(T._GPU_CONFIGS)]
+            for cfg in T.prune_configs("BLOCK_B", "KT", f32_budget=256, half_budget=512)(
+                cfgs, {"c_ptr": None}, KT=kt, MODE=mode
             ):
                 consts = dict(HAS_CM=True, MODE=mode, BY=0, BLOCK_K=32, KT=kt, **cfg.kwargs)
                 label = f"topk {dt} KT={kt} {cfg.kwargs} w{cfg.num_warps}"

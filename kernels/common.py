@@ -91,11 +91,13 @@ SMEM_BUDGET = 160 * 1024  # bytes of shared memory a pipelined config may plan f
 REG_TILE_BUDGET = 64 * 1024  # elements of the per-program register tiles (accumulator / gathered chunk)
 
 
-def prune_configs(rows: str, cols: str):
+def prune_configs(rows: str, cols: str, f32_budget: int, half_budget: int):
     """`early_config_prune` for autotune: drop configs whose tiles cannot fit (shared memory for the
     pipelined dot operands, register tiles), keeping at least the smallest config.
 
-    `rows` / `cols` name the meta-parameters (or kernel kwargs, e.g. "KT") of the output tile.
+    `rows` / `cols` name the meta-parameters (or kernel kwargs, e.g. "KT") of the output tile. The
+    budgets bound rows * cols * BLOCK_KD / threads (MODE 0 = float32 FMA dot, else tensor cores):
+    above them the sm_90 compile spills registers (measured with kernels/aot_check.py, Triton 3.8).
     """
 
     def prune(cfgs, named_args, **kwargs):
@@ -107,7 +109,9 @@ def prune_configs(rows: str, cols: str):
             meta = {**allargs, **cfg.kwargs}
             r, n, kd = int(meta[rows]), int(meta[cols]), int(meta["BLOCK_KD"])
             smem = cfg.num_stages * (r * kd * 4 + kd * n * elt)
-            if smem <= SMEM_BUDGET and r * n <= REG_TILE_BUDGET // 2 and n * kd <= REG_TILE_BUDGET:
+            work = r * n * kd // (32 * cfg.num_warps)
+            budget = f32_budget if int(allargs.get("MODE", 0)) == 0 else half_budget
+            if smem <= SMEM_BUDGET and r * n <= REG_TILE_BUDGET // 2 and n * kd <= REG_TILE_BUDGET and work <= budget:
                 kept.append(cfg)
         if not kept:
             kept = [min(cfgs, key=lambda cfg: sum(int(v) for v in cfg.kwargs.values()) * cfg.num_stages)]

@@ -30,7 +30,6 @@ import triton.language as tl
 from .common import (
     BY_CODE,
     MAX_KT,
-    REG_TILE_BUDGET,
     _epilogue,
     _pack_keys,
     configs,
@@ -51,11 +50,14 @@ _GPU_CONFIGS = [
 _INTERP_CONFIG = ({"BLOCK_KD": 64}, 4, 1)
 
 
+GATHER_PER_THREAD = 16  # gathered elements per thread; above it the sm_90 compile spills (kernels/aot_check.py)
+
+
 def _prune_gather(cfgs, named_args, **kwargs):
-    """Keep configs whose gathered [KT, BLOCK_KD] chunk fits the register budget (>= one config)."""
+    """Keep configs whose gathered [KT, BLOCK_KD] chunk fits in registers (>= one config)."""
     kt = int(kwargs.get("KT", named_args.get("KT", 16)))
-    kept = [cfg for cfg in cfgs if kt * cfg.kwargs["BLOCK_KD"] <= REG_TILE_BUDGET // 4]
-    return kept or [min(cfgs, key=lambda cfg: cfg.kwargs["BLOCK_KD"])]
+    kept = [cfg for cfg in cfgs if kt * cfg.kwargs["BLOCK_KD"] <= GATHER_PER_THREAD * 32 * cfg.num_warps]
+    return kept or [min(cfgs, key=lambda cfg: (cfg.kwargs["BLOCK_KD"], -cfg.num_warps))]
 
 
 @triton.autotune(
