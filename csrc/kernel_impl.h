@@ -70,8 +70,17 @@ static void accumulate(const float* q, int64_t qs, int64_t nq, const T* base, in
     for (int r = 0; r < nr; r++) rp[r] = base + (rows ? rows[r] : n0 + r) * rowlen;
     const bool blocked = nq >= 8;
     if (!blocked) {
+        // Gathered rows (rerank) are scattered in memory: software-prefetch the next group of rows
+        // into L2 while this group is computed (contiguous rows are left to the hardware prefetcher).
+        constexpr int64_t line = 64 / (int64_t)sizeof(T);
+        if (rows)
+            for (int r = 0; r < (int)imin(RB_MAX, nr); r++)
+                for (int64_t j = 0; j < rowlen; j += line) __builtin_prefetch(rp[r] + j, 0, 2);
         for (int r0 = 0; r0 < nr; r0 += RB_MAX) {
             int rb = (int)imin(RB_MAX, nr - r0);
+            if (rows)
+                for (int r = r0 + RB_MAX; r < (int)imin(r0 + 2 * RB_MAX, nr); r++)
+                    for (int64_t j = 0; j < rowlen; j += line) __builtin_prefetch(rp[r] + j, 0, 2);
             for (int64_t i0 = 0; i0 < nq; i0 += QB_MAX) {
                 int qb = (int)imin(QB_MAX, nq - i0);
                 pick<T>(qb, rb)(q + i0 * qs, qs, rp + r0, rowlen, acc + i0 * nr + r0, nr);

@@ -60,6 +60,13 @@ void emit(std::vector<Entry>& e, int64_t k, float* values, int64_t* ids) {
     }
 }
 
+// Below this many multiply-adds a call runs on one thread: waking the OpenMP team costs more
+// (and, on a loaded machine, can cost milliseconds).
+constexpr double kParallelMinFlops = 4e6;
+inline bool worth_parallel(const Problem& p, double rows) {
+    return rows * (double)(p.K * p.D + p.D) >= kParallelMinFlops;
+}
+
 }  // namespace
 
 int max_threads() {
@@ -73,7 +80,8 @@ int max_threads() {
 void run_scores(const Problem& p, float* sim, float* conf, float* score) {
     const TileFn tile = current_tile();
     const int64_t nblk = (p.N + kRowBlock - 1) / kRowBlock;
-#pragma omp parallel
+    const bool par = worth_parallel(p, (double)p.B * p.N);
+#pragma omp parallel if (par)
     {
         Scratch s;
 #pragma omp for schedule(dynamic, 4)
@@ -92,11 +100,12 @@ void run_scores(const Problem& p, float* sim, float* conf, float* score) {
 void run_topk(const Problem& p, int64_t k, int by, float* values, int64_t* ids) {
     const TileFn tile = current_tile();
     const int64_t nblk = (p.N + kRowBlock - 1) / kRowBlock;
+    const bool par = worth_parallel(p, (double)p.B * p.N);
     if (k * 4 >= p.N) {
         // Large k: the output is as large as the score matrix, so materialise the ranked quantity
         // ([B, N] floats) and select exactly.
         std::vector<float> all((size_t)(p.B * p.N));
-#pragma omp parallel
+#pragma omp parallel if (par)
         {
             Scratch s;
 #pragma omp for schedule(dynamic, 4)
@@ -124,7 +133,7 @@ void run_topk(const Problem& p, int64_t k, int by, float* values, int64_t* ids) 
     const int nt = max_threads();
     std::vector<std::vector<std::vector<Entry>>> heaps((size_t)nt, std::vector<std::vector<Entry>>((size_t)p.B));
     auto worse_first = [](const Entry& a, const Entry& b) { return better(a, b); };  // heap top = worst
-#pragma omp parallel
+#pragma omp parallel if (par)
     {
         Scratch s;
         std::vector<float> buf((size_t)kQueryBlock * kRowBlock);
@@ -170,7 +179,8 @@ void run_rerank(const Problem& p, const int64_t* cand, int64_t m, int64_t k, int
     const int64_t mblk = (m + kRowBlock - 1) / kRowBlock;
     const float ninf = -std::numeric_limits<float>::infinity();
     std::vector<float> vals((size_t)(p.B * m), ninf);
-#pragma omp parallel
+    const bool par = worth_parallel(p, (double)p.B * m);
+#pragma omp parallel if (par)
     {
         Scratch s;
         float buf[kRowBlock];
