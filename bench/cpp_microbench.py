@@ -104,11 +104,11 @@ def main():
         qw, qden, qp, c, cm, cp = ops_all
         ops = (qw[:b].contiguous(), qden[:b].contiguous(), qp[:b].contiguous(), c, cm, cp)
         row = {"B": b, "N": a.n, "bytes_GB": c_bytes / 1e9}
-        row["cpp_s"] = best_of(lambda: cpp.topk(*ops, a.topk, "score", None), a.repeat)
+        row["cpp_s"] = best_of(lambda ops=ops: cpp.topk(*ops, a.topk, "score", None), a.repeat)
         row["cpp_GBps"] = c_bytes / row["cpp_s"] / 1e9
-        row["gemm_s"] = best_of(lambda: gemm_topk(*ops, a.topk), a.repeat)
+        row["gemm_s"] = best_of(lambda ops=ops: gemm_topk(*ops, a.topk), a.repeat)
         if not a.skip_eager:
-            row["eager_s"] = best_of(lambda: eager.topk(*ops, a.topk, "score", None), 1)
+            row["eager_s"] = best_of(lambda ops=ops: eager.topk(*ops, a.topk, "score", None), 1)
         v1, i1 = cpp.topk(*ops, a.topk, "score", None)
         v2, _ = gemm_topk(*ops, a.topk)
         row["max_abs_diff_vs_gemm"] = float((v1 - v2).abs().max())
@@ -119,7 +119,7 @@ def main():
         qw, qden, qp, c, cm, cp = ops_all
         ops = (qw[:b].contiguous(), qden[:b].contiguous(), qp[:b].contiguous(), c, cm, cp)
         # fresh random ids every call, so the gathered rows are not already in the last-level cache
-        t = best_of(lambda: cpp.rerank(*ops, torch.randint(0, a.n, (b, a.m)), a.topk, "score"), a.repeat)
+        t = best_of(lambda ops=ops, b=b: cpp.rerank(*ops, torch.randint(0, a.n, (b, a.m)), a.topk, "score"), a.repeat)
         gathered = b * a.m * (c.shape[1] + cp.shape[1]) * 2
         row = {"rerank_B": b, "M": a.m, "cpp_s": t, "gathered_GBps": gathered / t / 1e9}
         print(row)
