@@ -43,6 +43,8 @@ def init_from_env(backend: Optional[str] = None) -> Tuple[int, int]:
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             raise ValueError("distributed: RANK/WORLD_SIZE are not set; start the command with torchrun")
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
     return dist.get_rank(), dist.get_world_size()
 
@@ -80,6 +82,8 @@ def sharded_search(index, queries, k: int = 10, *, group=None, with_metadata: bo
     counts = [None] * world  # ranks may have opened different commits: shard the common prefix
     dist.all_gather_object(counts, int(index.count), group=group)
     start, end = shard_range(min(counts), rank, world)
+    if "device" not in search_kw and dist.get_backend(group) == "nccl":
+        search_kw["device"] = torch.device("cuda", torch.cuda.current_device())  # NCCL: score on this rank's GPU
     scores, ids, _ = index.search(queries, k, rows=(start, end), with_metadata=False, **search_kw)
     parts = [None] * world
     dist.all_gather_object(parts, (scores, ids), group=group)

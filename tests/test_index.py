@@ -173,3 +173,23 @@ def test_bad_input_is_rejected(built, tmp_path):
         ro.add(x[:1])
     assert len(ro) == 230  # the failed adds committed nothing
     assert torch.is_tensor(torch.from_numpy(ro.search(x[:1], 1)[0]))
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
+        ),
+    ],
+)
+def test_search_on_device_matches_host(built, device):
+    idx, x, m, w, _ = built
+    q = np.random.default_rng(8).standard_normal((2, K, D)).astype(np.float32)
+    for mode in ("exhaustive", "two_stage"):
+        s0, i0, _ = idx.search(q, 6, mode=mode, shortlist=230, backend="torch")
+        s1, i1, _ = idx.search(q, 6, mode=mode, shortlist=230, device=device)
+        np.testing.assert_array_equal(i0, i1)
+        np.testing.assert_allclose(s0, s1, atol=1e-5)

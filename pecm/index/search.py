@@ -100,11 +100,14 @@ def _dead(index, ids: np.ndarray) -> Optional[np.ndarray]:
     return d if d.any() else None
 
 
-def _exhaustive(index, q, qm, k, by, chunk, backend, start, end):
+def _exhaustive(index, q, qm, k, by, chunk, backend, start, end, device=None):
     b = q.shape[0]
     w = torch.from_numpy(index.weights)
     vals = torch.empty((b, 0), dtype=torch.float32)
     rows = torch.empty((b, 0), dtype=torch.int64)
+    if device is not None:
+        q, w = q.to(device), w.to(device)
+        qm = None if qm is None else qm.to(device)
     names = ["prototypes", "pooled", "masks", "ids"] + (["scales"] if index.dtype == "int8" else [])
     reader = _ChunkReader(index, names, chunk)
     try:
@@ -115,6 +118,9 @@ def _exhaustive(index, q, qm, k, by, chunk, backend, start, end):
                 c = c.float() * torch.from_numpy(a["scales"]).unsqueeze(-1)
             cp = torch.from_numpy(a["pooled"]).to(c.dtype)
             cm = None if a["masks"].all() else torch.from_numpy(a["masks"]).bool()
+            if device is not None:  # e.g. a CUDA device: the chunk is scored there (triton under "auto")
+                c, cp = c.to(device), cp.to(device)
+                cm = None if cm is None else cm.to(device)
             dead = _dead(index, a["ids"])
             kk = min(n, k + (0 if dead is None else int(dead.sum())))
             tv, ti = ops.pecm_topk(
@@ -150,7 +156,7 @@ def _pooled_topm(index, qp, m, chunk, start, end):
     return rows
 
 
-def _rerank_group(index, q, qm, w, cand, k, by, backend):
+def _rerank_group(index, q, qm, w, cand, k, by, backend, device=None):
     b = q.shape[0]
     valid = cand >= 0
     uniq = np.unique(cand[valid])
@@ -161,15 +167,20 @@ def _rerank_group(index, q, qm, w, cand, k, by, backend):
     cp = torch.from_numpy(index.read_rows("pooled", uniq)).to(c.dtype)
     masks = index.read_rows("masks", uniq)
     cm = None if masks.all() else torch.from_numpy(masks).bool()
+    local = torch.from_numpy(local)
+    if device is not None:
+        q, w, c, cp, local = q.to(device), w.to(device), c.to(device), cp.to(device), local.to(device)
+        qm = None if qm is None else qm.to(device)
+        cm = None if cm is None else cm.to(device)
     tv, ti = ops.pecm_rerank(
-        q, c, torch.from_numpy(local), w, k, q_mask=qm, c_mask=cm, c_pooled=cp, by=by, backend=backend, normalized=True
+        q, c, local, w, k, q_mask=qm, c_mask=cm, c_pooled=cp, by=by, backend=backend, normalized=True
     )
     ti = ti.cpu()
     rows = torch.where(ti >= 0, torch.from_numpy(uniq)[ti.clamp(min=0)], ti)
     return tv.cpu().float(), rows
 
 
-def _two_stage(index, q, qm, k, by, m, backend, start, end, chunk):
+def _two_stage(index, q, qm, k, by, m, backend, start, end, chunk, device=None):
     w = torch.from_numpy(index.weights)
     _, _, qp = ops.prepare_query(q, w, qm, None)
     cand = _pooled_topm(index, qp, m, max(chunk, POOLED_CHUNK), start, end).numpy()
@@ -177,7 +188,15 @@ def _two_stage(index, q, qm, k, by, m, backend, start, end, chunk):
     group = max(1, chunk // max(1, cand.shape[1]))
     outs = [
         _rerank_group(
-            index, q[g : g + group], None if qm is None else qm[g : g + group], w, cand[g : g + group], k, by, backend
+            index,
+            q[g : g + group],
+            None if qm is None else qm[g : g + group],
+            w,
+            cand[g : g + group],
+            k,
+            by,
+            backend,
+            device,
         )
         for g in range(0, q.shape[0], group)
     ]
@@ -195,6 +214,7 @@ def search(
     q_mask=None,
     chunk_size: Optional[int] = None,
     backend: str = "auto",
+    device=None,
     rows: Optional[Tuple[int, int]] = None,
     with_metadata: bool = True,
 ):
@@ -205,7 +225,8 @@ def search(
     by pooled sim before reranking by ``by``. ``rows=(start, end)`` restricts the search to a row range
     (used by `pecm.distributed`). Returns ``(scores float32 [B, k], ids int64 [B, k], metadata)``
     as numpy arrays; metadata is a list per query of row dicts (None where the id is -1), or None when
-    ``with_metadata=False``. Missing results (k > live items) are (-inf, -1).
+    ``with_metadata=False``. ``device`` (e.g. "cuda:0") moves each chunk there before scoring (the data
+    is read on the host). Missing results (k > live items) are (-inf, -1).
     """
     k = _check_int(k, "k")
     if mode not in MODES:
@@ -220,9 +241,9 @@ def search(
     if b == 0 or end <= start:
         vals, r = pad_topk(torch.empty((b, 0)), torch.empty((b, 0), dtype=torch.int64), k)
     elif mode == "exhaustive":
-        vals, r = _exhaustive(index, q, qm, k, by, chunk, backend, start, end)
+        vals, r = _exhaustive(index, q, qm, k, by, chunk, backend, start, end, device)
     else:
-        vals, r = _two_stage(index, q, qm, k, by, max(m, k), backend, start, end, chunk)
+        vals, r = _two_stage(index, q, qm, k, by, max(m, k), backend, start, end, chunk, device)
     r = r.numpy()
     ids = np.full(r.shape, -1, dtype=np.int64)
     if (r >= 0).any():
