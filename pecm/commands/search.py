@@ -37,6 +37,8 @@ def _run(a) -> int:
         raise ValueError(f"-k: expected an int >= 1, got {a.k}")
     q, qm = _queries(a)
     kw = dict(mode=a.mode, shortlist=a.shortlist, by=a.by, q_mask=qm, chunk_size=a.chunk_size, backend=a.backend)
+    if a.device:
+        kw["device"] = a.device
     rank = 0
     with ArchiveIndex.open(a.index, verify=a.verify) as idx:
         if a.distributed:
@@ -81,6 +83,7 @@ def register(sub) -> None:
     p.add_argument("--by", choices=("score", "sim", "conf"), default="score")
     p.add_argument("--chunk-size", type=int, help="items scored per chunk (bounds memory)")
     p.add_argument("--backend", default="auto", help="scoring backend: auto, torch, cpp, triton")
+    p.add_argument("--device", help="score the chunks on this torch device (e.g. cuda:0); default: the host")
     p.add_argument("--verify", action="store_true", help="verify every checksum before searching")
     p.add_argument("--distributed", action="store_true", help="shard across torchrun ranks (rank 0 prints)")
     p.add_argument("--json", action="store_true", help='print {"scores", "ids", "metadata"} as JSON')

@@ -235,6 +235,11 @@ def search(
         raise ValueError(f"by: expected one of {ops.BY_CHOICES}, got {by!r}")
     chunk = DEFAULT_CHUNK if chunk_size is None else _check_int(chunk_size, "chunk_size")
     m = max(10 * k, 100) if shortlist is None else _check_int(shortlist, "shortlist")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda:0', got {device!r}") from e
     q, qm = _queries(index, queries, q_mask)
     b = q.shape[0]
     start, end = (0, index.count) if rows is None else (max(0, int(rows[0])), min(index.count, int(rows[1])))
