@@ -64,32 +64,37 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90 = H100/H200)")
     ap.add_argument("--quick", action="store_true", help="first autotune config of each kernel only")
     ap.add_argument("--kt", default="64,1024", help="top-k list sizes to compile (comma-separated)")
+    ap.add_argument("--dtypes", default="fp32,fp16,bf16", help="storage dtypes (comma-separated)")
+    ap.add_argument("--kernels", default="scores,topk,rerank,bwd", help="kernel families (comma-separated)")
     args = ap.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
     pick = (lambda cfgs: cfgs[:1]) if args.quick else (lambda cfgs: cfgs)
     kts = [int(x) for x in args.kt.split(",")]
     ok = True
-    for dt in ("fp32", "fp16", "bf16"):
+    fams = set(args.kernels.split(","))
+    for dt in args.dtypes.split(","):
         mode = 0 if dt == "fp32" else 1
         cargs = {"c_ptr": f"*{dt}", "cm_ptr": f"*{dt}", "cp_ptr": f"*{dt}"}
         sig = {**QARGS, **cargs, "sim_ptr": "*fp32", "conf_ptr": "*fp32", "score_ptr": "*fp32"}
         sig.update(B="i32", N="i32", K="i32", D="i32", B_BUCKET="i32")
-        for meta, w, st in pick(S._GPU_CONFIGS):
-            consts = dict(HAS_CM=True, MODE=mode, BLOCK_K=32, **meta)
-            ok &= compile_one(S._pecm_scores_kernel, sig, consts, w, st, target, f"scores {dt} {meta} w{w} s{st}")
+        cfgs = [triton.Config(dict(m), num_warps=w, num_stages=s) for m, w, s in S._GPU_CONFIGS]
+        for cfg in pick(S._pecm_scores_kernel.early_config_prune(cfgs, {"c_ptr": None}, MODE=mode)):
+            if "scores" not in fams:
+                break
+            consts = dict(HAS_CM=True, MODE=mode, BLOCK_K=32, **cfg.kwargs)
+            label = f"scores {dt} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"
+            ok &= compile_one(S._pecm_scores_kernel, sig, consts, cfg.num_warps, cfg.num_stages, target, label)
         sig = {**QARGS, **cargs, "part_ptr": "*i64", "B": "i32", "N": "i32", "K": "i32", "D": "i32"}
         sig.update(per_prog="i32", B_BUCKET="i32")
-        for kt in kts:
-            cfgs = [triton.Config(dict(m), num_warps=w, num_stages=s) for m, w, s in pick(T._GPU_CONFIGS)]
-            for cfg in T.prune_configs("BLOCK_B", "KT", f32_budget=256, half_budget=512)(
-                cfgs, {"c_ptr": None}, KT=kt, MODE=mode
-            ):
+        for kt in kts if "topk" in fams else []:
+            cfgs = [triton.Config(dict(m), num_warps=w, num_stages=s) for m, w, s in T._GPU_CONFIGS]
+            for cfg in pick(T._pecm_topk_kernel.early_config_prune(cfgs, {"c_ptr": None}, KT=kt, MODE=mode)):
                 consts = dict(HAS_CM=True, MODE=mode, BY=0, BLOCK_K=32, KT=kt, **cfg.kwargs)
                 label = f"topk {dt} KT={kt} {cfg.kwargs} w{cfg.num_warps}"
                 ok &= compile_one(T._pecm_topk_kernel, sig, consts, cfg.num_warps, cfg.num_stages, target, label)
         sig = {**QARGS, **cargs, "cand_ptr": "*i64", "part_ptr": "*i64", "M": "i32", "K": "i32", "D": "i32"}
         sig.update(per_prog="i32")
-        for kt in kts:
+        for kt in kts if "rerank" in fams else []:
             cfgs = [triton.Config(dict(m), num_warps=w, num_stages=s) for m, w, s in R._GPU_CONFIGS]
             for cfg in pick(R._prune_gather(cfgs, {}, KT=kt)):
                 consts = dict(HAS_CM=True, BY=0, BLOCK_K=32, KT=kt, **cfg.kwargs)
@@ -98,10 +103,12 @@ def main(argv=None) -> int:
         sig = {"a_ptr": "*fp32", "b_ptr": f"*{dt}", "out_ptr": f"*{dt}", "M": "i32", "P": "i32", "R": "i32"}
         ints = ("s_am", "s_ar", "s_br", "s_bp", "s_om", "s_op", "M_BUCKET", "P_BUCKET", "R_BUCKET")
         sig.update({n: "i32" for n in ints})
-        for meta, w, st in pick(W._GPU_MM_CONFIGS):
+        for meta, w, st in pick(W._GPU_MM_CONFIGS) if "bwd" in fams else []:
             ok &= compile_one(W._mm_kernel, sig, dict(MODE=mode, **meta), w, st, target, f"bwd-mm {dt} {meta} w{w}")
     sig = {n: "*fp32" for n in W._grad_prologue_kernel.arg_names if n not in ("total", "BLOCK")}
-    ok &= compile_one(W._grad_prologue_kernel, {**sig, "total": "i32"}, {"BLOCK": 1024}, 4, 1, target, "bwd-prologue")
+    if "bwd" in fams:
+        sig["total"] = "i32"
+        ok &= compile_one(W._grad_prologue_kernel, sig, {"BLOCK": 1024}, 4, 1, target, "bwd-prologue")
     print("all kernels compiled" if ok else "SOME KERNELS FAILED TO COMPILE")
     return 0 if ok else 1
 

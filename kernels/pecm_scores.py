@@ -41,7 +41,7 @@ _INTERP_CONFIG = ({"BLOCK_B": 16, "BLOCK_N": 32, "BLOCK_KD": 64}, 4, 1)
 @triton.autotune(
     configs=configs(_GPU_CONFIGS, _INTERP_CONFIG),
     key=["K", "D", "B_BUCKET", "HAS_CM", "MODE"],
-    prune_configs_by={"early_config_prune": prune_configs("BLOCK_B", "BLOCK_N", f32_budget=1024, half_budget=4096)},
+    prune_configs_by={"early_config_prune": prune_configs("BLOCK_B", "BLOCK_N", f32_budget=1024, half_budget=1024)},
 )
 @triton.jit
 def _pecm_scores_kernel(

@@ -62,7 +62,7 @@ FALLBACK_CHUNK = 8192
 @triton.autotune(
     configs=configs(_GPU_CONFIGS, _INTERP_CONFIG),
     key=["K", "D", "KT", "B_BUCKET", "HAS_CM", "MODE"],
-    prune_configs_by={"early_config_prune": prune_configs("BLOCK_B", "KT", f32_budget=256, half_budget=512)},
+    prune_configs_by={"early_config_prune": prune_configs("BLOCK_B", "KT", f32_budget=256, half_budget=256)},
 )
 @triton.jit
 def _pecm_topk_kernel(
