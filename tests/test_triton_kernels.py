@@ -269,3 +269,22 @@ def test_rerank_k_above_list_size_keeps_every_candidate(device):
     cand = make_cand(50, 1, 1100, pad_frac=0.05)
     vals, ids = ops.pecm_rerank(q, c, cand.to(device), w, 1030, q_mask=qm, c_mask=cm, backend="triton")
     check_topk(vals, ids, ref_scores(q, c, w, qm, cm)[2], 1030, 1e-5, cand=cand.numpy())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_degenerate_shapes_k1_d1_n1(device):
+    """K = 1, D = 1, a single candidate: every op still matches the reference (k > N tail too)."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 1, 1, generator=g).to(device)
+    c = torch.randn(1, 1, 1, generator=g).to(device)
+    w = torch.ones(1, device=device)
+    ref = reference.scores(q, c, w)
+    out = ops.pecm_scores(q, c, w, backend="triton")
+    for got, exp in zip(out, ref):
+        np.testing.assert_allclose(got.double().cpu().numpy(), exp, atol=1e-6, rtol=0)
+    vals, ids = ops.pecm_topk(q, c, w, 3, backend="triton")
+    check_topk(vals, ids, ref[2], 3, 1e-6)
+    cand = torch.tensor([[0, -1], [-1, -1]])
+    vals, ids = ops.pecm_rerank(q, c, cand.to(device), w, 2, backend="triton")
+    check_topk(vals, ids, ref[2], 2, 1e-6, cand=cand.numpy())
+    assert ids[1].tolist() == [-1, -1]
