@@ -70,31 +70,35 @@ def pair_score(
     return sim, conf, sim * conf
 
 
+def _unit_rows(z: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(z, axis=-1, keepdims=True)
+    return np.divide(z, n, out=np.zeros_like(z), where=n > 0)
+
+
 def scores(q, c, w, q_mask=None, c_mask=None, q_pooled=None, c_pooled=None):
-    """(sim, conf, score), each float64 [B, N]. q: [B, K, D] or [K, D]; c: [N, K, D]."""
+    """(sim, conf, score), each float64 [B, N]. q: [B, K, D] or [K, D]; c: [N, K, D].
+
+    The same formulas as `pair_score`, vectorised over pairs with numpy (tests check that the
+    two agree); `pair_score` is the definition.
+    """
     q, c, w = _np64(q), _np64(c), _np64(w)
     if q.ndim == 2:
         q = q[None]
         q_mask = None if q_mask is None else _np64(q_mask)[None]
         q_pooled = None if q_pooled is None else _np64(q_pooled)[None]
-    b, n = q.shape[0], c.shape[0]
-    qm = None if q_mask is None else _np64(q_mask)
-    cm = None if c_mask is None else _np64(c_mask)
-    qp = None if q_pooled is None else _np64(q_pooled)
-    cp = None if c_pooled is None else _np64(c_pooled)
-    out = np.zeros((3, b, n))
-    for i in range(b):
-        for j in range(n):
-            out[:, i, j] = pair_score(
-                q[i],
-                c[j],
-                w,
-                None if qm is None else qm[i],
-                None if cm is None else cm[j],
-                None if qp is None else qp[i],
-                None if cp is None else cp[j],
-            )
-    return out[0], out[1], out[2]
+    (b, k, _), n = q.shape, c.shape[0]
+    mq = np.ones((b, k)) if q_mask is None else _np64(q_mask)
+    mc = np.ones((n, k)) if c_mask is None else _np64(c_mask)
+    qh, ch = _unit_rows(q), _unit_rows(c)
+    s = np.einsum("bkd,nkd->bnk", qh, ch)  # Eq. 1 for every pair and k
+    m = mq[:, None, :] * mc[None, :, :]
+    den = np.sum(w * m, axis=-1)
+    num = np.sum(w * m * s, axis=-1)
+    conf = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+    hq = _unit_rows(np.einsum("k,bk,bkd->bd", w, mq, qh)) if q_pooled is None else _unit_rows(_np64(q_pooled))
+    hc = _unit_rows(np.einsum("k,nk,nkd->nd", w, mc, ch)) if c_pooled is None else _unit_rows(_np64(c_pooled))
+    sim = hq @ hc.T
+    return sim, conf, sim * conf
 
 
 def topk(values: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
