@@ -1,0 +1,50 @@
+# pecm developer entry points. `make test` is the README's test command and what .ci/run calls.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.pecm-installed
+PYTEST_ARGS ?=
+
+.PHONY: install build test test-all test-gpu lint format bench demo clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Pinned dependencies (torch/torchvision pins install from local files on the CI machines), then the
+# project in editable mode, which builds the C++ extension pecm._C with CMake.
+$(STAMP): $(BIN)/python requirements.txt pyproject.toml setup.py CMakeLists.txt
+	$(BIN)/python -m pip install -r requirements.txt
+	$(BIN)/python -m pip install --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Rebuild pecm._C in place after editing csrc/.
+build: $(STAMP)
+	$(BIN)/python setup.py -q build_ext --inplace
+
+test: build
+	$(BIN)/python -c "import pecm, pecm._C; print('backends:', pecm.ops.available_backends())"
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-all: build
+	$(BIN)/python -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+
+test-gpu: build
+	$(BIN)/python -m pytest -q -m gpu $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check pecm kernels tests bench setup.py
+
+format: $(STAMP)
+	$(BIN)/ruff format --line-length 120 pecm kernels tests bench setup.py
+
+bench: build
+	$(BIN)/python bench/throughput.py
+
+demo: build
+	$(BIN)/python -m pecm demo
+
+clean:
+	rm -rf build *.egg-info pecm/_C*.so .pytest_cache
