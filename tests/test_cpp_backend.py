@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -272,3 +275,31 @@ def test_env_var_caps_simd_level(want):
     assert r.returncode == 0, r.stderr
     got, best = r.stdout.split()
     assert got == (want if want in _C.simd_levels() else best)
+
+
+@pytest.mark.skipif(
+    shutil.which("objdump") is None or platform.machine() not in ("x86_64", "AMD64"), reason="needs objdump, x86"
+)
+def test_avx_instructions_only_inside_dispatched_kernels():
+    """SIGILL safety: every AVX/AVX-512 (VEX/EVEX) instruction of the module lies in pecm::avx2 / pecm::avx512."""
+    out = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", "-C", _C.__file__], capture_output=True, text=True, check=True
+    ).stdout
+    func, outside, inside = None, set(), 0
+    for line in out.splitlines():
+        m = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if m:
+            func = m.group(1)
+            continue
+        parts = line.split("\t")
+        if func is None or len(parts) < 2:
+            continue
+        ins = parts[1].strip()
+        if ins.startswith("v") or "ymm" in ins or "zmm" in ins:
+            if "pecm::avx2::" in func or "pecm::avx512::" in func:
+                inside += 1
+            else:
+                outside.add(func)
+    if "avx2" in _C.simd_levels():
+        assert inside > 0, "expected vector code in the dispatched kernels (is the module stripped?)"
+    assert not outside, f"AVX instructions outside the dispatched kernels: {sorted(outside)[:5]}"
