@@ -75,9 +75,11 @@ def test_sigkill_during_add_leaves_last_commit(tmp_path):
     rng = np.random.default_rng(0)
     counts = []
     for _ in range(12):
-        p = ctx.Process(target=_writer, args=(path, 1000))
+        opened = ctx.Event()
+        p = ctx.Process(target=_writer, args=(path, 1000, opened))
         p.start()
-        time.sleep(float(rng.uniform(0.05, 0.35)))
+        assert opened.wait(60)  # the writer holds the index: now kill it at a random point of its adds
+        time.sleep(float(rng.uniform(0.0, 0.3)))
         os.kill(p.pid, signal.SIGKILL)
         p.join()
         counts.append(_check_committed(path))
