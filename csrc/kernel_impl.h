@@ -68,7 +68,7 @@ static void accumulate(const float* q, int64_t qs, int64_t nq, const T* base, in
                        int64_t n0, int nr, float* acc, float* cbuf) {
     const T* rp[kRowBlock];
     for (int r = 0; r < nr; r++) rp[r] = base + (rows ? rows[r] : n0 + r) * rowlen;
-    const bool blocked = nq >= 8;
+    const bool blocked = nq >= 16;
     if (!blocked) {
         // Gathered rows (rerank) are scattered in memory: software-prefetch the next group of rows
         // into L2 while this group is computed (contiguous rows are left to the hardware prefetcher).

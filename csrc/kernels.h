@@ -27,7 +27,7 @@ struct Problem {
 // Tile geometry shared by all ISAs (the drivers size scratch buffers with it).
 constexpr int kRowBlock = 32;      // candidate rows per tile
 constexpr int kQueryBlock = 64;    // queries per tile
-constexpr int64_t kChunk = 1024;   // floats of a row converted at a time (blocked GEMM path)
+constexpr int64_t kChunk = 512;    // floats of a row converted at a time (blocked GEMM path)
 constexpr int64_t kScratchFloats = kRowBlock * kChunk + 2 * kQueryBlock * kRowBlock;
 
 // Computes, for queries [q0, q1) (q1 - q0 <= kQueryBlock) and nr <= kRowBlock candidate rows
