@@ -56,7 +56,9 @@ def load_mimic(root, limit: Optional[int] = None, verify_images: bool = True) ->
         jpgs = sorted(glob.glob(os.path.join(study, "*.jpg")))
         txt = study + ".txt"
         report = open(txt, encoding="utf-8", errors="replace").read() if os.path.isfile(txt) else ""
-        rows.append({"id": os.path.basename(study), "image": jpgs[0] if jpgs else study + "/missing.jpg", "report": report})
+        rows.append(
+            {"id": os.path.basename(study), "image": jpgs[0] if jpgs else study + "/missing.jpg", "report": report}
+        )
         if limit is not None and len(rows) >= limit:
             break
     if not rows:

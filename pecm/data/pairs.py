@@ -123,7 +123,12 @@ def load_pairs(root, limit: Optional[int] = None, verify_images: bool = True, pa
             pairs.append(Pair(str(row["id"]), img, text.strip(), [str(c) for c in cuis], extra))
     if skipped:
         counts = Counter(r for _, r in skipped)
-        log.warning("data: skipped %d bad rows in %s (%s)", len(skipped), path, ", ".join(f"{k}: {v}" for k, v in counts.items()))
+        log.warning(
+            "data: skipped %d bad rows in %s (%s)",
+            len(skipped),
+            path,
+            ", ".join(f"{k}: {v}" for k, v in counts.items()),
+        )
     if not pairs:
         raise ValueError(f"data: no valid pairs in {path} ({len(skipped)} rows skipped)")
     return PairSet(root, pairs, skipped)

