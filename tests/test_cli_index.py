@@ -119,6 +119,9 @@ def test_corrupt_index_reported(files, index, capsys):
 class _FakeEncoder:
     """Stands in for `pecm.model.encode`'s encoder: deterministic prototypes from the input strings."""
 
+    K, D = K, D
+    weights = np.array([0.5, 1.5, 1.0, 1.0], dtype=np.float32)
+
     def _enc(self, items):
         seeds = [sum(map(ord, s)) for s in items]
         protos = np.stack([np.random.default_rng(s).standard_normal((K, D)) for s in seeds]).astype(np.float32)
@@ -134,6 +137,10 @@ def test_checkpoint_paths_with_encoder(files, index, capsys, monkeypatch):
     ckpt = files / "model.ckpt"
     ckpt.write_bytes(b"x")
     (files / "reports.txt").write_text("a chest x-ray\n\nno acute findings\n")
+    rc, out, _ = _run(capsys, "index", "create", files / "model_ix", "--checkpoint", ckpt)
+    assert rc == 0 and f"K={K}, D={D}" in out
+    with ArchiveIndex.open(files / "model_ix") as made:
+        np.testing.assert_allclose(made.weights, _FakeEncoder.weights)
     rc, out, _ = _run(capsys, "index", "add", index, "--checkpoint", ckpt, "--texts-file", files / "reports.txt")
     assert rc == 0 and "added 2 items (ids 120..121)" in out
     rc, out, _ = _run(capsys, "search", index, "--checkpoint", ckpt, "--text", "no acute findings", "-k", 1, "--json")

@@ -54,9 +54,14 @@ def _weights(spec):
 def _create(a) -> int:
     from ..index import ArchiveIndex
 
-    idx = ArchiveIndex.create(a.path, a.K, a.D, dtype=a.dtype, weights=_weights(a.weights), overwrite=a.overwrite)
+    k, d, w = a.K, a.D, _weights(a.weights)
+    if a.checkpoint:  # K, D and the learned prototype weights of the model that will fill the index
+        enc = load_encoder(a.checkpoint)
+        k, d = int(enc.K), int(enc.D)
+        w = np.asarray(enc.weights, dtype=np.float64) if w is None and hasattr(enc, "weights") else w
+    idx = ArchiveIndex.create(a.path, k, d, dtype=a.dtype, weights=w, overwrite=a.overwrite)
     idx.close()
-    print(f"created {a.path} (K={a.K}, D={a.D}, dtype={a.dtype})")
+    print(f"created {a.path} (K={k}, D={d}, dtype={a.dtype})")
     return 0
 
 
@@ -151,6 +156,7 @@ def register(sub) -> None:
     c.add_argument("--dtype", choices=("float16", "float32", "int8"), default="float16")
     c.add_argument("--weights", help="prototype weights w: a .npy file or comma-separated floats (default ones)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing index")
+    c.add_argument("--checkpoint", help="take K, D and the weights from this model checkpoint")
     c.set_defaults(func=_create)
 
     ad = isub.add_parser("add", help="append items from .npy arrays or encode them with a checkpoint")
