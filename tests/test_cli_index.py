@@ -171,3 +171,30 @@ def test_torchrun_distributed_json_equals_single(files, index, capsys):
     a, b = json.loads(lines[0]), json.loads(single)
     assert a["ids"] == b["ids"] and a["metadata"] == b["metadata"]
     np.testing.assert_allclose(a["scores"], b["scores"], rtol=1e-6)
+
+
+def test_checkpoint_paths_with_real_encoder(tmp_path, capsys):
+    encode = pytest.importorskip("pecm.model.encode", reason="pecm.model.encode (the model issue) is not available")
+    from pecm.model.config import PECMConfig
+    from pecm.model.pecm import PECM
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ckpt"
+    reports = ["Chest x-ray shows no acute findings.", "Large left pleural effusion. Heart size normal.", "Fracture."]
+    model = PECM(PECMConfig.tiny(), load_pretrained=False)
+    model.text.fit(reports * 4)
+    model.save(str(ckpt))
+    enc = encode.load_encoder(str(ckpt))
+    (tmp_path / "reports.txt").write_text("\n".join(reports) + "\n")
+    ix = tmp_path / "ix"
+    assert _run(capsys, "index", "create", ix, "--checkpoint", ckpt)[0] == 0
+    rc, out, _ = _run(capsys, "index", "add", ix, "--checkpoint", ckpt, "--texts-file", tmp_path / "reports.txt")
+    assert rc == 0 and "added 3 items" in out
+    rc, out, _ = _run(capsys, "search", ix, "--checkpoint", ckpt, "--text", reports[1], "-k", 3, "--json")
+    res = json.loads(out)
+    protos, masks = enc.encode_texts([reports[1]])
+    with ArchiveIndex.open(ix) as idx:
+        s, i, _ = idx.search(protos, 3, q_mask=masks)
+    assert rc == 0 and res["ids"] == i.tolist() and res["metadata"][0][0]["modality"] == "text"
+    np.testing.assert_allclose(res["scores"], s, rtol=1e-5)
