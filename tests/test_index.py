@@ -136,6 +136,7 @@ def test_delete_compact_keep_ids(built, tmp_path):
         assert not set(i.ravel()) & set(dead)
     with pytest.raises(KeyError):
         idx.get([5])
+    stale = ArchiveIndex.open(idx.root)
     idx.compact(progress=False)
     assert idx.count == 227 and len(idx) == 227 and idx.stats()["generation"] == 1
     s, i, meta = idx.search(q, 4)
@@ -144,6 +145,9 @@ def test_delete_compact_keep_ids(built, tmp_path):
     new = idx.add(x[:2], m[:2])
     assert new.tolist() == [230, 231]  # ids are never reused
     idx.close()
+    with pytest.raises(ValueError, match="refresh"):
+        stale.search(q, 4)  # opened before compact: its generation's files are gone
+    assert len(stale.refresh()) == 229 and stale.search(q, 4)[1].tolist() == idx.search(q, 4)[1].tolist()
     again = ArchiveIndex.open(idx.root, verify=True)
     assert len(again) == 229 and again.get([231], vectors=True)[0]["mask"].tolist() == m[1].tolist()
 

@@ -57,7 +57,15 @@ class _ChunkReader:
 
     def __init__(self, index, logicals: List[str], chunk: int):
         self.index, self.logicals, self.chunk = index, logicals, chunk
-        self.fds = {k: os.open(index.paths[k], os.O_RDONLY) for k in logicals}
+        self.fds = {}
+        try:
+            for k in logicals:
+                self.fds[k] = os.open(index.paths[k], os.O_RDONLY)
+        except FileNotFoundError as e:
+            self.close()
+            raise ValueError(
+                f"index: {e.filename} is gone: the index was compacted after this handle opened it; call refresh()"
+            ) from e
         self.bufs = [
             {k: np.empty((chunk, *index.layout[k][1]), dtype=index.layout[k][0]) for k in logicals} for _ in range(2)
         ]
