@@ -1,0 +1,1 @@
+"""Benchmarking of the PECM ops (see pecm.bench.runner)."""

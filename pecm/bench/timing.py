@@ -1,0 +1,110 @@
+"""Timing primitives and the environment record (device, CPU, versions, git commit, load)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from typing import Callable, Dict, List
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def summarize(samples_s: List[float]) -> Dict[str, float]:
+    """Median and inter-quartile range (seconds) of a list of timings."""
+    a = np.asarray(samples_s, dtype=np.float64)
+    q1, med, q3 = np.percentile(a, [25, 50, 75])
+    return {"median_s": float(med), "iqr_s": float(q3 - q1), "min_s": float(a.min())}
+
+
+def time_fn(fn: Callable[[], object], device: str = "cpu", warmup: int = 1, repeats: int = 5) -> Dict[str, object]:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` timed calls.
+
+    CPU: ``time.perf_counter`` around each call. CUDA: one pair of CUDA events per call (after a
+    synchronize), which is what ``triton.testing.do_bench`` does minus its cache flush.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats: expected >= 1, got {repeats}")
+    for _ in range(max(0, warmup)):
+        fn()
+    _sync(device)
+    samples = []
+    if device.startswith("cuda"):
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+    out = summarize(samples)
+    out["samples_s"] = [float(s) for s in samples]
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_commit() -> str:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        return r.stdout.strip() + ("+dirty" if dirty else "") if r.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _version(mod: str) -> str:
+    try:
+        m = __import__(mod)
+        return str(getattr(m, "__version__", "unknown"))
+    except Exception:  # not installed / broken install: record it, never fail the run
+        return "not installed"
+
+
+def environment(device: str) -> Dict[str, object]:
+    """What a reader needs to judge a number: hardware, software versions, commit, load."""
+    dev_name = cpu_model()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        dev_name = torch.cuda.get_device_name(torch.device(device))
+    try:
+        load1 = os.getloadavg()[0]
+    except OSError:
+        load1 = -1.0
+    return {
+        "device": device,
+        "device_name": dev_name,
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count() or 0,
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {m: _version(m) for m in ("torch", "triton", "numpy", "pecm", "faiss")},
+        "git_commit": git_commit(),
+        "loadavg_1min_start": float(load1),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
