@@ -150,9 +150,12 @@ def _pooled_topm(index, qp, m, chunk, start, end):
     vals = torch.empty((b, 0), dtype=torch.float32)
     rows = torch.empty((b, 0), dtype=torch.int64)
     reader = _ChunkReader(index, ["pooled", "ids"], chunk)
+    p32 = torch.empty((min(chunk, end - start), index.D))  # reused: no fresh pages per chunk
     try:
         for s, e, a in reader.stream(start, end):
-            sim = qp @ torch.from_numpy(a["pooled"]).float().T
+            p = p32[: e - s]
+            p.copy_(torch.from_numpy(a["pooled"]))
+            sim = qp @ p.T
             dead = _dead(index, a["ids"])
             if dead is not None:
                 sim[:, torch.from_numpy(dead)] = float("-inf")
