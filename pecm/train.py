@@ -1,0 +1,306 @@
+"""Training and evaluation of `pecm.model.PECM` (DESIGN §5).
+
+Paper defaults: Adam, cosine schedule from lr 1e-4, batch 32, 30 epochs. Two modes:
+
+- **cached** (default when both backbones are frozen): raw backbone features of every pair are extracted
+  once (`extract_features`) and only the projection heads, θ and the logit scale train — fast on a CPU.
+- **end-to-end** (a backbone unfrozen): images are decoded and both encoders run in every step.
+
+AMP (bfloat16 autocast) on CUDA; DDP when `torch.distributed` is initialised (``torchrun``; a
+`DistributedSampler` shards the pairs, rank 0 writes). Each epoch rank 0 writes the checkpoint
+(`PECM.save`: safetensors + config.json + Doc2Vec + tokenizer) plus ``train_state.pt`` (optimizer,
+scheduler, epoch, history; torch.save) so ``resume=True`` continues, ``metrics.json`` (one entry per epoch)
+and ``loss_curve.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from . import metrics as M
+from . import ops
+from .losses import PECMLoss
+from .model import PECM
+
+log = logging.getLogger("pecm.train")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lam: float = 1.0
+    mu: float = 1.0
+    div: str = "decorrelate"
+    seed: int = 0
+    amp: bool = True  # on CUDA only
+    num_workers: int = 0
+    progress: bool = True
+    save_every: int = 1
+    resume: bool = False
+    feature_batch: int = 32
+
+    def __post_init__(self):
+        for n in ("epochs", "batch_size", "save_every", "feature_batch"):
+            if int(getattr(self, n)) < 1:
+                raise ValueError(f"{n}: expected an int >= 1, got {getattr(self, n)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: expected a positive float, got {self.lr}")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+# ---------------------------------------------------------------------------------------------- features
+@torch.no_grad()
+def extract_features(model: PECM, pairs, batch: int = 32, progress: bool = True) -> Dict[str, torch.Tensor]:
+    """Raw features of every pair: ``img`` [N, K, C], ``txt`` [N, K, H], ``txt_mask`` [N, K] (CPU float32)."""
+    was = model.training
+    model.eval()
+    imgs, txts, masks = [], [], []
+    it = range(0, len(pairs), batch)
+    for s in tqdm(it, desc="features", disable=not progress, leave=False):
+        part = pairs.pairs[s : s + batch]
+        imgs.append(model.extract_image_features(model.load_image_paths([p.image for p in part])).float().cpu())
+        f, m = model.extract_text_features([p.text for p in part])
+        txts.append(f.float().cpu())
+        masks.append(m.cpu())
+    model.train(was)
+    return {"img": torch.cat(imgs), "txt": torch.cat(txts), "txt_mask": torch.cat(masks)}
+
+
+@torch.no_grad()
+def prototypes_from_features(model: PECM, feats: Dict[str, torch.Tensor], batch: int = 1024):
+    was = model.training
+    model.eval()
+    ip, im, tp, tm = [], [], [], []
+    for s in range(0, feats["img"].shape[0], batch):
+        a, b = model.encode_image_features(feats["img"][s : s + batch])
+        c, d = model.encode_text_features(feats["txt"][s : s + batch], feats["txt_mask"][s : s + batch])
+        ip.append(a.float().cpu())
+        im.append(b.cpu())
+        tp.append(c.float().cpu())
+        tm.append(d.cpu())
+    model.train(was)
+    return torch.cat(ip), torch.cat(im), torch.cat(tp), torch.cat(tm), model.weights().detach().float().cpu()
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def evaluate_prototypes(img, img_mask, txt, txt_mask, w, cuis=None, raw_global=None, by_list=("sim", "score", "conf")):
+    """Metrics for every ranking key in ``by_list``: {by: {"image_to_report", "report_to_image", "mAP", "cui",
+    "cbir_cui"}} (percent), plus "baseline" CBIR from the raw backbone global features when given."""
+    out = {}
+    with torch.no_grad():
+        sim, conf, score = ops.pecm_scores(img, txt, w, q_mask=img_mask, c_mask=txt_mask, backend="auto")
+        ii = ops.pecm_scores(img, img, w, q_mask=img_mask, c_mask=img_mask, backend="auto") if cuis else None
+    mats = {"sim": sim, "conf": conf, "score": score}
+    for by in by_list:
+        r = M.retrieval_metrics(mats[by], cuis)
+        if cuis is not None:
+            iim = {"sim": ii[0], "conf": ii[1], "score": ii[2]}[by]
+            r["cbir_cui"] = {f"@{k}": v for k, v in M.cbir_precision_at_k(iim, cuis, (5, 10, 50))["micro"].items()}
+        out[by] = r
+    if cuis is not None and raw_global is not None:
+        g = torch.nn.functional.normalize(raw_global.float(), dim=-1)
+        out["baseline"] = {
+            "cbir_cui": {f"@{k}": v for k, v in M.cbir_precision_at_k(g @ g.T, cuis, (5, 10, 50))["micro"].items()}
+        }
+    return out
+
+
+def evaluate_features(model: PECM, feats, cuis=None, by_list=("sim", "score", "conf")):
+    img, im, txt, tm, w = prototypes_from_features(model, feats)
+    return evaluate_prototypes(img, im, txt, tm, w, cuis, raw_global=feats["img"][:, 0], by_list=by_list)
+
+
+# ---------------------------------------------------------------------------------------------- training
+class _Step(nn.Module):
+    """One forward for DDP: features (cached) or images + reports (end-to-end) → loss dict."""
+
+    def __init__(self, model: PECM, loss: PECMLoss):
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, batch):
+        m = self.model
+        if "img" in batch:
+            iq, im = m.encode_image_features(batch["img"])
+            tq, tm = m.encode_text_features(batch["txt"], batch["txt_mask"])
+        else:
+            iq, im = m.encode_images(batch["images"])
+            tq, tm = m.encode_texts(batch["texts"])
+        return self.loss(iq.float(), tq.float(), m.weights(), im, tm, logit_scale=m.logit_scale)
+
+
+def _plot(history: List[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("loss", "sim", "conf", "div"):
+        ax.plot(ep, [h["train"][key] for h in history], label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train(
+    model: PECM,
+    train_pairs,
+    out_dir: str,
+    cfg: TrainConfig = TrainConfig(),
+    val_pairs=None,
+    train_feats=None,
+    val_feats=None,
+) -> List[dict]:
+    """Train ``model`` on ``train_pairs``; returns the per-epoch history (also written to metrics.json)."""
+    torch.manual_seed(cfg.seed)
+    rank, world = _rank(), _world()
+    dev = model.device
+    state_path = os.path.join(out_dir, "train_state.pt")
+    if model.text.doc2vec is None:
+        model.text.fit(train_pairs.texts)
+    cached = model.config.freeze_image and model.config.freeze_text
+    if cached and train_feats is None:
+        train_feats = extract_features(model, train_pairs, cfg.feature_batch, cfg.progress and rank == 0)
+    if cached and val_pairs is not None and val_feats is None:
+        val_feats = extract_features(model, val_pairs, cfg.feature_batch, cfg.progress and rank == 0)
+    n = len(train_pairs)
+    step_mod = _Step(model, PECMLoss(cfg.lam, cfg.mu, cfg.div))
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(
+            step_mod, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True
+        )
+    else:
+        ddp = step_mod
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_rank = math.ceil(n / world)
+    steps_per_epoch = max(1, per_rank // cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+
+    def lr_lambda(step):
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    history: List[dict] = []
+    start = 0
+    if cfg.resume and os.path.isfile(state_path):
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        history, start = st["history"], st["epoch"] + 1
+        log.info("resuming from epoch %d", start)
+    use_amp = cfg.amp and dev.type == "cuda"
+    g = torch.Generator().manual_seed(cfg.seed)
+    for epoch in range(start, cfg.epochs):
+        t0 = time.time()
+        if world > 1:
+            sampler = torch.utils.data.DistributedSampler(
+                range(n), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True
+            )
+            sampler.set_epoch(epoch)
+            order = torch.tensor(list(sampler))
+        else:
+            order = torch.randperm(n, generator=g)
+        sums: Dict[str, float] = {}
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not (cfg.progress and rank == 0),
+            leave=False,
+        )
+        model.train()
+        for s in bar:
+            idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+            if len(idx) < 2:
+                continue
+            if cached:
+                batch = {k: v[idx].to(dev) for k, v in train_feats.items()}
+            else:
+                part = [train_pairs.pairs[i] for i in idx.tolist()]
+                batch = {
+                    "images": model.load_image_paths([p.image for p in part]).to(dev),
+                    "texts": [p.text for p in part],
+                }
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                out = ddp(batch)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
+            sched.step()
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            bar.set_postfix(loss=f"{float(out['loss']):.3f}")
+        rec = {
+            "epoch": epoch + 1,
+            "lr": sched.get_last_lr()[0],
+            "seconds": time.time() - t0,
+            "train": {k: v / steps_per_epoch for k, v in sums.items()},
+        }
+        if rank == 0 and val_feats is not None:
+            ev = evaluate_features(model, val_feats, val_pairs.cuis, by_list=("score",))["score"]
+            rec["val"] = {"image_to_report": ev["image_to_report"], "report_to_image": ev["report_to_image"]}
+        history.append(rec)
+        if rank == 0:
+            msg = " ".join(f"{k}={v:.4f}" for k, v in rec["train"].items())
+            if "val" in rec:
+                v = rec["val"]
+                msg += f" | val i2r R@1={v['image_to_report']['R@1']:.1f} t2i R@1={v['report_to_image']['R@1']:.1f}"
+            log.info("epoch %d/%d %s", epoch + 1, cfg.epochs, msg)
+            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
+                save_training(model, out_dir, opt, sched, epoch, history, cfg)
+    return history
+
+
+def save_training(model: PECM, out_dir: str, opt, sched, epoch: int, history: List[dict], cfg: TrainConfig) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    model.save(out_dir)
+    torch.save(
+        {
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "epoch": epoch,
+            "history": history,
+            "train_config": asdict(cfg),
+        },
+        os.path.join(out_dir, "train_state.pt.tmp"),
+    )
+    os.replace(os.path.join(out_dir, "train_state.pt.tmp"), os.path.join(out_dir, "train_state.pt"))
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(history, f, indent=1, default=float)
+    _plot(history, os.path.join(out_dir, "loss_curve.png"))
+
+
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
