@@ -176,6 +176,7 @@ class BlockEncoder:
         self.x32 = torch.empty((block, k, d))
         self.nrm = torch.empty((block, k))
         self.pool = torch.empty((block, 1, d))
+        self.u32 = None  # float32 scratch for float16 output when the input is the caller's float32 array
         self.out = torch.empty((block, k, d), dtype=torch.float16 if dtype == "float16" else torch.float32)
 
     def _input(self, protos, n: int) -> torch.Tensor:
@@ -211,7 +212,16 @@ class BlockEncoder:
             if not bool(torch.isfinite(h).all()):
                 raise ValueError("pooled: contains NaN or inf values")
         h = F.normalize(h, dim=-1, eps=EPS)
-        unit = torch.mul(x, sc.unsqueeze(-1), out=self.out[:n])
+        if self.out.dtype == torch.float16:  # f32 multiply + f16 copy is ~2x faster than a mixed-dtype mul
+            own = x.data_ptr() == self.x32.data_ptr()
+            if not own and self.u32 is None:
+                self.u32 = torch.empty_like(self.x32)
+            tmp = x if own else self.u32[:n]
+            torch.mul(x, sc.unsqueeze(-1), out=tmp)
+            unit = self.out[:n]
+            unit.copy_(tmp)
+        else:
+            unit = torch.mul(x, sc.unsqueeze(-1), out=self.out[:n])
         out = {"masks": m}
         if self.dtype == "int8":
             scale = unit.abs().amax(-1) / 127.0
