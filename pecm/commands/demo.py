@@ -1,0 +1,153 @@
+"""`pecm demo [--data DIR] [--out runs/demo] [--epochs N]`: the end-to-end PECM demo on ROCO pairs.
+
+Steps: load the pairs (``../shared/data/roco`` when present, else the shipped ``data/roco_sample``), seeded
+80/20 train/test split; build `PECM` with the packaged pretrained backbones (efficientnet_lite0 ImageNet,
+all-MiniLM-L6-v2), frozen; extract and cache their features; train heads + θ + logit scale (`pecm.train`);
+save ``OUT/checkpoint``; index the test images and reports in ``OUT/index/{images,reports}``
+(`pecm.index.ArchiveIndex`); run example report→image and image→report searches; print the evaluation table
+(sim only vs R = sim·C), chance levels and the wall time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+
+
+def _cached_features(model, pairs, path: str, progress: bool):
+    import torch
+
+    from ..train import extract_features
+
+    key = hashlib.sha1(
+        json.dumps([model.config.to_dict(), [p.id for p in pairs.pairs]], sort_keys=True).encode()
+    ).hexdigest()
+    if os.path.isfile(path):
+        st = torch.load(path, map_location="cpu", weights_only=True)
+        if st.get("key") == key:
+            return {k: v for k, v in st.items() if k != "key"}, True
+    feats = extract_features(model, pairs, 32, progress)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({**feats, "key": key}, path)
+    return feats, False
+
+
+def _short(text: str, n: int = 90) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _run(a) -> int:
+    import numpy as np
+    import torch
+
+    from ..data import default_data_dir, load_pairs, split_pairs
+    from ..index import ArchiveIndex
+    from ..metrics import chance_levels
+    from ..model import PECM, PECMConfig
+    from ..train import TrainConfig, evaluate_features, prototypes_from_features, train
+    from .eval import eval_summary, format_table
+
+    t0 = time.time()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("gensim", "transformers", "httpx", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if a.epochs < 1:
+        raise ValueError(f"--epochs: expected an int >= 1, got {a.epochs}")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    data = a.data or default_data_dir()
+    pairs = load_pairs(data, limit=a.limit)
+    train_set, test_set = split_pairs(pairs, a.test_fraction, a.seed)
+    print(
+        f"data: {data}: {len(pairs)} pairs ({len(pairs.skipped)} skipped)"
+        f" -> train {len(train_set)}, test {len(test_set)}"
+    )
+    model = PECM(PECMConfig.demo_cpu(seed=a.seed))
+    model.text.fit(train_set.texts)
+    progress = not a.no_progress
+    t = time.time()
+    tr_f, hit1 = _cached_features(model, train_set, os.path.join(a.out, "cache", "train_features.pt"), progress)
+    te_f, hit2 = _cached_features(model, test_set, os.path.join(a.out, "cache", "test_features.pt"), progress)
+    groups = te_f["txt_mask"].sum(1).float() - 1
+    print(
+        f"features: {time.time() - t:.1f}s ({'cached' if hit1 and hit2 else 'extracted'}); "
+        f"report groups per test report: mean {groups.mean():.2f}, max {int(groups.max())}"
+    )
+    ckpt = os.path.join(a.out, "checkpoint")
+    t = time.time()
+    tc = TrainConfig(
+        epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, progress=progress, save_every=a.epochs
+    )
+    train(model, train_set, ckpt, tc, val_pairs=test_set, train_feats=tr_f, val_feats=te_f)
+    print(f"training: {a.epochs} epochs in {time.time() - t:.1f}s -> {ckpt}")
+
+    # ---- archive index of both modalities (test split)
+    img, im, txt, tm, w = prototypes_from_features(model, te_f)
+    idx_root = os.path.join(a.out, "index")
+    with ArchiveIndex.create(
+        os.path.join(idx_root, "images"), model.config.K, model.config.D, weights=w.numpy(), overwrite=True
+    ) as ix:
+        ix.add(
+            img.numpy(),
+            im.numpy(),
+            [{"modality": "image", "source": p.image, "text": p.text, "pair_id": p.id} for p in test_set.pairs],
+            progress=False,
+        )
+    with ArchiveIndex.create(
+        os.path.join(idx_root, "reports"), model.config.K, model.config.D, weights=w.numpy(), overwrite=True
+    ) as ix:
+        ix.add(
+            txt.numpy(),
+            tm.numpy(),
+            [{"modality": "report", "source": p.image, "text": p.text, "pair_id": p.id} for p in test_set.pairs],
+            progress=False,
+        )
+    print(f"index: {len(test_set)} images + {len(test_set)} reports in {idx_root}")
+    rng = np.random.default_rng(a.seed)
+    ex = rng.choice(len(test_set), size=min(2, len(test_set)), replace=False)
+    with (
+        ArchiveIndex.open(os.path.join(idx_root, "images")) as images,
+        ArchiveIndex.open(os.path.join(idx_root, "reports")) as reports,
+    ):
+        for i in ex:
+            p = test_set.pairs[int(i)]
+            s, _, meta = images.search(txt[int(i) : int(i) + 1].numpy(), 3, q_mask=tm[int(i) : int(i) + 1].numpy())
+            print(f"\nreport -> image  query [{p.id}]: {_short(p.text)}")
+            for r, (sc, row) in enumerate(zip(s[0], meta[0]), 1):
+                mark = "  <- the matching image" if row["pair_id"] == p.id else ""
+                print(f"  {r}. R={sc:.3f} {row['pair_id']} {os.path.basename(row['source'])}{mark}")
+            s, _, meta = reports.search(img[int(i) : int(i) + 1].numpy(), 3, q_mask=im[int(i) : int(i) + 1].numpy())
+            print(f"image -> report  query [{p.id}] {os.path.basename(p.image)}")
+            for r, (sc, row) in enumerate(zip(s[0], meta[0]), 1):
+                mark = "  <- the matching report" if row["pair_id"] == p.id else ""
+                print(f"  {r}. R={sc:.3f} {row['pair_id']}: {_short(row['text'], 70)}{mark}")
+
+    # ---- evaluation
+    res = evaluate_features(model, te_f, test_set.cuis)
+    n = len(test_set)
+    print(f"\nEvaluation on the {n} held-out test pairs (percent; i2r = image->report, r2i = report->image):")
+    print(format_table(res, n))
+    ch = chance_levels(n)
+    print(f"chance: R@1 {ch[1]:.2f}, R@5 {ch[5]:.2f}, R@10 {ch[10]:.2f}")
+    summary = {by: eval_summary(res, by, n) for by in ("sim", "score", "conf")}
+    wall = time.time() - t0
+    with open(os.path.join(a.out, "eval.json"), "w") as f:
+        json.dump({"results": summary, "wall_seconds": wall, "data": data}, f, indent=1, default=float)
+    print(f"wall time: {wall:.1f}s (results in {os.path.join(a.out, 'eval.json')})")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="end-to-end demo: train on ROCO, index, search, evaluate")
+    p.add_argument("--data", help="pairs folder (default ../shared/data/roco, else data/roco_sample)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--limit", type=int, help="use at most this many pairs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run)

@@ -1,0 +1,110 @@
+"""`pecm train --data DIR --out CKPT [flags]`: train a PECM model (paper defaults; see pecm.train)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+
+def _config(a):
+    from ..model import PECMConfig
+
+    if a.config:
+        with open(a.config) as f:
+            cfg = PECMConfig.from_dict(json.load(f))
+    elif a.preset == "paper":
+        cfg = PECMConfig()
+    elif a.preset == "tiny":
+        cfg = PECMConfig.tiny()
+    else:
+        cfg = PECMConfig.demo_cpu()
+    over = {}
+    if a.backbone:
+        over["image_backbone"] = a.backbone
+    if a.image_weights:
+        over["image_weights"] = None if a.image_weights == "none" else a.image_weights
+    if a.text_encoder:
+        over["text_encoder"] = a.text_encoder
+    if a.temperature is not None:
+        over["temperature"] = a.temperature
+    if a.unfreeze:
+        over["freeze_image"] = over["freeze_text"] = False
+    return PECMConfig.from_dict({**cfg.to_dict(), **over})
+
+
+def _run(a) -> int:
+    import torch
+
+    from ..data import load_dataset, split_pairs
+    from ..model import PECM
+    from ..train import TrainConfig, train
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("gensim").setLevel(logging.WARNING)
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    if distributed:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and distributed:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    pairs = load_dataset(a.data, layout=a.layout, limit=a.limit)
+    val = None
+    if a.val_fraction > 0:
+        pairs, val = split_pairs(pairs, a.val_fraction, a.seed)
+    model = PECM(_config(a)).to(dev)
+    tc = TrainConfig(
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        weight_decay=a.weight_decay,
+        lam=a.lam,
+        mu=a.mu,
+        div=a.div,
+        seed=a.seed,
+        amp=not a.no_amp,
+        progress=not a.no_progress,
+        resume=a.resume,
+    )
+    if a.resume and os.path.isfile(os.path.join(a.out, "model.safetensors")):
+        model = PECM.load(a.out, map_location=dev)
+    hist = train(model, pairs, a.out, tc, val_pairs=val)
+    if not distributed or int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps({"checkpoint": a.out, "epochs": len(hist), "last": hist[-1] if hist else None}, default=float))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a PECM model on image-report pairs")
+    p.add_argument("--data", required=True, help="folder with pairs.jsonl (ROCO layout) or the MIMIC-CXR layout")
+    p.add_argument("--out", required=True, help="checkpoint directory")
+    p.add_argument("--layout", default="auto", choices=("auto", "pairs", "roco", "mimic"))
+    p.add_argument(
+        "--preset",
+        default="demo",
+        choices=("demo", "paper", "tiny"),
+        help="demo: efficientnet_lite0 + MiniLM (packaged weights); paper: vit_base_patch16_224 + tiny BERT",
+    )
+    p.add_argument("--config", help="PECMConfig JSON file (overrides --preset)")
+    p.add_argument("--backbone", help="timm image backbone name")
+    p.add_argument("--image-weights", help="local weights file, 'package' or 'none'")
+    p.add_argument("--text-encoder", help="'tiny', 'package:minilm' or a local HF model folder")
+    p.add_argument("--temperature", type=float, help="fixed InfoNCE temperature (paper: 1.0); default learnable")
+    p.add_argument("--unfreeze", action="store_true", help="train the backbones end to end (no feature cache)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--lam", type=float, default=1.0, help="weight of L_conf")
+    p.add_argument("--mu", type=float, default=1.0, help="weight of L_div")
+    p.add_argument("--div", default="decorrelate", choices=("decorrelate", "paper", "none"))
+    p.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction for per-epoch validation")
+    p.add_argument("--limit", type=int, help="use at most this many pairs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--no-amp", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    p.set_defaults(func=_run)
