@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.pecm-installed
 PYTEST_ARGS ?=
 
-.PHONY: install build test test-all test-gpu lint format bench demo clean
+.PHONY: install build test test-all test-gpu test-triton aot-check lint format bench bench-index demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,14 @@ test-all: build
 test-gpu: build
 	$(BIN)/python -m pytest -q -m gpu $(PYTEST_ARGS)
 
+# Triton kernels: on a CPU host the test modules set TRITON_INTERPRET=1 for the whole pytest process.
+test-triton: build
+	$(BIN)/python -m pytest -q tests/test_triton_kernels.py tests/test_triton_grad.py tests/test_triton_backend.py $(PYTEST_ARGS)
+
+# Compile every autotune config of the Triton kernels for sm_90 without a GPU (spills, shared memory).
+aot-check: $(STAMP)
+	$(BIN)/python kernels/aot_check.py --quick
+
 lint: $(STAMP)
 	$(BIN)/ruff check pecm kernels tests bench setup.py
 
@@ -42,6 +50,9 @@ format: $(STAMP)
 
 bench: build
 	$(BIN)/python bench/throughput.py
+
+bench-index: build
+	$(BIN)/python bench/bench_index.py --n 20000 --out runs/bench/index_smoke.json
 
 demo: build
 	$(BIN)/python -m pecm demo
