@@ -40,7 +40,7 @@ def matmul_peak(device: str = "cpu", size: int = 2048, repeats: int = 3) -> Dict
     for dt in dtypes:
         a = torch.randn(size, size, device=device).to(dt)
         b = torch.randn(size, size, device=device).to(dt)
-        t = time_fn(lambda: torch.mm(a, b), device, warmup=1, repeats=repeats)["median_s"]
+        t = time_fn(lambda a=a, b=b: torch.mm(a, b), device, warmup=1, repeats=repeats)["median_s"]
         out[f"mm_{str(dt).replace('torch.', '')}_GFLOPs"] = 2 * size**3 / t / 1e9
     out["matmul_GFLOPs"] = max(out.values())
     return out

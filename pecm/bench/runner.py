@@ -52,12 +52,15 @@ def _grid(op: str, sweep: Dict[str, List[int]]) -> List[Dict[str, int]]:
     return [dict(zip(keys, vals)) for vals in itertools.product(*(full[k] for k in keys))]
 
 
-def _impls(device: str, backends: Iterable[str], peers: Iterable[str], extra: Optional[Dict] = None):
+def _impls(op: str, device: str, backends: Iterable[str], peers: Iterable[str], extra: Optional[Dict] = None):
+    from ..backends import KNOWN as KNOWN_BACKENDS
     from ..backends import available_backends, backend_errors
 
     avail, errs = available_backends(), backend_errors()
     out = []
     for b in backends:
+        if b not in KNOWN_BACKENDS:
+            raise ValueError(f"--backend: unknown backend {b!r}; expected some of {list(KNOWN_BACKENDS)}")
         if b not in avail:
             out.append((b, "backend", None, "score", f"backend not available: {errs.get(b, 'unknown')}"))
         elif b == "triton" and device == "cpu":
@@ -67,7 +70,9 @@ def _impls(device: str, backends: Iterable[str], peers: Iterable[str], extra: Op
     for p in peers:
         if p not in peers_mod.PEERS:
             raise ValueError(f"--peers: unknown peer {p!r}; expected some of {sorted(peers_mod.PEERS)}")
-        maker, _, by = peers_mod.PEERS[p]
+        maker, supported, by = peers_mod.PEERS[p]
+        if op not in supported:
+            continue  # e.g. faiss has no rerank / scores counterpart
         out.append((p, "peer", maker, by, peers_mod.unavailable_reason(p, device)))
     for name, (maker, by) in (extra or {}).items():
         out.append((name, "peer", maker, by, None))
@@ -98,10 +103,15 @@ def run_benchmark(
     if device != "cpu" and not device.startswith("cuda"):
         raise ValueError(f"--device: expected cpu or cuda[:i], got {device!r}")
     env = environment(device)
+    if repeats < 1:
+        raise ValueError(f"--repeats: expected >= 1, got {repeats}")
+    backends, peers = list(backends), list(peers)
+    if not backends and not peers and not extra_peers:
+        raise ValueError("--backend/--peers: nothing to benchmark")
     log(f"# {op} on {env['device_name']} ({env['cpu_count']} cores, load {env['loadavg_1min_start']:.2f})")
     ceil = ceil_mod.measure(device, quick=quick_ceilings)
     log(f"# ceilings: copy {ceil['copy_GBps']:.1f} GB/s (read+write), matmul {ceil['matmul_GFLOPs']:.1f} GFLOP/s")
-    impls = _impls(device, backends, peers, extra_peers)
+    impls = _impls(op, device, backends, peers, extra_peers)
     itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
     checks, measurements = {}, []
     for name, kind, maker, by, reason in impls:
@@ -118,13 +128,18 @@ def run_benchmark(
         if key not in cand_cache:
             cand_cache.clear()
             cand_cache[key] = make_candidates(*key, dtype=dtype, device=device)
-        wl = make_workload(pt["B"], *key, m=pt.get("M"), dtype=dtype, device=device, topk=topk,
-                           candidates=cand_cache[key])
+        wl = make_workload(
+            pt["B"], *key, m=pt.get("M"), dtype=dtype, device=device, topk=topk, candidates=cand_cache[key]
+        )
         model = work_model(op, pt, itemsize)
         for name, kind, maker, by, _ in impls:
             m_i = model
             if name == "faiss":  # float32 pooled vectors only: its own (smaller) work
-                m_i = {"pairs": model["pairs"], "bytes": 4.0 * pt["N"] * pt["D"], "flops": 2.0 * model["pairs"] * pt["D"]}
+                m_i = {
+                    "pairs": model["pairs"],
+                    "bytes": 4.0 * pt["N"] * pt["D"],
+                    "flops": 2.0 * model["pairs"] * pt["D"],
+                }
             rec = {"op": op, "impl": name, "kind": kind, "shape": dict(pt), "dtype": dtype, "by": by, **m_i}
             chk = checks[name]
             if not chk["ok"]:
@@ -148,10 +163,25 @@ def run_benchmark(
                 log(f"  {op} {pt} {name:8s} {rec['median_s'] * 1e3:10.2f} ms  {rec['GBps']:7.2f} GB/s")
         del wl
     _add_ratios(measurements)
-    return {"schema_version": 1, "op": op, "environment": env, "ceilings": ceil, "checks": checks,
-            "settings": {"repeats": repeats, "warmup": warmup, "topk": topk, "dtype": dtype,
-                         "chunk_peers": peers_mod.CHUNK},
-            "measurements": measurements}
+    try:
+        env["loadavg_1min_end"] = float(os.getloadavg()[0])
+    except OSError:
+        env["loadavg_1min_end"] = -1.0
+    return {
+        "schema_version": 1,
+        "op": op,
+        "environment": env,
+        "ceilings": ceil,
+        "checks": checks,
+        "settings": {
+            "repeats": repeats,
+            "warmup": warmup,
+            "topk": topk,
+            "dtype": dtype,
+            "chunk_peers": peers_mod.CHUNK,
+        },
+        "measurements": measurements,
+    }
 
 
 def _add_ratios(measurements: List[dict]) -> None:
@@ -183,17 +213,34 @@ def format_table(res: dict) -> str:
             lines.append(f"| {r['op']} | {shape} | {r['impl']} | {r['status']}: {r.get('reason', '')[:60]} |")
             continue
         f = r.get("ratio_vs_fastest_peer")
-        row = [r["op"], shape, r["impl"], f"{r['median_s'] * 1e3:.2f}", f"{r['iqr_s'] * 1e3:.2f}",
-               f"{r['pairs_per_s'] / 1e6:.2f}", f"{r['GBps']:.2f}", f"{100 * r['frac_bw']:.0f}",
-               f"{100 * r['frac_flops']:.0f}", "-" if f is None else f"{f:.2f}"]
+        row = [
+            r["op"],
+            shape,
+            r["impl"],
+            f"{r['median_s'] * 1e3:.2f}",
+            f"{r['iqr_s'] * 1e3:.2f}",
+            f"{r['pairs_per_s'] / 1e6:.2f}",
+            f"{r['GBps']:.2f}",
+            f"{100 * r['frac_bw']:.0f}",
+            f"{100 * r['frac_flops']:.0f}",
+            "-" if f is None else f"{f:.2f}",
+        ]
         row += [f"{r['speedup_vs'][p]:.2f}" if p in r.get("speedup_vs", {}) else "-" for p in peers_seen]
         lines.append("| " + " | ".join(row) + " |")
     env, ce = res["environment"], res["ceilings"]
     lines.append("")
-    lines.append(f"{env['device_name']}, {env['cpu_count']} cores, load1 {env['loadavg_1min_start']:.2f}; "
-                 f"ceilings: copy {ce['copy_GBps']:.1f} GB/s, matmul {ce['matmul_GFLOPs']:.1f} GFLOP/s; "
-                 f"commit {env['git_commit'][:12]}. x P = time(P) / time(row): > 1 means the row is faster.")
+    lines.append(
+        f"{env['device_name']}, {env['cpu_count']} cores, load1 {env['loadavg_1min_start']:.2f}"
+        f"{_end_load(env)}; "
+        f"ceilings: copy {ce['copy_GBps']:.1f} GB/s, matmul {ce['matmul_GFLOPs']:.1f} GFLOP/s; "
+        f"commit {env['git_commit'][:12]}. x P = time(P) / time(row): > 1 means the row is faster."
+    )
     return "\n".join(lines)
+
+
+def _end_load(env: dict) -> str:
+    end = env.get("loadavg_1min_end")
+    return "" if end is None else f" -> {end:.2f}"
 
 
 def save(res: dict, out_dir: str, name: str = "results.json") -> str:

@@ -53,7 +53,15 @@ def make_candidates(n: int, k: int, d: int, dtype="float16", device="cpu", seed:
 
 
 def make_workload(
-    b: int, n: int, k: int, d: int, m: Optional[int] = None, dtype="float16", device="cpu", topk: int = 10, seed=0,
+    b: int,
+    n: int,
+    k: int,
+    d: int,
+    m: Optional[int] = None,
+    dtype="float16",
+    device="cpu",
+    topk: int = 10,
+    seed=0,
     candidates=None,
 ) -> Workload:
     """Queries are noisy copies of random candidates (so the top-k is not pure noise); ``candidates``

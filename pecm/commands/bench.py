@@ -1,0 +1,102 @@
+"""`pecm bench`: benchmark the ops against peers and the measured hardware ceilings.
+
+pecm bench topk   --sweep N=20000,200000,B=1,64 --out bench/results/topk_cpu
+pecm bench rerank --sweep M=100,1000 --device cuda --backend torch,triton
+pecm bench scores --sweep N=10000 --peers eager,gemm
+pecm bench report DIR [DIR ...] --out DIR      # merge results.json files: Markdown + plots
+pecm bench index [ARGS ...]                    # runs bench/bench_index.py ARGS (archive index)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+DEFAULT_PEERS = "eager,gemm,compile,numpy,faiss"
+
+
+def _split(s: str):
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _run_op(args) -> int:
+    from ..bench import runner
+    from ..bench.plots import all_plots
+
+    if args.repeats < 1:
+        raise ValueError(f"--repeats: expected >= 1, got {args.repeats}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup: expected >= 0, got {args.warmup}")
+    if args.k < 1:
+        raise ValueError(f"--k: expected >= 1, got {args.k}")
+    backends = _split(args.backend)
+    if args.device.startswith("cuda") and args.backend == "torch,cpp":
+        backends = ["torch", "triton"]
+    res = runner.run_benchmark(
+        args.op,
+        device=args.device,
+        backends=backends,
+        peers=_split(args.peers),
+        sweep=runner.parse_sweep(" ".join(args.sweep or [])),
+        dtype=args.dtype,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        topk=args.k,
+        quick_ceilings=args.quick_ceilings,
+        log=(lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr)),
+    )
+    path = runner.save(res, args.out)
+    print(runner.format_table(res))
+    if not args.no_plots:
+        all_plots([res], args.out)
+    print(f"\nwrote {path}")
+    return 0
+
+
+def _run_report(args) -> int:
+    from ..bench.report import make_report
+
+    print(make_report(args.dirs, args.out))
+    return 0
+
+
+def _run_index(args) -> int:
+    script = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bench", "bench_index.py"
+    )
+    if not os.path.exists(script):
+        raise FileNotFoundError(f"index: {script} not found (the index benchmark lives in the source tree)")
+    rest = [a for a in args.rest if a != "--"]
+    return subprocess.call([sys.executable, script, *rest])
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark the scoring ops against peers and hardware ceilings")
+    bsub = p.add_subparsers(dest="bench_command", metavar="WHAT")
+    for op in ("topk", "rerank", "scores"):
+        q = bsub.add_parser(op, help=f"benchmark pecm_{op} over a grid")
+        q.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+        q.add_argument(
+            "--backend", default="torch,cpp", help="comma list of pecm backends (cuda default: torch,triton)"
+        )
+        q.add_argument("--peers", default=DEFAULT_PEERS, help=f"comma list of peers (default {DEFAULT_PEERS})")
+        q.add_argument("--sweep", nargs="*", help="grid, e.g. N=20000,200000,B=1,64,M=1000,K=26,D=256")
+        q.add_argument("--dtype", default="float16", help="storage dtype: float16, bfloat16 or float32")
+        q.add_argument("--repeats", type=int, default=5)
+        q.add_argument("--warmup", type=int, default=1)
+        q.add_argument("--k", type=int, default=10, help="top-k size")
+        q.add_argument("--out", default="bench_out", help="directory for results.json and the plots")
+        q.add_argument("--no-plots", action="store_true")
+        q.add_argument("--quick-ceilings", action="store_true", help="small ceiling buffers (smoke runs only)")
+        q.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+        q.set_defaults(func=_run_op, op=op)
+    r = bsub.add_parser("report", help="merge results.json files into report.md + plots")
+    r.add_argument("dirs", nargs="+", help="result directories or results.json files")
+    r.add_argument("--out", default="bench_report")
+    r.set_defaults(func=_run_report)
+    i = bsub.add_parser("index", help="archive index benchmark (runs bench/bench_index.py with ARGS)")
+    i.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for bench/bench_index.py")
+    i.set_defaults(func=_run_index)
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
