@@ -137,17 +137,31 @@ def make_gemm(op: str, wl: Workload):
     return rerank
 
 
+def _np_storage(t: torch.Tensor) -> np.ndarray:
+    """The storage as a NumPy array without a copy; bfloat16 (which NumPy lacks) as its uint16 bits."""
+    t = t.detach().cpu()
+    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _np_to_f32(a: np.ndarray) -> np.ndarray:
+    """float16/float32 -> float32; uint16 bfloat16 bits -> float32 (the bits are the top half)."""
+    if a.dtype == np.uint16:
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32, copy=False)
+
+
 def make_numpy(op: str, wl: Workload):
     qh, w, hq = _query(wl)
     b, k, d = qh.shape
     qw = (qh * (w / w.sum()).view(1, k, 1)).reshape(b, k * d).cpu().numpy()
     hqn = hq.cpu().numpy()
-    c2 = wl.c.reshape(wl.c.shape[0], k * d).cpu().numpy()
-    cp = wl.cp.cpu().numpy()
+    c2 = _np_storage(wl.c.reshape(wl.c.shape[0], k * d))
+    cp = _np_storage(wl.cp)
+    f32 = _np_to_f32
     n, kk = c2.shape[0], wl.topk
 
     def score_chunk(s, e):
-        return (hqn @ cp[s:e].astype(np.float32).T) * (qw @ c2[s:e].astype(np.float32).T)
+        return (hqn @ f32(cp[s:e]).T) * (qw @ f32(c2[s:e]).T)
 
     def topk_rows(sc, kk):
         kk = min(kk, sc.shape[1])
@@ -179,8 +193,8 @@ def make_numpy(op: str, wl: Workload):
 
     def rerank():
         idx = np.maximum(cand, 0)
-        conf = np.einsum("bmx,bx->bm", c2[idx].astype(np.float32), qw)
-        sim = np.einsum("bmd,bd->bm", cp[idx].astype(np.float32), hqn)
+        conf = np.einsum("bmx,bx->bm", f32(c2[idx]), qw)
+        sim = np.einsum("bmd,bd->bm", f32(cp[idx]), hqn)
         sc = np.where(cand < 0, -np.inf, sim * conf)
         v, pos = topk_rows(sc, kk)
         return torch.from_numpy(v), torch.from_numpy(np.take_along_axis(cand, pos, 1))

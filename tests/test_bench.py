@@ -1,0 +1,365 @@
+"""`pecm bench`: tiny sweeps end to end through the CLI, the results schema, plots, report merge,
+the correctness gate (a wrong peer gets no time), every installed peer against the reference, and
+clear errors for bad arguments. Nothing here asserts a speed (timings are measured in bench/)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from pecm import cli
+from pecm.bench import peers, runner, schema
+from pecm.bench.timing import summarize, time_fn
+from pecm.bench.workload import make_workload, work_model
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = ["--sweep", "N=300,B=1,3", "M=40", "K=4", "D=16", "--repeats", "2", "--warmup", "0", "--quick-ceilings"]
+FAST_PEERS = "eager,gemm,numpy,faiss"  # torch.compile costs ~10 s of compilation: see the slow test below
+
+
+def _backends():
+    from pecm.backends import available_backends
+
+    return [b for b in available_backends() if b != "triton"]
+
+
+def _run_cli(op, out, *extra):
+    args = ["bench", op, *TINY, "--peers", FAST_PEERS, "--backend", ",".join(_backends()), "--out", str(out)]
+    return cli.main(args + list(extra) + ["--quiet"])
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """One tiny sweep per op through the CLI: {op: (exit code, out dir)}."""
+    base = tmp_path_factory.mktemp("bench")
+    return {op: (_run_cli(op, base / op), base / op) for op in ("topk", "rerank", "scores")}
+
+
+def _load(d):
+    with open(os.path.join(d, "results.json")) as f:
+        return json.load(f)
+
+
+def _is_png(path):
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return os.path.getsize(path) > 1000 and head == PNG_MAGIC
+
+
+@pytest.mark.parametrize("op", ["topk", "rerank", "scores"])
+def test_tiny_sweep_end_to_end(tiny_runs, op, capsys):
+    rc, out = tiny_runs[op]
+    assert rc == 0
+    res = _load(out)
+    assert schema.validate(res) == []
+    assert res["op"] == op and res["environment"]["cpu_count"] >= 1
+    assert res["environment"]["git_commit"] and res["environment"]["versions"]["torch"] == torch.__version__
+    impls = _backends() + [p for p in FAST_PEERS.split(",") if op in peers.PEERS[p][1]]
+    rows = res["measurements"]
+    # full grid: 2 values of B (x 1 of M) for every implementation, each row at its own grid point
+    assert sorted((r["impl"], r["shape"]["B"]) for r in rows) == sorted((i, b) for i in impls for b in (1, 3))
+    for r in rows:
+        assert r["shape"]["N"] == 300 and r["shape"]["K"] == 4 and r["shape"]["D"] == 16
+        if op == "rerank":
+            assert r["shape"]["M"] == 40
+        if peers.unavailable_reason(r["impl"], "cpu") is None:
+            assert r["status"] == "ok", r
+            assert len(r["samples_s"]) == 2 and r["median_s"] > 0
+            assert r["pairs_per_s"] == pytest.approx(r["pairs"] / r["median_s"])
+            assert r["frac_bw"] == pytest.approx(r["GBps"] / res["ceilings"]["copy_GBps"])
+    ok_peers = [r for r in rows if r["kind"] == "peer" and r["status"] == "ok" and r["impl"] != "faiss"]
+    for r in rows:
+        if r["status"] == "ok" and ok_peers:
+            same = [p for p in ok_peers if p["shape"] == r["shape"]]
+            fastest = min(same, key=lambda p: p["median_s"])
+            assert r["fastest_peer"] == fastest["impl"]
+            assert r["ratio_vs_fastest_peer"] == pytest.approx(fastest["median_s"] / r["median_s"])
+    pngs = sorted(f for f in os.listdir(out) if f.endswith(".png"))
+    assert "roofline.png" in pngs and f"{op}_throughput_vs_B.png" in pngs
+    assert all(_is_png(os.path.join(out, f)) for f in pngs)
+
+
+def test_table_printed_for_every_row(tmp_path, capsys):
+    assert _run_cli("topk", tmp_path, "--no-plots") == 0
+    text = capsys.readouterr().out
+    res = _load(tmp_path)
+    table = [ln for ln in text.splitlines() if ln.startswith("| topk |")]
+    assert len(table) == len(res["measurements"])
+    assert "x fastest" in text and "ceilings: copy" in text
+    assert not any(f.endswith(".png") for f in os.listdir(tmp_path))
+
+
+def test_schema_rejects_invalid_results(tiny_runs):
+    good = _load(tiny_runs["topk"][1])
+    assert schema.validate(good) == []
+
+    def broken(edit):
+        bad = copy.deepcopy(good)
+        edit(bad)
+        return schema.validate(bad)
+
+    ok_row = next(i for i, r in enumerate(good["measurements"]) if r["status"] == "ok")
+    assert any("missing required key 'ceilings'" in e for e in broken(lambda d: d.pop("ceilings")))
+    assert any("schema_version" in e for e in broken(lambda d: d.update(schema_version=2)))
+    assert any("cpu_count" in e for e in broken(lambda d: d["environment"].update(cpu_count="two")))
+    assert any("status" in e for e in broken(lambda d: d["measurements"][ok_row].update(status="fast")))
+    assert any("median_s" in e for e in broken(lambda d: d["measurements"][ok_row].pop("median_s")))
+    assert any("pairs_per_s" in e for e in broken(lambda d: d["measurements"][ok_row].update(pairs_per_s="1e6")))
+    assert any("'N'" in e for e in broken(lambda d: d["measurements"][ok_row]["shape"].pop("N")))
+    assert any("without a reason" in e for e in broken(lambda d: d["measurements"][ok_row].update(status="failed")))
+    assert any("expected number" in e for e in broken(lambda d: d["measurements"][ok_row].update(GBps=True)))
+    assert schema.validate([]) and schema.validate("results") and schema.validate({})
+
+
+def test_report_merges_results(tiny_runs, tmp_path, capsys):
+    out = tmp_path / "report"
+    rc = cli.main(
+        ["bench", "report", str(tiny_runs["topk"][1]), str(tiny_runs["rerank"][1] / "results.json"), "--out", str(out)]
+    )
+    assert rc == 0
+    md = (out / "report.md").read_text()
+    assert "## topk on" in md and "## rerank on" in md and "**topk**" in md and "**rerank**" in md
+    n_rows = sum(len(_load(tiny_runs[op][1])["measurements"]) for op in ("topk", "rerank"))
+    assert md.count("| topk |") + md.count("| rerank |") == n_rows  # every measurement in the full tables
+    for name in ("roofline.png", "topk_throughput_vs_B.png", "rerank_throughput_vs_B.png"):
+        assert f"]({name})" in md and _is_png(out / name)
+
+
+def test_report_rejects_invalid_file(tmp_path, capsys):
+    bad = tmp_path / "results.json"
+    bad.write_text(json.dumps({"schema_version": 1, "op": "topk"}))
+    assert cli.main(["bench", "report", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "does not match the results schema" in capsys.readouterr().err
+    assert cli.main(["bench", "report", str(tmp_path / "missing"), "--out", str(tmp_path / "r")]) == 2
+
+
+# ---- the correctness gate ----------------------------------------------------------------------
+
+
+def _sim_only(op, wl):
+    qh, w, hq = peers._query(wl)
+    sim = hq @ wl.cp.float().T
+    if op == "scores":
+        return lambda: sim
+    if op == "topk":
+        return lambda: torch.topk(sim, wl.topk, dim=1)
+    return lambda: peers._rerank_finish(torch.gather(sim, 1, wl.cand.clamp_min(0)), wl.cand, wl.topk)
+
+
+def _right_values_wrong_ids(op, wl):
+    good = peers.make_gemm(op, wl)
+
+    def run():
+        v, i = good()
+        return v, i.flip(1)
+
+    return run
+
+
+def _off_by_a_little(op, wl):
+    good = peers.make_gemm(op, wl)
+
+    def run():
+        out = good()
+        return out * 1.05 if op == "scores" else (out[0] * 1.05, out[1])
+
+    return run
+
+
+def _crashes(op, wl):
+    def run():
+        raise RuntimeError("boom")
+
+    return run
+
+
+@pytest.mark.parametrize("op", ["topk", "rerank", "scores"])
+@pytest.mark.parametrize("wrong", [_sim_only, _right_values_wrong_ids, _off_by_a_little, _crashes])
+def test_check_catches_wrong_implementations(op, wrong):
+    if wrong is _right_values_wrong_ids and op == "scores":
+        pytest.skip("no ids in scores")
+    ok, msg = peers.check(wrong, op)
+    assert not ok, msg
+
+
+def test_wrong_peer_gets_no_time():
+    res = runner.run_benchmark(
+        "topk",
+        backends=[],
+        peers=["gemm"],
+        sweep={"N": [300], "B": [2], "K": [4], "D": [16]},
+        repeats=1,
+        warmup=0,
+        quick_ceilings=True,
+        extra_peers={"sim_only": (_sim_only, "score")},
+        log=lambda *a: None,
+    )
+    assert schema.validate(res) == []
+    assert res["checks"]["sim_only"]["ok"] is False and res["checks"]["gemm"]["ok"] is True
+    rows = {r["impl"]: r for r in res["measurements"]}
+    assert rows["sim_only"]["status"] == "failed" and "max |error|" in rows["sim_only"]["reason"]
+    assert not any(k in rows["sim_only"] for k in ("median_s", "samples_s", "pairs_per_s"))
+    assert rows["gemm"]["status"] == "ok" and "sim_only" not in rows["gemm"]["speedup_vs"]
+
+
+def test_monkeypatched_broken_peer_fails_through_cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(peers.PEERS, "eager", (_right_values_wrong_ids, ("topk",), "score"))
+    rc = cli.main(
+        [
+            "bench",
+            "topk",
+            *TINY,
+            "--peers",
+            "eager,gemm",
+            "--backend",
+            "torch",
+            "--out",
+            str(tmp_path),
+            "--no-plots",
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    rows = {r["impl"]: r for r in _load(tmp_path)["measurements"] if r["shape"]["B"] == 1}
+    assert rows["eager"]["status"] == "failed" and rows["gemm"]["status"] == "ok"
+    assert "eager" not in rows["torch"]["speedup_vs"] and rows["torch"]["fastest_peer"] == "gemm"
+
+
+def _installed(op):
+    out = [(p, m, by) for p, (m, ops_, by) in peers.PEERS.items() if op in ops_ and p != "compile"]
+    out = [x for x in out if peers.unavailable_reason(x[0], "cpu") is None]
+    return out + [(b, peers.make_backend(b), "score") for b in _backends()]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
+@pytest.mark.parametrize("op", ["topk", "rerank", "scores"])
+def test_installed_peers_and_backends_match_reference(op, dtype):
+    tol = 3e-3 if dtype != "bfloat16" else 2e-2
+    for name, maker, by in _installed(op):
+        ok, msg = peers.check(maker, op, by=by, dtype=dtype, tol=tol)
+        assert ok, f"{name}: {msg}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", ["topk", "rerank", "scores"])
+def test_compile_peer_matches_reference(op):
+    ok, msg = peers.check(peers.make_compile, op)
+    assert ok, msg
+
+
+# ---- bad arguments: one line on stderr, exit code 2 --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--sweep", "garbage"], "--sweep"),
+        (["--sweep", "N=abc"], "--sweep: N values must be integers"),
+        (["--sweep", "X=3"], "unknown parameter 'X'"),
+        (["--sweep", "B=0"], "must be >= 1"),
+        (["--peers", "eager,nosuchpeer"], "unknown peer 'nosuchpeer'"),
+        (["--backend", "fortran"], "unknown backend 'fortran'"),
+        (["--dtype", "float64"], "--dtype"),
+        (["--repeats", "0"], "--repeats"),
+        (["--k", "0"], "--k"),
+        (["--device", "tpu"], "--device"),
+    ],
+)
+def test_bad_arguments_exit_2(args, needle, tmp_path, capsys):
+    rc = cli.main(["bench", "topk", "--out", str(tmp_path), "--quick-ceilings", "--quiet", *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("pecm: error:") and needle in err, err
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_cuda_without_cuda_exit_2(tmp_path, capsys):
+    rc = cli.main(["bench", "rerank", "--device", "cuda", "--out", str(tmp_path), "--quiet"])
+    assert rc == 2 and "CUDA is not available" in capsys.readouterr().err
+
+
+def test_bench_without_subcommand_prints_help(capsys):
+    assert cli.main(["bench"]) == 2
+    assert "topk" in capsys.readouterr().out
+
+
+# ---- pieces with hand-computed answers -----------------------------------------------------------
+
+
+def test_parse_sweep():
+    assert runner.parse_sweep("N=1000,2000,B=1,64") == {"N": [1000, 2000], "B": [1, 64]}
+    assert runner.parse_sweep("n=2e5 m=10,20") == {"N": [200000], "M": [10, 20]}
+    assert runner.parse_sweep("") == {} and runner.parse_sweep(None) == {}
+    grid = runner._grid("rerank", {"N": [10], "B": [1, 2], "M": [5, 6]})
+    assert len(grid) == 4 and {(g["B"], g["M"]) for g in grid} == {(1, 5), (1, 6), (2, 5), (2, 6)}
+    assert all("M" not in g for g in runner._grid("topk", {"M": [5, 6]}))
+
+
+def test_work_model_by_hand():
+    # B=2, N=3, K=4, D=8, float16: a candidate row is 4*8 + 8 = 40 values = 80 bytes
+    assert work_model("topk", {"B": 2, "N": 3, "K": 4, "D": 8}, 2) == {"pairs": 6.0, "bytes": 240.0, "flops": 480.0}
+    assert work_model("scores", {"B": 2, "N": 3, "K": 4, "D": 8}, 2)["bytes"] == 240.0 + 3 * 2 * 3 * 4
+    rr = work_model("rerank", {"B": 2, "N": 3, "K": 4, "D": 8, "M": 5}, 4)
+    assert rr == {"pairs": 10.0, "bytes": 10 * 40 * 4.0, "flops": 2 * 10 * 40.0}
+
+
+def test_summarize_and_time_fn():
+    s = summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert s == {"median_s": 3.0, "iqr_s": 2.0, "min_s": 1.0}
+    calls = []
+    t = time_fn(lambda: calls.append(1), warmup=2, repeats=3)
+    assert len(calls) == 5 and len(t["samples_s"]) == 3 and t["median_s"] >= 0
+    with pytest.raises(ValueError, match="repeats"):
+        time_fn(lambda: None, repeats=0)
+
+
+def test_ratios_exclude_faiss_from_fastest():
+    rows = [
+        {"op": "topk", "shape": {"N": 1}, "impl": i, "kind": k, "status": "ok", "median_s": t}
+        for i, k, t in [("cpp", "backend", 1.0), ("eager", "peer", 4.0), ("gemm", "peer", 2.0), ("faiss", "peer", 0.5)]
+    ]
+    runner._add_ratios(rows)
+    cpp = rows[0]
+    assert cpp["fastest_peer"] == "gemm" and cpp["ratio_vs_fastest_peer"] == 2.0
+    assert cpp["speedup_vs"] == {"eager": 4.0, "gemm": 2.0, "faiss": 0.5}
+
+
+def test_workload_queries_are_near_candidates():
+    wl = make_workload(4, 50, 3, 8, m=6, dtype="float32", topk=5, seed=1)
+    assert wl.shape == {"B": 4, "N": 50, "K": 3, "D": 8, "M": 6}
+    assert np.allclose(wl.c.norm(dim=-1).numpy(), 1.0, atol=1e-5)
+    assert int(wl.cand.min()) >= 0 and int(wl.cand.max()) < 50
+
+
+@pytest.mark.slow  # ~10 s: a child process builds and searches a 300-item index
+def test_index_smoke(tmp_path, capsys):
+    out = tmp_path / "index.json"
+    rc = cli.main(
+        [
+            "bench",
+            "index",
+            "--n",
+            "300",
+            "--queries",
+            "2",
+            "--shortlist",
+            "50",
+            "--clusters",
+            "10",
+            "--reps",
+            "1",
+            "--no-progress",
+            "--path",
+            str(tmp_path / "idx"),
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert "add" in res and "search" in res and res["git_commit"]
