@@ -41,10 +41,30 @@ class PECMConfig:
             raise ValueError(
                 f"K: expected grid*grid + 1 = {self.grid * self.grid + 1} (global + regions), got {self.K}"
             )
-        for name in ("K", "D", "grid", "image_size", "text_max_len", "doc2vec_dim", "head_hidden"):
+        ints = ("K", "D", "grid", "image_size", "text_hidden", "text_layers", "text_heads", "text_max_len")
+        for name in ints + ("doc2vec_dim", "doc2vec_epochs", "doc2vec_min_count", "head_hidden"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed: expected an int >= 0, got {self.seed!r}")
+        if self.text_hidden % self.text_heads:
+            raise ValueError(f"text_hidden: expected a multiple of text_heads={self.text_heads}, got {self.text_hidden}")
+        for name in ("image_backbone", "text_encoder"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v:
+                raise ValueError(f"{name}: expected a non-empty string, got {v!r}")
+        if self.image_weights is not None and (not isinstance(self.image_weights, str) or not self.image_weights):
+            raise ValueError(f"image_weights: expected None, 'package' or a file path, got {self.image_weights!r}")
+        g = self.group_threshold
+        if not isinstance(g, (int, float)) or isinstance(g, bool) or not -1.0 <= g <= 1.0:
+            raise ValueError(f"group_threshold: expected a cosine in [-1, 1], got {g!r}")
+        t = self.temperature
+        if t is not None and (not isinstance(t, (int, float)) or isinstance(t, bool) or not t > 0):
+            raise ValueError(f"temperature: expected None (learnable) or a float > 0, got {t!r}")
+        for name in ("freeze_image", "freeze_text"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -74,6 +74,8 @@ class ImageFeatures(nn.Module):
         super().__init__()
         import timm
 
+        if not timm.is_model(name):
+            raise ValueError(f"image_backbone: {name!r} is not a timm model name (see timm.list_models())")
         kw = {"img_size": image_size} if name.startswith(("vit", "deit")) else {}
         self.backbone = timm.create_model(name, pretrained=False, num_classes=0, **kw)
         if weights is not None:
@@ -87,8 +89,14 @@ class ImageFeatures(nn.Module):
         self.grid, self.image_size = grid, image_size
         self.dim = int(self.backbone.num_features)
         self.prefix = int(getattr(self.backbone, "num_prefix_tokens", 0))
+        # CNNs run in channels_last memory format (about 1.5x faster on CPU for depthwise convs)
+        self.channels_last = not hasattr(self.backbone, "patch_embed")
+        if self.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         f = self.backbone.forward_features(x)
         if f.ndim == 3:  # tokens
             patches = f[:, self.prefix :]

@@ -89,6 +89,8 @@ class PECM(nn.Module):
         return self.image(images.to(self.device))
 
     def extract_text_features(self, reports: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(reports, str):
+            raise TypeError("reports: expected a list of strings, got one str")
         return self.text(list(reports))
 
     # ------------------------------------------------------------------ prototypes

