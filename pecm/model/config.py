@@ -49,7 +49,9 @@ class PECMConfig:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed: expected an int >= 0, got {self.seed!r}")
         if self.text_hidden % self.text_heads:
-            raise ValueError(f"text_hidden: expected a multiple of text_heads={self.text_heads}, got {self.text_hidden}")
+            raise ValueError(
+                f"text_hidden: expected a multiple of text_heads={self.text_heads}, got {self.text_hidden!r}"
+            )
         for name in ("image_backbone", "text_encoder"):
             v = getattr(self, name)
             if not isinstance(v, str) or not v:
