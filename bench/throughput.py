@@ -36,7 +36,13 @@ from pecm.bench.report import headline, load_bundle  # noqa: E402
 from pecm.bench.schema import validate  # noqa: E402
 
 README = os.path.join(ROOT, "bench", "README.md")
-BEGIN, END = "<!-- throughput:begin -->", "<!-- throughput:end -->"
+
+
+def markers(device: str):
+    """The README block of one device kind: <!-- throughput:cpu:begin --> ... <!-- throughput:cpu:end -->."""
+    dev = device.split(":")[0]
+    return f"<!-- throughput:{dev}:begin -->", f"<!-- throughput:{dev}:end -->"
+
 
 # issue 3, for the cpp backend on the CPU: (op, B, peer or "bw", minimum)
 TARGETS = [
@@ -107,8 +113,9 @@ def issue_table(runs) -> str:
 def readme_block(bundle) -> str:
     runs = bundle["runs"]
     env = runs[0]["environment"]
+    begin, end = markers(env["device"])
     parts = [
-        BEGIN,
+        begin,
         f"Measured {env['time_utc']} on {env['device_name']} ({env['cpu_count']} cores, device {env['device']}), "
         f"commit `{env['git_commit'][:12]}`, torch {env['versions']['torch']}, load average at start of each op: "
         + ", ".join(f"{r['op']} {r['environment']['loadavg_1min_start']:.2f}" for r in runs)
@@ -125,7 +132,7 @@ def readme_block(bundle) -> str:
         "Per op (`pecm bench report` headline format):",
         "",
         headline(runs),
-        END,
+        end,
     ]
     return "\n".join(parts)
 
@@ -133,8 +140,9 @@ def readme_block(bundle) -> str:
 def update_readme(bundle, path=README) -> None:
     text = open(path).read() if os.path.exists(path) else ""
     block = readme_block(bundle)
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    begin, end = markers(bundle["runs"][0]["environment"]["device"])
+    if begin in text and end in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     with open(path, "w") as f:
@@ -159,7 +167,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/ops_<device>.json)")
     ap.add_argument("--plots", default=None, help="plot directory (default bench/results/plots_<device>)")
     ap.add_argument("--from", dest="from_json", default=None, help="print/regenerate from a saved JSON, no timing")
-    ap.add_argument("--readme", action="store_true", help=f"rewrite the {BEGIN} block of bench/README.md")
+    ap.add_argument("--readme", action="store_true", help="rewrite this device's block of bench/README.md")
     ap.add_argument("--quick-ceilings", action="store_true", help="small ceiling buffers (smoke runs only)")
     args = ap.parse_args(argv)
     dev = args.device.split(":")[0]
