@@ -137,7 +137,8 @@ def readme_block(bundle) -> str:
     return "\n".join(parts)
 
 
-def update_readme(bundle, path=README) -> None:
+def update_readme(bundle, path=None) -> None:
+    path = path or README
     text = open(path).read() if os.path.exists(path) else ""
     block = readme_block(bundle)
     begin, end = markers(bundle["runs"][0]["environment"]["device"])

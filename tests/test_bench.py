@@ -363,3 +363,76 @@ def test_index_smoke(tmp_path, capsys):
     assert rc == 0
     res = json.loads(out.read_text())
     assert "add" in res and "search" in res and res["git_commit"]
+
+
+# ---- bench/throughput.py (the issue-3 wrapper): targets and README regeneration, no timing ------
+
+
+def _throughput_module():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "throughput.py")
+    spec = importlib.util.spec_from_file_location("pecm_bench_throughput", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(op, b, impl, t, frac_bw=0.1, speedup=None):
+    return {
+        "op": op,
+        "shape": {"N": 10, "K": 2, "D": 4, "B": b},
+        "impl": impl,
+        "status": "ok",
+        "median_s": t,
+        "frac_bw": frac_bw,
+        "speedup_vs": speedup or {},
+    }
+
+
+def test_throughput_targets_by_hand():
+    tp = _throughput_module()
+    runs = [
+        {
+            "measurements": [
+                _row("topk", 1, "cpp", 1.0, frac_bw=0.6, speedup={"eager": 6.0, "gemm": 0.9}),
+                _row("topk", 64, "cpp", 1.0, frac_bw=0.1, speedup={"eager": 2.5, "gemm": 0.8}),
+                _row("rerank", 1, "cpp", 1.0, frac_bw=0.49),
+            ]
+        }
+    ]
+    got = {desc: (val, met) for desc, val, _, met in tp.targets(runs)}
+    assert got["cpp topk B=1: speed vs peer (eager) >= 5x"] == (6.0, True)
+    assert got["cpp topk B=1: speed vs peer (gemm) >= 1x"] == (0.9, False)
+    assert got["cpp topk B=1: fraction of copy bandwidth >= 50%"] == (0.6, True)
+    assert got["cpp topk B=64: speed vs peer (gemm) >= 0.8x"] == (0.8, True)
+    assert got["cpp rerank B=1: fraction of copy bandwidth >= 50%"] == (0.49, False)
+    assert got["cpp rerank B=64: fraction of copy bandwidth >= 50%"] == (None, None)
+    table = tp.targets_table(runs)
+    assert "| 0.90x | NO |" in table and "not measured" in table
+
+
+def test_throughput_readme_from_saved_runs(tiny_runs, tmp_path, capsys):
+    tp = _throughput_module()
+    bundle = {
+        "kind": "pecm-throughput",
+        "command": "python bench/throughput.py --test",
+        "wall_s": 60.0,
+        "runs": [_load(tiny_runs[op][1]) for op in ("topk", "rerank")],
+    }
+    src = tmp_path / "ops.json"
+    src.write_text(json.dumps(bundle))
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\n<!-- throughput:cpu:begin -->\nold\n<!-- throughput:cpu:end -->\n\ntail text\n")
+    tp.README = str(readme)
+    assert tp.main(["--from", str(src), "--readme"]) == 0
+    text = readme.read_text()
+    assert text.startswith("# title") and text.rstrip().endswith("tail text") and "\nold\n" not in text
+    assert text.count("<!-- throughput:cpu:begin -->") == 1 and "python bench/throughput.py --test" in text
+    n_rows = sum(len(r["measurements"]) for r in bundle["runs"])
+    issue_rows = [ln for ln in text.splitlines() if ln.startswith("| topk |") or ln.startswith("| rerank |")]
+    assert len(issue_rows) == n_rows
+    assert "| target | measured | met |" in capsys.readouterr().out
+    # the same bundle is accepted by `pecm bench report`
+    assert cli.main(["bench", "report", str(src), "--out", str(tmp_path / "rep")]) == 0
+    assert "## rerank on" in (tmp_path / "rep" / "report.md").read_text()
