@@ -32,27 +32,10 @@ sys.path.insert(0, ROOT)
 
 from pecm import ops  # noqa: E402
 from pecm.backends import get_backend  # noqa: E402
+from pecm.bench.timing import cpu_model, git_commit  # noqa: E402
 from pecm.index import ArchiveIndex  # noqa: E402
 
 K, D = 26, 256
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def _drop_cache(paths) -> str:
@@ -195,12 +178,12 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "bench/bench_index.py",
         "device": "cpu",
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
         "available_backends": ops.available_backends(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "K": K,
         "D": D,
         "dtype": args.dtype,
