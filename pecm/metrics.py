@@ -140,6 +140,24 @@ def chance_levels(n: int, ks: Iterable[int] = (1, 5, 10)) -> Dict[int, float]:
     return {k: 100.0 * min(k, n) / n for k in _ks(ks)}
 
 
+def cui_chance(q_cuis, c_cuis=None) -> float:
+    """CUI@K (precision) of a random ranking, the same for every K: the mean over queries with >= 1 CUI of the
+    fraction of candidates sharing a CUI with the query. ``c_cuis=None``: image→image (CBIR) with the query
+    itself excluded from its candidates."""
+    cbir = c_cuis is None
+    rel = relevance(q_cuis, q_cuis if cbir else c_cuis).astype(np.float64)
+    keep = np.array([len(c) > 0 for c in q_cuis])
+    if not keep.any():
+        return float("nan")
+    if cbir:
+        if rel.shape[1] < 2:
+            return float("nan")
+        frac = (rel.sum(1) - 1.0) / (rel.shape[1] - 1)  # a query with CUIs is relevant to itself
+    else:
+        frac = rel.mean(1)
+    return 100.0 * float(frac[keep].mean())
+
+
 def retrieval_metrics(score_i2t, cuis: Optional[Sequence[Sequence[str]]] = None) -> dict:
     """Recall@1/5/10 both ways, mAP and (with CUIs) CUI@1/5/10 image→report for one image×report matrix."""
     s = _np(score_i2t)

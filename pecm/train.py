@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import metrics as M
 from . import ops
-from .losses import PECMLoss
+from .losses import DIV_CHOICES, PECMLoss
 from .model import PECM
 
 log = logging.getLogger("pecm.train")
@@ -61,6 +61,13 @@ class TrainConfig:
                 raise ValueError(f"{n}: expected an int >= 1, got {getattr(self, n)}")
         if not self.lr > 0:
             raise ValueError(f"lr: expected a positive float, got {self.lr}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size: expected >= 2 (in-batch InfoNCE needs negatives), got {self.batch_size}")
+        for n in ("weight_decay", "warmup_steps", "lam", "mu", "num_workers"):
+            if not getattr(self, n) >= 0:
+                raise ValueError(f"{n}: expected a value >= 0, got {getattr(self, n)}")
+        if self.div not in DIV_CHOICES:
+            raise ValueError(f"div: expected one of {DIV_CHOICES}, got {self.div!r}")
 
 
 def _rank() -> int:
@@ -108,7 +115,8 @@ def prototypes_from_features(model: PECM, feats: Dict[str, torch.Tensor], batch:
 # ---------------------------------------------------------------------------------------------- evaluation
 def evaluate_prototypes(img, img_mask, txt, txt_mask, w, cuis=None, raw_global=None, by_list=("sim", "score", "conf")):
     """Metrics for every ranking key in ``by_list``: {by: {"image_to_report", "report_to_image", "mAP", "cui",
-    "cbir_cui"}} (percent), plus "baseline" CBIR from the raw backbone global features when given."""
+    "cbir_cui"}} (percent), plus "baseline" CBIR from the raw backbone global features when given and, with
+    CUIs, "chance": the CUI precision of a random ranking (cross-modal and CBIR)."""
     out = {}
     with torch.no_grad():
         sim, conf, score = ops.pecm_scores(img, txt, w, q_mask=img_mask, c_mask=txt_mask, backend="auto")
@@ -120,6 +128,8 @@ def evaluate_prototypes(img, img_mask, txt, txt_mask, w, cuis=None, raw_global=N
             iim = {"sim": ii[0], "conf": ii[1], "score": ii[2]}[by]
             r["cbir_cui"] = {f"@{k}": v for k, v in M.cbir_precision_at_k(iim, cuis, (5, 10, 50))["micro"].items()}
         out[by] = r
+    if cuis is not None:
+        out["chance"] = {"cui": M.cui_chance(cuis, cuis), "cbir_cui": M.cui_chance(cuis)}
     if cuis is not None and raw_global is not None:
         g = torch.nn.functional.normalize(raw_global.float(), dim=-1)
         out["baseline"] = {
@@ -221,7 +231,6 @@ def train(
         history, start = st["history"], st["epoch"] + 1
         log.info("resuming from epoch %d", start)
     use_amp = cfg.amp and dev.type == "cuda"
-    g = torch.Generator().manual_seed(cfg.seed)
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
         if world > 1:
@@ -231,7 +240,8 @@ def train(
             sampler.set_epoch(epoch)
             order = torch.tensor(list(sampler))
         else:
-            order = torch.randperm(n, generator=g)
+            # one generator per epoch: a resumed run sees exactly the batches of an uninterrupted one
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
         sums: Dict[str, float] = {}
         bar = tqdm(
             range(steps_per_epoch),
@@ -260,7 +270,7 @@ def train(
             sched.step()
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
-            bar.set_postfix(loss=f"{float(out['loss']):.3f}")
+            bar.set_postfix(loss=f"{float(out['loss'].detach()):.3f}")
         rec = {
             "epoch": epoch + 1,
             "lr": sched.get_last_lr()[0],

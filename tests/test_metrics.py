@@ -67,3 +67,17 @@ def test_retrieval_metrics_keys():
     out = M.retrieval_metrics(S, [["A"], ["B"], ["A"]])
     assert set(out) == {"image_to_report", "report_to_image", "mAP", "cui"}
     assert out["image_to_report"]["R@1"] == pytest.approx(200 / 3)
+
+
+def test_cui_chance_hand_computed_and_matches_random_rankings():
+    cuis = [["A"], ["A", "B"], ["C"], []]
+    # cross-modal, candidates = all 4: q0 shares with {0,1} -> 2/4; q1 with {0,1} -> 2/4; q2 with {2} -> 1/4;
+    # q3 has no CUI (ignored): mean (0.5 + 0.5 + 0.25) / 3
+    assert M.cui_chance(cuis, cuis) == pytest.approx(100 * 1.25 / 3)
+    # CBIR, self excluded: q0 -> {1} of 3; q1 -> {0} of 3; q2 -> none: mean (1/3 + 1/3 + 0) / 3
+    assert M.cui_chance(cuis) == pytest.approx(100 * (2 / 3) / 3)
+    assert np.isnan(M.cui_chance([[], []]))
+    # the mean CUI@K over many random score matrices approaches the chance level
+    rng = np.random.default_rng(0)
+    vals = [M.cui_at_k(rng.random((4, 4)), cuis, cuis, ks=(2,))[2] for _ in range(4000)]
+    assert np.mean(vals) == pytest.approx(M.cui_chance(cuis, cuis), abs=1.0)

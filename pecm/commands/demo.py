@@ -44,6 +44,7 @@ def _run(a) -> int:
     import torch
 
     from ..data import default_data_dir, load_pairs, split_pairs
+    from ..data.layouts import SAMPLE_ROCO
     from ..index import ArchiveIndex
     from ..metrics import chance_levels
     from ..model import PECM, PECMConfig
@@ -54,33 +55,54 @@ def _run(a) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("gensim", "transformers", "httpx", "matplotlib"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    if a.quick:  # tests / smoke check: tiny random-init model on a few shipped pairs
+        a.data = a.data or SAMPLE_ROCO
+        a.limit = a.limit or 60
+        a.epochs, a.batch_size, a.lr = min(a.epochs, 3), min(a.batch_size, 8), max(a.lr, 1e-3)
     if a.epochs < 1:
         raise ValueError(f"--epochs: expected an int >= 1, got {a.epochs}")
+    if a.batch_size < 2:
+        raise ValueError(f"--batch-size: expected an int >= 2, got {a.batch_size}")
+    if not 0.0 < a.test_fraction < 1.0 or not 0.0 <= a.val_fraction < 1.0 - a.test_fraction:
+        raise ValueError(
+            f"--test-fraction/--val-fraction: expected 0 < test < 1 and 0 <= val < 1 - test,"
+            f" got {a.test_fraction}/{a.val_fraction}"
+        )
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     data = a.data or default_data_dir()
     pairs = load_pairs(data, limit=a.limit)
-    train_set, test_set = split_pairs(pairs, a.test_fraction, a.seed)
+    # seeded train / val / test split; val only monitors training, every reported number is on test
+    rest, test_set = split_pairs(pairs, a.test_fraction, a.seed)
+    val_set = None
+    train_set = rest
+    if a.val_fraction > 0:
+        train_set, val_set = split_pairs(rest, a.val_fraction / (1.0 - a.test_fraction), a.seed + 1)
     print(
-        f"data: {data}: {len(pairs)} pairs ({len(pairs.skipped)} skipped)"
-        f" -> train {len(train_set)}, test {len(test_set)}"
+        f"data: {data}: {len(pairs)} pairs ({len(pairs.skipped)} skipped) -> train {len(train_set)},"
+        f" val {len(val_set) if val_set else 0}, test {len(test_set)} (seed {a.seed})"
     )
-    model = PECM(PECMConfig.demo_cpu(seed=a.seed))
+    cfg = PECMConfig.tiny(seed=a.seed) if a.quick else PECMConfig.demo_cpu(seed=a.seed)
+    model = PECM(cfg)
     model.text.fit(train_set.texts)
     progress = not a.no_progress
     t = time.time()
-    tr_f, hit1 = _cached_features(model, train_set, os.path.join(a.out, "cache", "train_features.pt"), progress)
-    te_f, hit2 = _cached_features(model, test_set, os.path.join(a.out, "cache", "test_features.pt"), progress)
+    cache = os.path.join(a.out, "cache")
+    tr_f, hit1 = _cached_features(model, train_set, os.path.join(cache, "train_features.pt"), progress)
+    te_f, hit2 = _cached_features(model, test_set, os.path.join(cache, "test_features.pt"), progress)
+    va_f = None
+    if val_set is not None:
+        va_f, _ = _cached_features(model, val_set, os.path.join(cache, "val_features.pt"), progress)
     groups = te_f["txt_mask"].sum(1).float() - 1
     print(
-        f"features: {time.time() - t:.1f}s ({'cached' if hit1 and hit2 else 'extracted'}); "
-        f"report groups per test report: mean {groups.mean():.2f}, max {int(groups.max())}"
+        f"features: {time.time() - t:.1f}s ({'cached' if hit1 and hit2 else 'extracted'}, frozen backbones); "
+        f"sentence groups per test report: mean {groups.mean():.2f}, max {int(groups.max())}"
     )
     ckpt = os.path.join(a.out, "checkpoint")
     t = time.time()
     tc = TrainConfig(
         epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, progress=progress, save_every=a.epochs
     )
-    train(model, train_set, ckpt, tc, val_pairs=test_set, train_feats=tr_f, val_feats=te_f)
+    train(model, train_set, ckpt, tc, val_pairs=val_set, train_feats=tr_f, val_feats=va_f)
     print(f"training: {a.epochs} epochs in {time.time() - t:.1f}s -> {ckpt}")
 
     # ---- archive index of both modalities (test split)
@@ -130,11 +152,16 @@ def _run(a) -> int:
     print(f"\nEvaluation on the {n} held-out test pairs (percent; i2r = image->report, r2i = report->image):")
     print(format_table(res, n))
     ch = chance_levels(n)
-    print(f"chance: R@1 {ch[1]:.2f}, R@5 {ch[5]:.2f}, R@10 {ch[10]:.2f}")
+    cc = res.get("chance", {})
+    print(
+        f"chance (random ranking of {n}): R@1 {ch[1]:.2f}, R@5 {ch[5]:.2f}, R@10 {ch[10]:.2f}"
+        + (f"; CUI@K {cc['cui']:.1f}; CBIR P@K {cc['cbir_cui']:.1f}" if cc else "")
+    )
     summary = {by: eval_summary(res, by, n) for by in ("sim", "score", "conf")}
     wall = time.time() - t0
     with open(os.path.join(a.out, "eval.json"), "w") as f:
-        json.dump({"results": summary, "wall_seconds": wall, "data": data}, f, indent=1, default=float)
+        out = {"results": summary, "chance": {**{f"R@{k}": v for k, v in ch.items()}, **cc}, "wall_seconds": wall}
+        json.dump({**out, "data": data, "n_train": len(train_set)}, f, indent=1, default=float)
     print(f"wall time: {wall:.1f}s (results in {os.path.join(a.out, 'eval.json')})")
     return 0
 
@@ -146,7 +173,9 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--test-fraction", type=float, default=0.2, help="held-out test pairs (all reported numbers)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="pairs held out to monitor training")
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny random model, 60 shipped pairs, 3 epochs")
     p.add_argument("--limit", type=int, help="use at most this many pairs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")

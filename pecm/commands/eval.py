@@ -49,7 +49,9 @@ def format_table(res: dict, n: int) -> str:
             cells.append(f"{v:>10.1f}" if v is not None else f"{'-':>10}")
         lines.append(f"{names[by]:<18}" + "".join(cells))
     ch = chance_levels(n)
-    lines.append(f"{'chance':<18}" + "".join(f"{ch[k]:>10.1f}" for k in (1, 5, 10)) * 2 + f"{'-':>10}" * 3)
+    cc = res.get("chance", {})
+    tail = "".join(f"{cc[key]:>10.1f}" if key in cc else f"{'-':>10}" for key in ("cui", "cui", "cbir_cui"))
+    lines.append(f"{'chance':<18}" + "".join(f"{ch[k]:>10.1f}" for k in (1, 5, 10)) * 2 + tail)
     base = res.get("baseline", {}).get("cbir_cui", {}).get("@10")
     if base is not None:
         lines.append(f"{'raw backbone':<18}" + f"{'-':>10}" * 8 + f"{base:>10.1f}")

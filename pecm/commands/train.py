@@ -33,6 +33,29 @@ def _config(a):
     return PECMConfig.from_dict({**cfg.to_dict(), **over})
 
 
+def _check_flags(a) -> None:
+    """Reject bad flag values before any data or model is loaded (one-line errors, exit 2)."""
+    if a.epochs < 1:
+        raise ValueError(f"--epochs: expected an int >= 1, got {a.epochs}")
+    if a.batch_size < 2:
+        raise ValueError(f"--batch-size: expected an int >= 2 (in-batch negatives), got {a.batch_size}")
+    if not a.lr > 0:
+        raise ValueError(f"--lr: expected a float > 0, got {a.lr}")
+    for flag in ("weight_decay", "lam", "mu"):
+        if not getattr(a, flag) >= 0:
+            raise ValueError(f"--{flag.replace('_', '-')}: expected a value >= 0, got {getattr(a, flag)}")
+    if not 0.0 <= a.val_fraction < 1.0:
+        raise ValueError(f"--val-fraction: expected a float in [0, 1), got {a.val_fraction}")
+    if a.limit is not None and a.limit < 2:
+        raise ValueError(f"--limit: expected an int >= 2, got {a.limit}")
+    if a.temperature is not None and not a.temperature > 0:
+        raise ValueError(f"--temperature: expected a float > 0, got {a.temperature}")
+    if not os.path.isdir(a.data):
+        raise FileNotFoundError(f"--data: {a.data} is not a folder")
+    if a.config and not os.path.isfile(a.config):
+        raise FileNotFoundError(f"--config: {a.config} not found")
+
+
 def _run(a) -> int:
     import torch
 
@@ -40,6 +63,7 @@ def _run(a) -> int:
     from ..model import PECM
     from ..train import TrainConfig, train
 
+    _check_flags(a)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("gensim").setLevel(logging.WARNING)
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1

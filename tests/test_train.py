@@ -1,0 +1,133 @@
+"""pecm.train on a handful of the shipped ROCO pairs with a tiny model: loss, metrics JSON, loss curve,
+resumable checkpoints (a resumed run ends in exactly the state of an uninterrupted one), end-to-end mode and
+the evaluation helpers against metrics computed from `pecm.reference` scores."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from pecm import reference
+from pecm.data import load_pairs
+from pecm.data.layouts import SAMPLE_ROCO
+from pecm.metrics import recall_at_k
+from pecm.model import PECM, PECMConfig
+from pecm.train import TrainConfig, evaluate_features, extract_features, prototypes_from_features, train
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return load_pairs(SAMPLE_ROCO, limit=24)
+
+
+@pytest.fixture(scope="module")
+def fitted(pairs):
+    m = PECM(PECMConfig.tiny(), load_pretrained=False)
+    m.text.fit(pairs.texts)
+    return m
+
+
+@pytest.fixture(scope="module")
+def feats(fitted, pairs):
+    return extract_features(fitted, pairs, batch=12, progress=False)
+
+
+def _fresh(fitted):
+    """A fresh tiny model sharing the fitted Doc2Vec/tokenizer (what the features were extracted with)."""
+    m = PECM(PECMConfig.tiny(), load_pretrained=False)
+    m.text.doc2vec, m.text.tokenizer = fitted.text.doc2vec, fitted.text.tokenizer
+    return m
+
+
+def _cfg(**kw):
+    base = dict(epochs=4, batch_size=8, lr=3e-3, progress=False, seed=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_extract_features_shapes(feats, pairs, fitted):
+    n, k = len(pairs), fitted.config.K
+    assert feats["img"].shape == (n, k, fitted.image.dim) and feats["txt"].shape == (n, k, fitted.text.dim)
+    assert feats["txt_mask"].dtype == torch.bool and bool(feats["txt_mask"][:, 0].all())
+
+
+def test_tiny_training_run_writes_metrics_curve_checkpoint(fitted, pairs, feats, tmp_path):
+    m = _fresh(fitted)
+    hist = train(m, pairs, str(tmp_path), _cfg(), train_feats=feats)
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4]
+    losses = [h["train"]["loss"] for h in hist]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert set(hist[0]["train"]) >= {"loss", "sim", "conf", "div"}
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert [h["epoch"] for h in saved] == [1, 2, 3, 4] and saved[-1]["train"]["loss"] == pytest.approx(losses[-1])
+    assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {"config.json", "model.safetensors", "doc2vec.model", "train_state.pt"} <= set(os.listdir(tmp_path))
+    # the lr follows the cosine schedule down from lr
+    assert hist[0]["lr"] < 3e-3 and hist[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_resume_continues_with_identical_state(fitted, pairs, feats, tmp_path, monkeypatch):
+    full = _fresh(fitted)
+    h_full = train(full, pairs, str(tmp_path / "full"), _cfg(), train_feats=feats)
+
+    # a 4-epoch run killed right after its epoch-2 checkpoint ...
+    import pecm.train as T
+
+    class Killed(Exception):
+        pass
+
+    real = T.save_training
+
+    def save_then_die(model, out_dir, opt, sched, epoch, history, cfg):
+        real(model, out_dir, opt, sched, epoch, history, cfg)
+        if epoch + 1 == 2:
+            raise Killed
+
+    monkeypatch.setattr(T, "save_training", save_then_die)
+    with pytest.raises(Killed):
+        train(_fresh(fitted), pairs, str(tmp_path / "run"), _cfg(), train_feats=feats)
+    monkeypatch.setattr(T, "save_training", real)
+    st = torch.load(tmp_path / "run" / "train_state.pt", weights_only=False)
+    assert st["epoch"] == 1 and len(st["history"]) == 2
+
+    # ... and resumed from its checkpoint ends in exactly the uninterrupted state
+    resumed = PECM.load(str(tmp_path / "run"))
+    h_res = train(resumed, pairs, str(tmp_path / "run"), _cfg(resume=True), train_feats=feats)
+    assert [h["epoch"] for h in h_res] == [1, 2, 3, 4]
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert h_res[-1]["train"]["loss"] == pytest.approx(h_full[-1]["train"]["loss"], rel=1e-6)
+    assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())) == 4
+
+
+def test_end_to_end_mode_updates_the_backbone(fitted, pairs, tmp_path):
+    m = PECM(PECMConfig.tiny(freeze_image=False), load_pretrained=False)
+    m.text.doc2vec, m.text.tokenizer = fitted.text.doc2vec, fitted.text.tokenizer
+    before = {k: v.clone() for k, v in m.image.state_dict().items() if v.dtype.is_floating_point}
+    hist = train(m, pairs.subset(range(8)), str(tmp_path), _cfg(epochs=1, batch_size=4))
+    assert np.isfinite(hist[0]["train"]["loss"])
+    after = m.image.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_bad_train_config_names_the_field():
+    for kw, field in [({"epochs": 0}, "epochs"), ({"lr": 0.0}, "lr"), ({"batch_size": 1}, "batch_size"),
+                      ({"div": "x"}, "div"), ({"lam": -1.0}, "lam")]:  # fmt: skip
+        with pytest.raises(ValueError, match=field):
+            TrainConfig(**kw)
+
+
+def test_evaluation_matches_reference_scores(fitted, pairs, feats):
+    res = evaluate_features(fitted, feats, pairs.cuis)
+    img, im, txt, tm, w = prototypes_from_features(fitted, feats)
+    sim, conf, score = reference.scores(img.numpy(), txt.numpy(), w.numpy(), im.numpy(), tm.numpy())
+    for by, mat in (("sim", sim), ("conf", conf), ("score", score)):
+        i2r, r2i = recall_at_k(mat), recall_at_k(np.asarray(mat).T)
+        for k in (1, 5, 10):
+            assert res[by]["image_to_report"][f"R@{k}"] == pytest.approx(i2r[k])
+            assert res[by]["report_to_image"][f"R@{k}"] == pytest.approx(r2i[k])
+        assert set(res[by]["cbir_cui"]) == {"@5", "@10", "@50"}
+        assert all(0 <= v <= 100 for v in res[by]["cui"].values())
+    assert set(res["baseline"]["cbir_cui"]) == {"@5", "@10", "@50"}
