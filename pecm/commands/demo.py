@@ -16,23 +16,43 @@ import logging
 import os
 import time
 
+IMAGE_KEYS = ("image_backbone", "image_size", "image_weights", "grid", "K")
+TEXT_KEYS = ("text_encoder", "text_hidden", "text_layers", "text_heads", "text_max_len", "doc2vec_dim")
+TEXT_KEYS += ("doc2vec_epochs", "doc2vec_min_count", "group_threshold", "K", "seed")
 
-def _cached_features(model, pairs, path: str, progress: bool):
+
+def _cached_features(model, pairs, path: str, progress: bool, train_ids):
+    """Raw frozen-backbone features of ``pairs``, cached per side in ``path``.{image,text}.pt. A side is reused
+    only when its key matches: the config fields that change its features, the pair ids and (report side:
+    Doc2Vec is fitted on the training reports) the training ids. Returns (features, all sides cached)."""
     import torch
 
     from ..train import extract_features
 
-    key = hashlib.sha1(
-        json.dumps([model.config.to_dict(), [p.id for p in pairs.pairs]], sort_keys=True).encode()
-    ).hexdigest()
-    if os.path.isfile(path):
-        st = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = model.config.to_dict()
+    ids = [p.id for p in pairs.pairs]
+    keys = {
+        "image": [{k: cfg[k] for k in IMAGE_KEYS}, ids],
+        "text": [{k: cfg[k] for k in TEXT_KEYS}, ids, list(train_ids)],
+    }
+    feats, todo = {}, []
+    for side, key in keys.items():
+        key = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        keys[side] = key
+        f = f"{path}.{side}.pt"
+        st = torch.load(f, map_location="cpu", weights_only=True) if os.path.isfile(f) else {}
         if st.get("key") == key:
-            return {k: v for k, v in st.items() if k != "key"}, True
-    feats = extract_features(model, pairs, 32, progress)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({**feats, "key": key}, path)
-    return feats, False
+            feats.update({k: v for k, v in st.items() if k != "key"})
+        else:
+            todo.append(side)
+    if todo:
+        new = extract_features(model, pairs, 32, progress, parts=tuple(todo))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        for side, names in (("image", ("img",)), ("text", ("txt", "txt_mask"))):
+            if side in todo:
+                torch.save({**{k: new[k] for k in names}, "key": keys[side]}, f"{path}.{side}.pt")
+        feats.update(new)
+    return feats, not todo
 
 
 def _short(text: str, n: int = 90) -> str:
@@ -81,17 +101,23 @@ def _run(a) -> int:
         f"data: {data}: {len(pairs)} pairs ({len(pairs.skipped)} skipped) -> train {len(train_set)},"
         f" val {len(val_set) if val_set else 0}, test {len(test_set)} (seed {a.seed})"
     )
-    cfg = PECMConfig.tiny(seed=a.seed) if a.quick else PECMConfig.demo_cpu(seed=a.seed)
+    over = {"seed": a.seed}
+    if a.group_threshold is not None:
+        over["group_threshold"] = a.group_threshold
+    if a.head_hidden is not None:
+        over["head_hidden"] = a.head_hidden
+    cfg = PECMConfig.tiny(**over) if a.quick else PECMConfig.demo_cpu(**over)
     model = PECM(cfg)
     model.text.fit(train_set.texts)
     progress = not a.no_progress
     t = time.time()
     cache = os.path.join(a.out, "cache")
-    tr_f, hit1 = _cached_features(model, train_set, os.path.join(cache, "train_features.pt"), progress)
-    te_f, hit2 = _cached_features(model, test_set, os.path.join(cache, "test_features.pt"), progress)
+    tr_ids = [p.id for p in train_set.pairs]
+    tr_f, hit1 = _cached_features(model, train_set, os.path.join(cache, "train"), progress, tr_ids)
+    te_f, hit2 = _cached_features(model, test_set, os.path.join(cache, "test"), progress, tr_ids)
     va_f = None
     if val_set is not None:
-        va_f, _ = _cached_features(model, val_set, os.path.join(cache, "val_features.pt"), progress)
+        va_f, _ = _cached_features(model, val_set, os.path.join(cache, "val"), progress, tr_ids)
     groups = te_f["txt_mask"].sum(1).float() - 1
     print(
         f"features: {time.time() - t:.1f}s ({'cached' if hit1 and hit2 else 'extracted'}, frozen backbones); "
@@ -102,7 +128,14 @@ def _run(a) -> int:
     tc = TrainConfig(
         epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, progress=progress, save_every=a.epochs
     )
-    train(model, train_set, ckpt, tc, val_pairs=val_set, train_feats=tr_f, val_feats=va_f)
+    # small per-step ops (B*K rows): one intra-op thread avoids OpenMP synchronisation overhead, which on a
+    # shared 2-core machine cost 1.5-5x per step in our measurements (docs/model.md)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, a.train_threads))
+    try:
+        train(model, train_set, ckpt, tc, val_pairs=val_set, train_feats=tr_f, val_feats=va_f)
+    finally:
+        torch.set_num_threads(threads)
     print(f"training: {a.epochs} epochs in {time.time() - t:.1f}s -> {ckpt}")
 
     # ---- archive index of both modalities (test split)
@@ -175,6 +208,9 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--test-fraction", type=float, default=0.2, help="held-out test pairs (all reported numbers)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="pairs held out to monitor training")
+    p.add_argument("--group-threshold", type=float, help="sentence grouping cosine threshold (demo default 0.95)")
+    p.add_argument("--head-hidden", type=int, help="projection head width (demo default 256)")
+    p.add_argument("--train-threads", type=int, default=1, help="torch threads while training the heads")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny random model, 60 shipped pairs, 3 epochs")
     p.add_argument("--limit", type=int, help="use at most this many pairs")
     p.add_argument("--seed", type=int, default=0)

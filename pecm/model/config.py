@@ -86,7 +86,12 @@ class PECMConfig:
     def demo_cpu(cls, **kw) -> "PECMConfig":
         """The CPU demo: efficientnet_lite0 with packaged ImageNet weights, packaged MiniLM text encoder."""
         base = dict(
-            image_backbone="efficientnet_lite0", image_size=224, image_weights="package", text_encoder="package:minilm"
+            image_backbone="efficientnet_lite0",
+            image_size=224,
+            image_weights="package",
+            text_encoder="package:minilm",
+            head_hidden=256,
+            group_threshold=0.95,
         )
         base.update(kw)
         return cls(**base)

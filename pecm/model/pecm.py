@@ -99,8 +99,13 @@ class PECM(nn.Module):
         return protos, torch.ones(protos.shape[:2], dtype=torch.bool, device=protos.device)
 
     def encode_text_features(self, feats: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        mask = mask.to(self.device)
-        protos = self.text_head(feats.to(self.device).float()) * mask.unsqueeze(-1)  # missing groups: zero + masked
+        """Only the present slots go through the head; missing groups stay exactly zero and masked."""
+        mask = mask.to(self.device).bool()
+        feats = feats.to(self.device).float()
+        idx = mask.nonzero(as_tuple=True)
+        h = self.text_head
+        rows = h.mlp(h.norm(feats[idx])) + h.slot[idx[1]]
+        protos = feats.new_zeros(feats.shape[0], feats.shape[1], self.config.D).index_put(idx, rows)
         return protos, mask
 
     def encode_images(self, images: torch.Tensor):
