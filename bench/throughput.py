@@ -165,6 +165,7 @@ def main(argv=None) -> int:
     ap.add_argument("--topk", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--budget", type=float, default=30.0, help="seconds per implementation and point (>= 3 repeats)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/ops_<device>.json)")
     ap.add_argument("--plots", default=None, help="plot directory (default bench/results/plots_<device>)")
     ap.add_argument("--from", dest="from_json", default=None, help="print/regenerate from a saved JSON, no timing")
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
             runs.append(
                 runner.run_benchmark(
                     op, device=args.device, backends=backends.split(","), peers=args.peers.split(","), sweep=sweep,
-                    dtype=args.dtype, repeats=args.repeats, warmup=args.warmup, topk=args.topk,
+                    dtype=args.dtype, repeats=args.repeats, warmup=args.warmup, topk=args.topk, budget_s=args.budget,
                     quick_ceilings=args.quick_ceilings, log=lambda *a: print(*a, file=sys.stderr, flush=True),
                 )
             )  # fmt: skip

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -267,6 +268,7 @@ def test_compile_peer_matches_reference(op):
         (["--dtype", "float64"], "--dtype"),
         (["--repeats", "0"], "--repeats"),
         (["--k", "0"], "--k"),
+        (["--budget", "0"], "--budget"),
         (["--device", "tpu"], "--device"),
     ],
 )
@@ -316,6 +318,12 @@ def test_summarize_and_time_fn():
     assert len(calls) == 5 and len(t["samples_s"]) == 3 and t["median_s"] >= 0
     with pytest.raises(ValueError, match="repeats"):
         time_fn(lambda: None, repeats=0)
+    # budget: a 20 ms call, 10 repeats would take >= 0.2 s > 0.05 s budget -> the minimum of 3
+    calls.clear()
+    t = time_fn(lambda: (calls.append(1), time.sleep(0.02)), warmup=1, repeats=10, budget_s=0.05)
+    assert len(t["samples_s"]) == 3 and len(calls) == 4
+    t = time_fn(lambda: None, warmup=1, repeats=4, budget_s=10.0)
+    assert len(t["samples_s"]) == 4
 
 
 def test_ratios_exclude_faiss_from_fastest():

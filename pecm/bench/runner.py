@@ -91,6 +91,7 @@ def run_benchmark(
     topk: int = 10,
     quick_ceilings: bool = False,
     extra_peers: Optional[Dict] = None,
+    budget_s: Optional[float] = None,
     log=print,
 ) -> dict:
     """Measure ``op`` over the grid; returns the results dict (see `pecm.bench.schema`)."""
@@ -147,7 +148,7 @@ def run_benchmark(
             else:
                 try:
                     with torch.no_grad():
-                        t = time_fn(maker(op, wl), device, warmup, repeats)
+                        t = time_fn(maker(op, wl), device, warmup, repeats, budget_s=budget_s)
                 except Exception as e:  # recorded, never silently dropped
                     rec.update(status="failed", reason=f"{type(e).__name__}: {e}"[:300])
                 else:
@@ -176,6 +177,7 @@ def run_benchmark(
         "settings": {
             "repeats": repeats,
             "warmup": warmup,
+            "budget_s": budget_s,
             "topk": topk,
             "dtype": dtype,
             "chunk_peers": peers_mod.CHUNK,

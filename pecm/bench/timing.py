@@ -6,7 +6,7 @@ import os
 import platform
 import subprocess
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -26,17 +26,32 @@ def summarize(samples_s: List[float]) -> Dict[str, float]:
     return {"median_s": float(med), "iqr_s": float(q3 - q1), "min_s": float(a.min())}
 
 
-def time_fn(fn: Callable[[], object], device: str = "cpu", warmup: int = 1, repeats: int = 5) -> Dict[str, object]:
+def time_fn(
+    fn: Callable[[], object],
+    device: str = "cpu",
+    warmup: int = 1,
+    repeats: int = 5,
+    budget_s: Optional[float] = None,
+    min_repeats: int = 3,
+) -> Dict[str, object]:
     """Run ``fn`` ``warmup`` times untimed, then ``repeats`` timed calls.
 
     CPU: ``time.perf_counter`` around each call. CUDA: one pair of CUDA events per call (after a
     synchronize), which is what ``triton.testing.do_bench`` does minus its cache flush.
+    ``budget_s``: when the last warm-up call shows that ``repeats`` calls would take longer than this,
+    time only ``max(min_repeats, budget_s / t_warmup)`` calls (never more than ``repeats``).
     """
     if repeats < 1:
         raise ValueError(f"repeats: expected >= 1, got {repeats}")
+    t_warm = None
     for _ in range(max(0, warmup)):
+        t0 = time.perf_counter()
         fn()
+        _sync(device)
+        t_warm = time.perf_counter() - t0
     _sync(device)
+    if budget_s is not None and t_warm and repeats * t_warm > budget_s:
+        repeats = min(repeats, max(min_repeats, int(budget_s / t_warm)))
     samples = []
     if device.startswith("cuda"):
         for _ in range(repeats):

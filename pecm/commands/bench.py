@@ -29,6 +29,8 @@ def _run_op(args) -> int:
         raise ValueError(f"--repeats: expected >= 1, got {args.repeats}")
     if args.warmup < 0:
         raise ValueError(f"--warmup: expected >= 0, got {args.warmup}")
+    if args.budget is not None and args.budget <= 0:
+        raise ValueError(f"--budget: expected seconds > 0, got {args.budget}")
     if args.k < 1:
         raise ValueError(f"--k: expected >= 1, got {args.k}")
     backends = _split(args.backend)
@@ -45,6 +47,7 @@ def _run_op(args) -> int:
         warmup=args.warmup,
         topk=args.k,
         quick_ceilings=args.quick_ceilings,
+        budget_s=args.budget,
         log=(lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr)),
     )
     path = runner.save(res, args.out)
@@ -86,6 +89,14 @@ def register(sub) -> None:
         q.add_argument("--dtype", default="float16", help="storage dtype: float16, bfloat16 or float32")
         q.add_argument("--repeats", type=int, default=5)
         q.add_argument("--warmup", type=int, default=1)
+        q.add_argument(
+            "--budget",
+            type=float,
+            default=None,
+            metavar="SECONDS",
+            help="per implementation and grid point: fewer repeats (at least 3) when the warm-up call shows "
+            "--repeats calls would take longer",
+        )
         q.add_argument("--k", type=int, default=10, help="top-k size")
         q.add_argument("--out", default="bench_out", help="directory for results.json and the plots")
         q.add_argument("--no-plots", action="store_true")
@@ -96,7 +107,13 @@ def register(sub) -> None:
     r.add_argument("dirs", nargs="+", help="result directories or results.json files")
     r.add_argument("--out", default="bench_report")
     r.set_defaults(func=_run_report)
-    i = bsub.add_parser("index", help="archive index benchmark (runs bench/bench_index.py with ARGS)")
+    # prefix_chars="+": every argument (--n 1000, --help, ...) goes through to bench/bench_index.py
+    i = bsub.add_parser(
+        "index",
+        help="archive index benchmark (bench/bench_index.py ARGS; --help shows its options)",
+        prefix_chars="+",
+        add_help=False,
+    )
     i.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for bench/bench_index.py")
     i.set_defaults(func=_run_index)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
