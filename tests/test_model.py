@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from pecm.data.layouts import SAMPLE_ROCO
 from pecm.model import PECM, PECMConfig, group_sentences, split_sentences
-from pecm.model.config import PECMConfig as _Cfg  # noqa: F401  (the public path and the module agree)
 from pecm.model.encode import load_encoder
 from pecm.model.image import ImageFeatures
 
