@@ -127,3 +127,11 @@ def test_demo_quick(tmp_path, capsys):
     assert "sim only" in stdout and "R = sim*C" in stdout and "chance" in stdout
     ev = json.load(open(out / "eval.json"))
     assert set(ev["results"]) == {"sim", "score", "conf"} and ev["results"]["score"]["n_pairs"] == 12
+
+
+def test_eval_test_split_uses_the_seeded_held_out_pairs(ckpt, capsys):
+    argv = ["eval", "--checkpoint", ckpt, "--data", SAMPLE_ROCO, "--limit", N, "--json", "--test-split", "0.25"]
+    rc, out, _ = _run(capsys, *argv)
+    assert rc == 0 and json.loads(out)["n_pairs"] == 6
+    rc, _, err = _run(capsys, *argv[:-1], "1.5")
+    assert rc == 2 and "test_fraction" in err

@@ -61,7 +61,7 @@ def format_table(res: dict, n: int) -> str:
 def _run(a) -> int:
     import torch
 
-    from ..data import load_dataset
+    from ..data import load_dataset, split_pairs
     from ..model import PECM
     from ..train import evaluate_features, extract_features
 
@@ -71,6 +71,8 @@ def _run(a) -> int:
         raise ValueError(f"--by: expected score, sim or conf, got {a.by!r}")
     model = PECM.load(a.checkpoint, map_location=a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pairs = load_dataset(a.data, layout=a.layout, limit=a.limit)
+    if a.test_split is not None:  # the held-out split of `pecm demo` / a seeded split of DIR
+        _, pairs = split_pairs(pairs, a.test_split, a.seed)
     feats = extract_features(model, pairs, a.batch_size, progress=not a.json and not a.no_progress)
     cuis = pairs.cuis if any(pairs.cuis) else None
     res = evaluate_features(model, feats, cuis)
@@ -89,6 +91,13 @@ def register(sub) -> None:
     p.add_argument("--by", default="score", help="ranking key for --json: score (R), sim or conf")
     p.add_argument("--json", action="store_true")
     p.add_argument("--limit", type=int)
+    p.add_argument(
+        "--test-split",
+        type=float,
+        metavar="FRACTION",
+        help="evaluate only the seeded held-out split of DIR (pecm demo: --test-split 0.2 --seed 0)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of --test-split")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device")
     p.add_argument("--no-progress", action="store_true")
