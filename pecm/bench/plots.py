@@ -83,17 +83,22 @@ def roofline_plot(results: List[dict], out_dir: str) -> str:
             alpha=0.7,
             label=f"roof {env['device_name'][:30]}: {ce['copy_GBps']:.0f} GB/s, {ce['matmul_GFLOPs']:.0f} GFLOP/s",
         )
-    marks = {}
+    impls = sorted({r["impl"] for _, r in _ok(results)})
+    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(impls)}
+    op_marker = {"topk": "o", "rerank": "s", "scores": "^"}
+    marks: Dict[tuple, tuple] = {}
     for res, r in _ok(results):
-        ai = r["flops"] / max(r["bytes"], 1.0)
-        key = f"{r['impl']} ({r['op']})"
-        if len(devices) > 1:
-            key += f" [{res['environment']['device']}]"
+        key = (r["impl"], r["op"], res["environment"]["device"] if len(devices) > 1 else "")
         marks.setdefault(key, ([], []))
-        marks[key][0].append(ai)
+        marks[key][0].append(r["flops"] / max(r["bytes"], 1.0))
         marks[key][1].append(r["GFLOPs"])
-    for key, (x, y) in sorted(marks.items()):
-        ax.scatter(x, y, label=key, s=18)
+    for (impl, op, dev), (x, y) in sorted(marks.items()):
+        label = f"{impl} ({op}{', ' + dev if dev else ''})"
+        face = "none" if dev.startswith("cuda") else colors[impl]  # hollow marks: GPU runs
+        ax.scatter(x, y, label=label, s=22, edgecolors=colors[impl], facecolors=face, marker=op_marker.get(op, "x"))
+    ais = [a for x, _ in marks.values() for a in x]
+    if ais:
+        ax.set_xlim(min(ais) / 10, max(ais) * 10)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (FLOP / byte)")
