@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 
 from pecm.bench import runner  # noqa: E402
 from pecm.bench.plots import all_plots  # noqa: E402
-from pecm.bench.report import headline, load_bundle  # noqa: E402
+from pecm.bench.report import load_bundle  # noqa: E402
 from pecm.bench.schema import validate  # noqa: E402
 
 README = os.path.join(ROOT, "bench", "README.md")
@@ -91,7 +91,8 @@ def targets_table(runs, backend="cpp") -> str:
 def issue_table(runs) -> str:
     """The issue-3 view: per op and B, each implementation's pairs/s, GB/s, GFLOP/s, fractions of the
     ceilings and the speed relative to peers (a) eager and (b) gemm and to the fastest exact peer."""
-    hdr = "| op | B | impl | ms | Mpairs/s | GB/s | GFLOP/s | % bw | % flop | x (a) eager | x (b) gemm | x fastest |"
+    hdr = "| op | B | impl | ms (IQR) | Mpairs/s | GB/s | GFLOP/s | % bw | % flop | x (a) eager | x (b) gemm "
+    hdr += "| x fastest |"
     lines = [hdr, "|" + "---|" * 12]
     for res in runs:
         for r in res["measurements"]:
@@ -102,7 +103,8 @@ def issue_table(runs) -> str:
             sv = r.get("speedup_vs", {})
             f = r.get("ratio_vs_fastest_peer")
             cells = [
-                r["op"], b, r["impl"], f"{r['median_s'] * 1e3:.1f}", f"{r['pairs_per_s'] / 1e6:.2f}",
+                r["op"], b, r["impl"], f"{r['median_s'] * 1e3:.1f} ({r['iqr_s'] * 1e3:.1f})",
+                f"{r['pairs_per_s'] / 1e6:.2f}",
                 f"{r['GBps']:.2f}", f"{r['GFLOPs']:.1f}", f"{100 * r['frac_bw']:.0f}", f"{100 * r['frac_flops']:.0f}",
                 f"{sv['eager']:.2f}" if "eager" in sv else "-", f"{sv['gemm']:.2f}" if "gemm" in sv else "-",
                 "-" if f is None else f"{f:.2f} ({r['fastest_peer']})",
@@ -115,24 +117,33 @@ def readme_block(bundle) -> str:
     runs = bundle["runs"]
     env = runs[0]["environment"]
     begin, end = markers(env["device"])
+    loads = ", ".join(
+        f"{r['op']} {r['environment']['loadavg_1min_start']:.2f} -> {r['environment'].get('loadavg_1min_end', -1):.2f}"
+        for r in runs
+    )
+    ceils = ", ".join(
+        f"{r['op']} {r['ceilings']['copy_GBps']:.1f} GB/s / {r['ceilings']['matmul_GFLOPs']:.1f} GFLOP/s" for r in runs
+    )
+    s = runs[0]["settings"]
     parts = [
         begin,
         f"Measured {env['time_utc']} on {env['device_name']} ({env['cpu_count']} cores, device {env['device']}), "
-        f"commit `{env['git_commit'][:12]}`, torch {env['versions']['torch']}, load average at start of each op: "
-        + ", ".join(f"{r['op']} {r['environment']['loadavg_1min_start']:.2f}" for r in runs)
-        + f". Command: `{bundle['command']}` (total {bundle['wall_s'] / 60:.1f} min).",
+        f"commit `{env['git_commit'][:12]}`, torch {env['versions']['torch']}, {s['dtype']} storage, top-{s['topk']}, "
+        f"{s['repeats']} repeats after {s['warmup']} warm-up"
+        + (f" (>= 3 when slower than a {s['budget_s']:g} s budget). " if s.get("budget_s") else ". ")
+        + f"Command: `{bundle['command']}` ({bundle['wall_s'] / 60:.1f} min).",
         "",
-        "Issue-3 view (x P = time of peer P / time of the row; > 1 means the row is faster):",
+        f"1-minute load average (start -> end of each op): {loads}. Ceilings measured in each op's run "
+        f"(copy bandwidth / fp32 GEMM): {ceils}.",
+        "",
+        "x P = time of peer P / time of the row (> 1: the row is faster); x fastest: against the fastest exact "
+        "peer (faiss does K+1 times less work and is not counted); % bw / % flop: fractions of the ceilings.",
         "",
         issue_table(runs),
         "",
         "Targets (issue 3, cpp backend):",
         "",
         targets_table(runs),
-        "",
-        "Per op (`pecm bench report` headline format):",
-        "",
-        headline(runs),
         end,
     ]
     return "\n".join(parts)
