@@ -265,6 +265,8 @@ def check(maker: Maker, op: str, by: str = "score", dtype: str = "float16", devi
     top-k values (ties may swap ids, never values). scores: elementwise against the reference.
     """
     wl = make_workload(3, 257, 4, 16, m=40, dtype=dtype, device=device, topk=7, seed=123)
+    wl.cand[0, :5] = -1  # padding must be ignored
+    wl.cand[1, 1] = wl.cand[1, 0]  # a repeated candidate
     try:
         out = maker(op, wl)()
     except Exception as e:  # a crashing implementation is a failed one
