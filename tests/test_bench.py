@@ -30,7 +30,8 @@ def _backends():
 
 
 def _run_cli(op, out, *extra):
-    args = ["bench", op, *TINY, "--peers", FAST_PEERS, "--backend", ",".join(_backends()), "--out", str(out)]
+    tiny = TINY if op != "rerank" else [a if a != "M=40" else "M=20,40" for a in TINY]  # also a sweep over M
+    args = ["bench", op, *tiny, "--peers", FAST_PEERS, "--backend", ",".join(_backends()), "--out", str(out)]
     return cli.main(args + list(extra) + ["--quiet"])
 
 
@@ -62,12 +63,16 @@ def test_tiny_sweep_end_to_end(tiny_runs, op, capsys):
     assert res["environment"]["git_commit"] and res["environment"]["versions"]["torch"] == torch.__version__
     impls = _backends() + [p for p in FAST_PEERS.split(",") if op in peers.PEERS[p][1]]
     rows = res["measurements"]
-    # full grid: 2 values of B (x 1 of M) for every implementation, each row at its own grid point
-    assert sorted((r["impl"], r["shape"]["B"]) for r in rows) == sorted((i, b) for i in impls for b in (1, 3))
+    # full grid: 2 values of B (x 2 of M for rerank) for every implementation, each row at its own grid point
+    ms = (20, 40) if op == "rerank" else (None,)
+    got = sorted((r["impl"], r["shape"]["B"], r["shape"].get("M")) for r in rows)
+    assert got == sorted((i, b, m) for i in impls for b in (1, 3) for m in ms)
     for r in rows:
         assert r["shape"]["N"] == 300 and r["shape"]["K"] == 4 and r["shape"]["D"] == 16
         if op == "rerank":
-            assert r["shape"]["M"] == 40
+            assert r["pairs"] == r["shape"]["B"] * r["shape"]["M"]
+        else:
+            assert r["pairs"] == r["shape"]["B"] * 300
         if peers.unavailable_reason(r["impl"], "cpu") is None:
             assert r["status"] == "ok", r
             assert len(r["samples_s"]) == 2 and r["median_s"] > 0
@@ -82,6 +87,7 @@ def test_tiny_sweep_end_to_end(tiny_runs, op, capsys):
             assert r["ratio_vs_fastest_peer"] == pytest.approx(fastest["median_s"] / r["median_s"])
     pngs = sorted(f for f in os.listdir(out) if f.endswith(".png"))
     assert "roofline.png" in pngs and f"{op}_throughput_vs_B.png" in pngs
+    assert (f"{op}_throughput_vs_M.png" in pngs) == (op == "rerank")
     assert all(_is_png(os.path.join(out, f)) for f in pngs)
 
 
