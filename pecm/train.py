@@ -53,6 +53,7 @@ class TrainConfig:
     progress: bool = True
     save_every: int = 1
     resume: bool = False
+    select_best: bool = False  # keep the weights of the epoch with the best validation RSUM (needs val pairs)
     feature_batch: int = 32
 
     def __post_init__(self):
@@ -262,11 +263,17 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     history: List[dict] = []
     start = 0
+    best = {"epoch": None, "rsum": -math.inf}
+    best_path = os.path.join(out_dir, "best.safetensors")
+    select = cfg.select_best and val_feats is not None
+    if cfg.select_best and val_feats is None:
+        log.warning("select_best: no validation features (cached mode with val pairs needed); keeping the last epoch")
     if cfg.resume and os.path.isfile(state_path):
         st = torch.load(state_path, map_location="cpu", weights_only=False)
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         history, start = st["history"], st["epoch"] + 1
+        best = st.get("best", best)
         log.info("resuming from epoch %d", start)
     use_amp = cfg.amp and dev.type == "cuda"
     for epoch in range(start, cfg.epochs):
@@ -318,6 +325,10 @@ def train(
         if rank == 0 and val_feats is not None:
             ev = evaluate_features(model, val_feats, val_pairs.cuis, by_list=("score",))["score"]
             rec["val"] = {"image_to_report": ev["image_to_report"], "report_to_image": ev["report_to_image"]}
+            rec["val"]["rsum"] = sum(ev["image_to_report"].values()) + sum(ev["report_to_image"].values())
+            if select and rec["val"]["rsum"] > best["rsum"]:
+                best = {"epoch": epoch + 1, "rsum": rec["val"]["rsum"]}
+                _save_trainable(model, best_path)
         history.append(rec)
         if rank == 0:
             msg = " ".join(f"{k}={v:.4f}" for k, v in rec["train"].items())
@@ -326,11 +337,36 @@ def train(
                 msg += f" | val i2r R@1={v['image_to_report']['R@1']:.1f} t2i R@1={v['report_to_image']['R@1']:.1f}"
             log.info("epoch %d/%d %s", epoch + 1, cfg.epochs, msg)
             if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
-                save_training(model, out_dir, opt, sched, epoch, history, cfg)
+                save_training(model, out_dir, opt, sched, epoch, history, cfg, best)
+    if select and rank == 0 and best["epoch"] is not None and os.path.isfile(best_path):
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(best_path, device=str(dev)), strict=False)
+        for h in history:
+            h["selected"] = h["epoch"] == best["epoch"]
+        log.info("selected epoch %d (best validation RSUM %.1f)", best["epoch"], best["rsum"])
+        save_training(model, out_dir, opt, sched, cfg.epochs - 1, history, cfg, best)
     return history
 
 
-def save_training(model: PECM, out_dir: str, opt, sched, epoch: int, history: List[dict], cfg: TrainConfig) -> None:
+def _save_trainable(model: PECM, path: str) -> None:
+    """The tensors that training changes (heads, θ, scale; backbones too when unfrozen), atomically."""
+    from safetensors.torch import save_file
+
+    c = model.config
+    sd = {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if not (c.freeze_image and k.startswith("image.")) and not (c.freeze_text and k.startswith("text."))
+    }
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save_file(sd, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def save_training(
+    model: PECM, out_dir: str, opt, sched, epoch: int, history: List[dict], cfg: TrainConfig, best=None
+) -> None:
     os.makedirs(out_dir, exist_ok=True)
     model.save(out_dir)
     torch.save(
@@ -340,6 +376,7 @@ def save_training(model: PECM, out_dir: str, opt, sched, epoch: int, history: Li
             "epoch": epoch,
             "history": history,
             "train_config": asdict(cfg),
+            "best": best or {"epoch": None, "rsum": -math.inf},
         },
         os.path.join(out_dir, "train_state.pt.tmp"),
     )

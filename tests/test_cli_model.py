@@ -100,6 +100,7 @@ def test_eval_table_has_sim_vs_r_and_chance(ckpt, capsys):
         (["--val-fraction", "1.5"], "--val-fraction"),
         (["--temperature", "0"], "--temperature"),
         (["--data", "/nonexistent/dir"], "--data"),
+        (["--select-best"], "--select-best"),
     ],
 )
 def test_train_bad_flags_exit_2_one_line(tmp_path, capsys, argv, flag):

@@ -80,8 +80,8 @@ def test_resume_continues_with_identical_state(fitted, pairs, feats, tmp_path, m
 
     real = T.save_training
 
-    def save_then_die(model, out_dir, opt, sched, epoch, history, cfg):
-        real(model, out_dir, opt, sched, epoch, history, cfg)
+    def save_then_die(model, out_dir, opt, sched, epoch, history, cfg, best=None):
+        real(model, out_dir, opt, sched, epoch, history, cfg, best)
         if epoch + 1 == 2:
             raise Killed
 
@@ -131,3 +131,21 @@ def test_evaluation_matches_reference_scores(fitted, pairs, feats):
         assert set(res[by]["cbir_cui"]) == {"@5", "@10", "@50"}
         assert all(0 <= v <= 100 for v in res[by]["cui"].values())
     assert set(res["baseline"]["cbir_cui"]) == {"@5", "@10", "@50"}
+
+
+def test_select_best_keeps_the_best_validation_epoch(fitted, pairs, feats, tmp_path):
+    val = pairs.subset(range(12))
+    vfeats = {k: v[:12] for k, v in feats.items()}
+    m = _fresh(fitted)
+    hist = train(m, pairs, str(tmp_path), _cfg(epochs=5, select_best=True), val_pairs=val, val_feats=vfeats)
+    rsums = [h["val"]["rsum"] for h in hist]
+    best = int(np.argmax(rsums))  # first maximum, like the strict ">" of the selection
+    assert [h["selected"] for h in hist] == [i == best for i in range(5)]
+
+    def rsum(model):
+        ev = evaluate_features(model, vfeats, val.cuis, by_list=("score",))["score"]
+        return sum(ev["image_to_report"].values()) + sum(ev["report_to_image"].values())
+
+    assert rsum(m) == pytest.approx(rsums[best])
+    assert rsum(PECM.load(str(tmp_path))) == pytest.approx(rsums[best])  # the saved checkpoint is the best epoch
+    assert json.loads((tmp_path / "metrics.json").read_text())[best]["selected"] is True

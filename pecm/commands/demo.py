@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 
 IMAGE_KEYS = ("image_backbone", "image_size", "image_weights", "grid", "K")
@@ -109,7 +110,7 @@ def _run(a) -> int:
     cfg = PECMConfig.tiny(**over) if a.quick else PECMConfig.demo_cpu(**over)
     model = PECM(cfg)
     model.text.fit(train_set.texts)
-    progress = not a.no_progress
+    progress = not a.no_progress and sys.stderr.isatty()
     t = time.time()
     cache = os.path.join(a.out, "cache")
     tr_ids = [p.id for p in train_set.pairs]
@@ -126,17 +127,25 @@ def _run(a) -> int:
     ckpt = os.path.join(a.out, "checkpoint")
     t = time.time()
     tc = TrainConfig(
-        epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, progress=progress, save_every=a.epochs
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        seed=a.seed,
+        progress=progress,
+        save_every=a.epochs,
+        select_best=val_set is not None,
     )
     # small per-step ops (B*K rows): one intra-op thread avoids OpenMP synchronisation overhead, which on a
     # shared 2-core machine cost 1.5-5x per step in our measurements (docs/model.md)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, a.train_threads))
     try:
-        train(model, train_set, ckpt, tc, val_pairs=val_set, train_feats=tr_f, val_feats=va_f)
+        hist = train(model, train_set, ckpt, tc, val_pairs=val_set, train_feats=tr_f, val_feats=va_f)
     finally:
         torch.set_num_threads(threads)
-    print(f"training: {a.epochs} epochs in {time.time() - t:.1f}s -> {ckpt}")
+    sel = [h["epoch"] for h in hist if h.get("selected")]
+    chosen = f"; kept epoch {sel[0]} (best validation RSUM)" if sel else ""
+    print(f"training: {a.epochs} epochs in {time.time() - t:.1f}s{chosen} -> {ckpt}")
 
     # ---- archive index of both modalities (test split)
     img, im, txt, tm, w = prototypes_from_features(model, te_f)

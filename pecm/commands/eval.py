@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 
 def eval_summary(res: dict, by: str, n: int) -> dict:
@@ -73,7 +74,8 @@ def _run(a) -> int:
     pairs = load_dataset(a.data, layout=a.layout, limit=a.limit)
     if a.test_split is not None:  # the held-out split of `pecm demo` / a seeded split of DIR
         _, pairs = split_pairs(pairs, a.test_split, a.seed)
-    feats = extract_features(model, pairs, a.batch_size, progress=not a.json and not a.no_progress)
+    progress = not a.json and not a.no_progress and sys.stderr.isatty()
+    feats = extract_features(model, pairs, a.batch_size, progress=progress)
     cuis = pairs.cuis if any(pairs.cuis) else None
     res = evaluate_features(model, feats, cuis)
     if a.json:

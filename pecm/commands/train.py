@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 
 
 def _config(a):
@@ -46,6 +47,8 @@ def _check_flags(a) -> None:
             raise ValueError(f"--{flag.replace('_', '-')}: expected a value >= 0, got {getattr(a, flag)}")
     if not 0.0 <= a.val_fraction < 1.0:
         raise ValueError(f"--val-fraction: expected a float in [0, 1), got {a.val_fraction}")
+    if a.select_best and not a.val_fraction > 0:
+        raise ValueError("--select-best: needs --val-fraction > 0 (a validation split to select on)")
     if a.limit is not None and a.limit < 2:
         raise ValueError(f"--limit: expected an int >= 2, got {a.limit}")
     if a.temperature is not None and not a.temperature > 0:
@@ -89,8 +92,9 @@ def _run(a) -> int:
         div=a.div,
         seed=a.seed,
         amp=not a.no_amp,
-        progress=not a.no_progress,
+        progress=not a.no_progress and sys.stderr.isatty(),
         resume=a.resume,
+        select_best=a.select_best,
     )
     if a.resume and os.path.isfile(os.path.join(a.out, "model.safetensors")):
         model = PECM.load(a.out, map_location=dev)
@@ -130,5 +134,10 @@ def register(sub) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--no-amp", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--select-best",
+        action="store_true",
+        help="keep the epoch with the best validation RSUM (needs --val-fraction > 0)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     p.set_defaults(func=_run)
