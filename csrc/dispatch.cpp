@@ -7,7 +7,17 @@ namespace pecm {
 namespace {
 
 TileFn g_tile = nullptr;
+int g_lanes = 1;
 std::string g_level;
+
+int lanes_for(const std::string& level) {
+#if defined(PECM_HAVE_X86)
+    if (level == "avx512") return avx512::tile_lanes();
+    if (level == "avx2") return avx2::tile_lanes();
+#endif
+    (void)level;
+    return scalar::tile_lanes();
+}
 
 TileFn tile_for(const std::string& level) {
 #if defined(PECM_HAVE_X86)
@@ -33,6 +43,7 @@ void init_once() {
     }
     g_level = best;
     g_tile = tile_for(best);
+    g_lanes = lanes_for(best);
 }
 
 }  // namespace
@@ -61,6 +72,7 @@ void set_simd(const std::string& level) {
         if (l == level) {
             g_level = level;
             g_tile = tile_for(level);
+            g_lanes = lanes_for(level);
             return;
         }
     }
@@ -71,6 +83,11 @@ void set_simd(const std::string& level) {
 TileFn current_tile() {
     init_once();
     return g_tile;
+}
+
+int current_lanes() {
+    init_once();
+    return g_lanes;
 }
 
 }  // namespace pecm

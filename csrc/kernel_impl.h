@@ -109,17 +109,139 @@ static void accumulate(const float* q, int64_t qs, int64_t nq, const T* base, in
     }
 }
 
+
+// ------------------------------------------------------------------------------------------------
+// GEMM path (many queries, compute-bound). Outputs acc[r * kQueryBlock + i] for candidate row r and
+// query i of the block. Queries come pre-packed by the driver ([group][K*D + D][VL], VL queries per
+// vector, zero padding); candidate rows are converted fp16/bf16 -> fp32 once per kGemmKC slice into
+// cbuf (rows of stride kGemmKC, L2-resident) and every query of the block reuses the slice.
+// Micro-kernel: MR candidate rows x NG query vectors of accumulators, each step loads NG query
+// vectors and broadcasts MR candidate values (no horizontal sums, no shuffles).
+template <int MR, int NG>
+static void gmicro(const float* a, const float* b, int64_t bstride, int64_t len, float* c) {
+    V acc[MR][NG];
+    for (int r = 0; r < MR; r++)
+        for (int g = 0; g < NG; g++) acc[r][g] = vload(c + r * kQueryBlock + g * VL);
+    const float* b1 = b + bstride;
+#pragma GCC unroll 2
+    for (int64_t k = 0; k < len; k++) {
+        V x[NG];
+        x[0] = vload(b + k * VL);
+        if constexpr (NG > 1) x[1] = vload(b1 + k * VL);
+        for (int r = 0; r < MR; r++) {
+            const V av = vbcast(a + r * kGemmKC + k);
+            for (int g = 0; g < NG; g++) acc[r][g] = vfma(av, x[g], acc[r][g]);
+        }
+    }
+    for (int r = 0; r < MR; r++)
+        for (int g = 0; g < NG; g++) vstore(c + r * kQueryBlock + g * VL, acc[r][g]);
+}
+
+using GMicroFn = void (*)(const float*, const float*, int64_t, int64_t, float*);
+
+template <int NG, int MR>
+static GMicroFn gpick_rows(int mr) {
+    if constexpr (MR == 1) {
+        return &gmicro<1, NG>;
+    } else {
+        return mr == MR ? &gmicro<MR, NG> : gpick_rows<NG, MR - 1>(mr);
+    }
+}
+
+constexpr int kMR2 = 6;   // rows of the 2-vector micro-tile (6 x 2 accumulators)
+constexpr int kMR1 = 12;  // rows of the 1-vector micro-tile (12 x 1 accumulators)
+static_assert(kRowBlock % kMR2 == 0 && kRowBlock % kMR1 == 0, "row block must tile evenly");
+
+// acc[r * kQueryBlock + i] += q_i . row_r over one segment (the K*D prototypes or the D pooled values).
+template <typename T>
+static void gemm_segment(const float* qpk, int64_t lt, int64_t qoff, int64_t ng, const T* const* rp, int nr,
+                         int64_t rowlen, float* acc, float* cbuf) {
+    constexpr int64_t line = 64 / (int64_t)sizeof(T);
+    const int full = nr / kMR2 * kMR2, full1 = nr / kMR1 * kMR1;
+    const GMicroFn tail2 = gpick_rows<2, kMR2>(nr - full > 0 ? nr - full : 1);
+    const GMicroFn tail1 = gpick_rows<1, kMR1>(nr - full1 > 0 ? nr - full1 : 1);
+    for (int64_t k0 = 0; k0 < rowlen; k0 += kGemmKC) {
+        const int64_t len = imin(kGemmKC, rowlen - k0);
+        const int64_t next = imin(kGemmKC, rowlen - k0 - kGemmKC);  // elements of the next slice (<= 0: none)
+        for (int r = 0; r < nr; r++) {
+            const T* src = rp[r] + k0;
+            float* dst = cbuf + r * kGemmKC;
+            int64_t j = 0;
+            for (; j + VL <= len; j += VL) vstore(dst + j, vload(src + j));
+            for (; j < len; j++) dst[j] = to_f32(src + j);
+        }
+        // Prefetch the next slice of the rows spread over the micro-kernel calls of this slice (a burst
+        // of hundreds of prefetches would overflow the miss buffers): rows r0..r0+5 with group pair 0.
+        auto prefetch_rows = [&](int r0, int r1) {
+            for (int r = r0; r < r1 && next > 0; r++)
+                for (int64_t j = 0; j < next; j += line) __builtin_prefetch(rp[r] + k0 + kGemmKC + j, 0, 3);
+        };
+        for (int64_t g = 0; g < ng; g += 2) {
+            const float* b = qpk + (g * lt + qoff + k0) * VL;
+            float* c = acc + g * VL;
+            if (g + 1 < ng) {
+                int r0 = 0;
+                for (; r0 < full; r0 += kMR2) {
+                    if (g == 0) prefetch_rows(r0, r0 + kMR2);
+                    gmicro<kMR2, 2>(cbuf + r0 * kGemmKC, b, lt * VL, len, c + r0 * kQueryBlock);
+                }
+                if (r0 < nr) {
+                    if (g == 0) prefetch_rows(r0, nr);
+                    tail2(cbuf + r0 * kGemmKC, b, lt * VL, len, c + r0 * kQueryBlock);
+                }
+            } else {
+                int r0 = 0;
+                for (; r0 < full1; r0 += kMR1) {
+                    if (g == 0) prefetch_rows(r0, r0 + kMR1);
+                    gmicro<kMR1, 1>(cbuf + r0 * kGemmKC, b, lt * VL, len, c + r0 * kQueryBlock);
+                }
+                if (r0 < nr) {
+                    if (g == 0) prefetch_rows(r0, nr);
+                    tail1(cbuf + r0 * kGemmKC, b, lt * VL, len, c + r0 * kQueryBlock);
+                }
+            }
+        }
+    }
+}
+
+template <typename T>
+static void gemm_accumulate(const Problem& p, int64_t q0, int64_t nq, const int64_t* rows, int64_t n0, int nr,
+                            bool need_num, bool need_sim, float* accn, float* accs, float* cbuf) {
+    const int64_t KD = p.K * p.D, lt = KD + p.D, ng = (nq + VL - 1) / VL;
+    const float* qpk = p.qpk + (q0 / VL) * lt * VL;
+    for (int r = 0; r < nr; r++)
+        for (int64_t i = 0; i < ng * VL; i++) accn[r * kQueryBlock + i] = accs[r * kQueryBlock + i] = 0.f;
+    const T* rp[kRowBlock];
+    if (need_num) {
+        for (int r = 0; r < nr; r++) rp[r] = (const T*)p.c + (rows ? rows[r] : n0 + r) * KD;
+        gemm_segment<T>(qpk, lt, 0, ng, rp, nr, KD, accn, cbuf);
+    }
+    if (need_sim) {
+        for (int r = 0; r < nr; r++) rp[r] = (const T*)p.cp + (rows ? rows[r] : n0 + r) * p.D;
+        gemm_segment<T>(qpk, lt, KD, ng, rp, nr, p.D, accs, cbuf);
+    }
+}
+
 template <typename T>
 static void tile_t(const Problem& p, int64_t q0, int64_t q1, const int64_t* rows, int64_t n0, int nr, float* sim,
                    float* conf, float* score, int64_t ld, float* scratch) {
     const int64_t nq = q1 - q0, KD = p.K * p.D;
     float* accn = scratch;
-    float* accs = scratch + nq * nr;
+    float* accs = scratch + kQueryBlock * kRowBlock;
     float* cbuf = scratch + 2 * kQueryBlock * kRowBlock;
-    for (int64_t i = 0; i < 2 * nq * nr; i++) scratch[i] = 0.f;
     const bool need_sim = sim || score, need_num = conf || score;
-    if (need_num) accumulate<T>(p.qw + q0 * KD, KD, nq, (const T*)p.c, KD, rows, n0, nr, accn, cbuf);
-    if (need_sim) accumulate<T>(p.qp + q0 * p.D, p.D, nq, (const T*)p.cp, p.D, rows, n0, nr, accs, cbuf);
+    // GEMM path: acc[r * kQueryBlock + i]; dot-product paths: acc[i * nr + r].
+    const bool gemm = p.qpk && p.qlanes == VL && nq >= kGemmMinQ && q0 % VL == 0;
+    int64_t si = nr, sr = 1;
+    if (gemm) {
+        gemm_accumulate<T>(p, q0, nq, rows, n0, nr, need_num, need_sim, accn, accs, cbuf);
+        si = 1;
+        sr = kQueryBlock;
+    } else {
+        for (int64_t i = 0; i < nq * nr; i++) accn[i] = accs[i] = 0.f;
+        if (need_num) accumulate<T>(p.qw + q0 * KD, KD, nq, (const T*)p.c, KD, rows, n0, nr, accn, cbuf);
+        if (need_sim) accumulate<T>(p.qp + q0 * p.D, p.D, nq, (const T*)p.cp, p.D, rows, n0, nr, accs, cbuf);
+    }
     const T* cm = (const T*)p.cm;
     for (int64_t i = 0; i < nq; i++) {
         const int64_t b = q0 + i;
@@ -136,15 +258,17 @@ static void tile_t(const Problem& p, int64_t q0, int64_t q1, const int64_t* rows
                 } else {
                     den = p.qsum[b];
                 }
-                cf = den > 0.f ? accn[i * nr + r] / den : 0.f;
+                cf = den > 0.f ? accn[i * si + r * sr] / den : 0.f;
             }
-            const float s = accs[i * nr + r];
+            const float s = accs[i * si + r * sr];
             if (sim) sim[i * ld + r] = s;
             if (conf) conf[i * ld + r] = cf;
             if (score) score[i * ld + r] = s * cf;
         }
     }
 }
+
+int tile_lanes() { return VL; }
 
 void tile(const Problem& p, int64_t q0, int64_t q1, const int64_t* rows, int64_t n0, int nr, float* sim, float* conf,
           float* score, int64_t ld, float* scratch) {

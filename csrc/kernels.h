@@ -22,19 +22,34 @@ struct Problem {
     const void* cp;     // [N, D] storage dtype
     int dtype;          // DType
     int64_t B, N, K, D;
+    // Optional packed queries for the GEMM path (many queries): [ceil(B/L)][K*D + D][L] float32, the
+    // qw row then the qp row of each query, L = qlanes queries interleaved (L = the vector width of
+    // the ISA whose tile kernel is used: tile_lanes()). Null -> the dot-product paths only.
+    const float* qpk = nullptr;
+    int64_t qlanes = 0;
 };
 
 // Tile geometry shared by all ISAs (the drivers size scratch buffers with it).
-constexpr int kRowBlock = 32;      // candidate rows per tile
+constexpr int kRowBlock = 48;      // candidate rows per tile (a multiple of the GEMM micro-tiles 6 and 12)
 constexpr int kQueryBlock = 64;    // queries per tile
 constexpr int64_t kChunk = 512;    // floats of a row converted at a time (blocked GEMM path)
+constexpr int64_t kGemmKC = 256;   // reduction slice of the GEMM path (converted rows: kRowBlock x kGemmKC fp32)
+constexpr int kGemmMinQ = 12;      // query blocks with at least this many queries use the GEMM path (when packed)
 constexpr int64_t kScratchFloats = kRowBlock * kChunk + 2 * kQueryBlock * kRowBlock;
+static_assert(kRowBlock * kGemmKC <= kRowBlock * kChunk, "GEMM path shares the scratch layout");
 
 // Computes, for queries [q0, q1) (q1 - q0 <= kQueryBlock) and nr <= kRowBlock candidate rows
 // (rows[i], or n0 + i when rows is null), whichever of sim / conf / score is non-null:
 // out[(q - q0) * ld + i]. scratch holds kScratchFloats floats (64-byte aligned).
 using TileFn = void (*)(const Problem& p, int64_t q0, int64_t q1, const int64_t* rows, int64_t n0, int nr,
                         float* sim, float* conf, float* score, int64_t ld, float* scratch);
+
+// Query lanes of the packed layout each ISA's GEMM path expects (its vector width in floats).
+namespace scalar { int tile_lanes(); }
+#if defined(PECM_HAVE_X86)
+namespace avx2 { int tile_lanes(); }
+namespace avx512 { int tile_lanes(); }
+#endif
 
 namespace scalar { void tile(const Problem&, int64_t, int64_t, const int64_t*, int64_t, int, float*, float*, float*,
                              int64_t, float*); }

@@ -67,6 +67,26 @@ inline bool worth_parallel(const Problem& p, double rows) {
     return rows * (double)(p.K * p.D + p.D) >= kParallelMinFlops;
 }
 
+// The GEMM path of the tile kernel wants the queries packed: [ceil(B/L)][K*D + D][L] float32 (the
+// qw row, then the qp row; L = lanes queries interleaved, zero padding). Returns the buffer and
+// points p.qpk at it; empty (p.qpk stays null) when B is too small for that path.
+std::vector<float> pack_queries(Problem& p, int lanes) {
+    std::vector<float> pk;
+    if (p.B < kGemmMinQ || lanes < 1) return pk;
+    const int64_t KD = p.K * p.D, lt = KD + p.D, ng = (p.B + lanes - 1) / lanes;
+    pk.assign((size_t)(ng * lt * lanes), 0.f);
+    for (int64_t b = 0; b < p.B; b++) {
+        float* dst = pk.data() + (b / lanes) * lt * lanes + b % lanes;
+        const float* qw = p.qw + b * KD;
+        const float* qp = p.qp + b * p.D;
+        for (int64_t l = 0; l < KD; l++) dst[l * lanes] = qw[l];
+        for (int64_t l = 0; l < p.D; l++) dst[(KD + l) * lanes] = qp[l];
+    }
+    p.qpk = pk.data();
+    p.qlanes = lanes;
+    return pk;
+}
+
 }  // namespace
 
 int max_threads() {
@@ -77,8 +97,10 @@ int max_threads() {
 #endif
 }
 
-void run_scores(const Problem& p, float* sim, float* conf, float* score) {
+void run_scores(const Problem& p0, float* sim, float* conf, float* score) {
     const TileFn tile = current_tile();
+    Problem p = p0;
+    const std::vector<float> packed = pack_queries(p, current_lanes());
     const int64_t nblk = (p.N + kRowBlock - 1) / kRowBlock;
     const bool par = worth_parallel(p, (double)p.B * p.N);
 #pragma omp parallel if (par)
@@ -97,8 +119,10 @@ void run_scores(const Problem& p, float* sim, float* conf, float* score) {
     }
 }
 
-void run_topk(const Problem& p, int64_t k, int by, float* values, int64_t* ids) {
+void run_topk(const Problem& p0, int64_t k, int by, float* values, int64_t* ids) {
     const TileFn tile = current_tile();
+    Problem p = p0;
+    const std::vector<float> packed = pack_queries(p, current_lanes());
     const int64_t nblk = (p.N + kRowBlock - 1) / kRowBlock;
     const bool par = worth_parallel(p, (double)p.B * p.N);
     if (k * 4 >= p.N) {

@@ -64,6 +64,7 @@ static inline V vload(const BF16* p) {
 }
 static inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
 static inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+static inline V vbcast(const float* p) { return _mm512_set1_ps(*p); }
 static inline float vsum(V v) { return _mm512_reduce_add_ps(v); }
 #elif defined(PECM_ISA_AVX2)
 typedef __m256 V;
@@ -77,6 +78,7 @@ static inline V vload(const BF16* p) {
 }
 static inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
 static inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+static inline V vbcast(const float* p) { return _mm256_broadcast_ss(p); }
 static inline float vsum(V v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -93,6 +95,7 @@ static inline V vload(const F16* p) { return half_to_float(p->v); }
 static inline V vload(const BF16* p) { return bf16_to_float(p->v); }
 static inline void vstore(float* p, V v) { *p = v; }
 static inline V vfma(V a, V b, V c) { return a * b + c; }
+static inline V vbcast(const float* p) { return *p; }
 static inline float vsum(V v) { return v; }
 #endif
 

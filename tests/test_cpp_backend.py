@@ -123,6 +123,39 @@ def test_many_queries_use_blocked_path(simd):
             np.testing.assert_allclose(got[i].numpy(), ref[i].numpy(), atol=tol(dt), rtol=0)
 
 
+# GEMM path (query blocks of >= 12 queries, 48-row candidate blocks, 6x2 / 12x1 micro-tiles, 256-wide
+# reduction slices): B around the threshold and the micro-tile sizes, N not a multiple of 6 / 12 / 48,
+# K*D and D not multiples of the slice or the vector width.
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("b", [11, 12, 13, 16, 24, 25, 64, 77])
+@pytest.mark.parametrize("n,k,d", [(1, 4, 300), (47, 4, 300), (97, 3, 20), (49, 26, 256)])
+def test_gemm_path_scores(simd, dt, b, n, k, d):
+    mask = n > 1
+    q, c, w, qm, cm = make_case(b, n, k, d, dt, mask=mask)
+    got = ops.pecm_scores(q, c, w, q_mask=qm, c_mask=cm, backend="cpp")
+    ref = ref_case(b, n, k, d, dt, mask=mask)
+    for i, name in enumerate(("sim", "conf", "score")):
+        np.testing.assert_allclose(got[i].numpy(), ref[i], atol=tol(dt), rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("by", ["score", "sim", "conf"])
+@pytest.mark.parametrize("dt", ["f32", "f16"])
+@pytest.mark.parametrize("b,n,topk", [(12, 97, 5), (16, 1, 3), (64, 145, 10), (77, 50, 60), (13, 300, 7)])
+def test_gemm_path_topk(simd, by, dt, b, n, topk):
+    k, d = 4, 72
+    q, c, w, qm, cm = make_case(b, n, k, d, dt, mask=n > 1)
+    vals, ids = ops.pecm_topk(q, c, w, topk, q_mask=qm, c_mask=cm, by=by, backend="cpp")
+    check_topk(vals, ids, ref_case(b, n, k, d, dt, mask=n > 1)[BY_INDEX[by]], topk, tol(dt))
+
+
+@pytest.mark.parametrize("topk", [3, 40, 100])
+def test_gemm_path_topk_ties(simd, topk):
+    b, n, k, d = 20, 99, 4, 16
+    q, c, w, _, _ = make_case(b, n, k, d, "f32", ties=True)
+    vals, ids = ops.pecm_topk(q, c, w, topk, backend="cpp")
+    check_topk(vals, ids, ref_case(b, n, k, d, "f32", ties=True)[2], topk, 1e-5)
+
+
 def test_fully_masked_query_gives_zero_conf(simd):
     q, c, w, _, _ = make_case(2, 33, 4, 8, "f32")
     qm = torch.tensor([[False] * 4, [True, False, True, True]])
