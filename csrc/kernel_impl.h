@@ -39,6 +39,50 @@ static void micro(const float* q, int64_t qs, const T* const* cr, int64_t len, f
     }
 }
 
+// One query x RB gathered rows (rerank), with a steady software prefetch: for every cache line of
+// the current rows consumed, the same line of the next group's rows (nx[0..nnx)) is requested, so
+// about one group (RB rows, ~RB * 14 KB at K=26, D=256 fp16) is always in flight (a burst of
+// whole-row prefetches would overflow the miss buffers and gathered rows defeat the hardware
+// prefetcher at every row start).
+template <int RB, typename T>
+static void micro_gather(const float* q, const T* const* cr, const T* const* nx, int nnx, int64_t len, float* acc) {
+    constexpr int64_t line = 64 / (int64_t)sizeof(T);
+    V a[RB][2];
+    for (int r = 0; r < RB; r++) a[r][0] = a[r][1] = vzero();
+    int64_t j = 0;
+    for (; j + 2 * VL <= len; j += 2 * VL) {
+        if constexpr (2 * VL >= line) {
+            for (int64_t o = 0; o < 2 * VL; o += line)
+                for (int r = 0; r < nnx; r++) __builtin_prefetch(nx[r] + j + o, 0, 2);
+        } else if (j % line == 0) {
+            for (int r = 0; r < nnx; r++) __builtin_prefetch(nx[r] + j, 0, 2);
+        }
+        const V q0 = vload(q + j), q1 = vload(q + j + VL);
+        for (int r = 0; r < RB; r++) {
+            a[r][0] = vfma(q0, vload(cr[r] + j), a[r][0]);
+            a[r][1] = vfma(q1, vload(cr[r] + j + VL), a[r][1]);
+        }
+    }
+    for (int r = 0; r < RB; r++) {
+        float s = vsum(a[r][0]) + vsum(a[r][1]);
+        for (int64_t t = j; t < len; t++) s += q[t] * to_f32(cr[r] + t);
+        acc[r] += s;
+    }
+}
+
+template <typename T>
+using GatherFn = void (*)(const float*, const T* const*, const T* const*, int, int64_t, float*);
+
+template <typename T>
+static GatherFn<T> pick_gather(int rb) {
+    switch (rb) {
+        case 1: return &micro_gather<1, T>;
+        case 2: return &micro_gather<(RB_MAX >= 2 ? 2 : 1), T>;
+        case 3: return &micro_gather<(RB_MAX >= 3 ? 3 : 1), T>;
+        default: return &micro_gather<RB_MAX, T>;
+    }
+}
+
 template <typename T>
 using MicroFn = void (*)(const float*, int64_t, const T* const*, int64_t, float*, int64_t);
 
@@ -69,6 +113,22 @@ static void accumulate(const float* q, int64_t qs, int64_t nq, const T* base, in
     const T* rp[kRowBlock];
     for (int r = 0; r < nr; r++) rp[r] = base + (rows ? rows[r] : n0 + r) * rowlen;
     const bool blocked = nq >= 16;
+    if (rows && nq == 1) {
+        // Re-rank: one query, gathered rows. The first group is requested up front; every later group
+        // is prefetched line by line while the previous one is computed (micro_gather).
+        constexpr int64_t line = 64 / (int64_t)sizeof(T);
+        for (int r = 0; r < (int)imin(RB_MAX, nr); r++)
+            for (int64_t j = 0; j < rowlen; j += line) __builtin_prefetch(rp[r] + j, 0, 2);
+        for (int r0 = 0; r0 < nr; r0 += RB_MAX) {
+            const int rb = (int)imin(RB_MAX, nr - r0);
+            const int nnx = (int)imin(RB_MAX, imin(nr, r0 + 2 * RB_MAX) - (r0 + RB_MAX));
+            if (nnx > 0)
+                pick_gather<T>(rb)(q, rp + r0, rp + r0 + RB_MAX, nnx, rowlen, acc + r0);
+            else
+                pick_gather<T>(rb)(q, rp + r0, nullptr, 0, rowlen, acc + r0);
+        }
+        return;
+    }
     if (!blocked) {
         // Gathered rows (rerank) are scattered in memory: software-prefetch the next group of rows
         // into L2 while this group is computed (contiguous rows are left to the hardware prefetcher).

@@ -200,7 +200,12 @@ void run_topk(const Problem& p0, int64_t k, int by, float* values, int64_t* ids)
 
 void run_rerank(const Problem& p, const int64_t* cand, int64_t m, int64_t k, int by, float* values, int64_t* ids) {
     const TileFn tile = current_tile();
-    const int64_t mblk = (m + kRowBlock - 1) / kRowBlock;
+    // Id blocks of at most kRowBlock rows, as many per query as a multiple of the thread count (so
+    // one query's gather, the B = 1 case, is split evenly over the threads).
+    const int nt = max_threads();
+    int64_t mblk = (m + kRowBlock - 1) / kRowBlock;
+    if (p.B < 4 * nt) mblk = (mblk + nt - 1) / nt * nt;
+    const int64_t bs = (m + mblk - 1) / mblk;
     const float ninf = -std::numeric_limits<float>::infinity();
     std::vector<float> vals((size_t)(p.B * m), ninf);
     const bool par = worth_parallel(p, (double)p.B * m);
@@ -213,7 +218,7 @@ void run_rerank(const Problem& p, const int64_t* cand, int64_t m, int64_t k, int
 #pragma omp for schedule(dynamic, 1) collapse(2)
         for (int64_t b = 0; b < p.B; b++) {
             for (int64_t blk = 0; blk < mblk; blk++) {
-                const int64_t j0 = blk * kRowBlock, j1 = std::min<int64_t>(m, j0 + kRowBlock);
+                const int64_t j0 = blk * bs, j1 = std::min<int64_t>(m, j0 + bs);
                 int nr = 0;
                 for (int64_t j = j0; j < j1; j++) {
                     const int64_t id = cand[b * m + j];

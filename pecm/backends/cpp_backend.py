@@ -27,20 +27,26 @@ _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "
 
 
 def _np(t: Optional[Tensor], storage: torch.dtype) -> Optional[np.ndarray]:
-    """Zero-copy numpy view of a contiguous CPU tensor in the storage dtype (16-bit types as int16 bits)."""
+    """Zero-copy numpy view of a contiguous CPU tensor in the storage dtype (16-bit types as int16 bits).
+
+    Already-canonical operands (the usual case) take no torch op but the view: per-call overhead
+    matters for small calls such as one re-rank query.
+    """
     if t is None:
         return None
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     if t.dtype != storage:
         t = t.to(storage)
-    t = t.contiguous()
-    if storage == torch.float32:
-        return t.numpy()
-    return t.view(torch.int16).numpy()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if storage in (torch.float16, torch.bfloat16):
+        return t.view(torch.int16).numpy()
+    return t.numpy()
 
 
 def _q(t: Tensor) -> np.ndarray:
-    return t.detach().to(torch.float32).contiguous().numpy()
+    return _np(t, torch.float32)
 
 
 class CppBackend:
@@ -66,7 +72,7 @@ class CppBackend:
         return torch.from_numpy(vals), torch.from_numpy(ids)
 
     def rerank(self, qw, qden, qp, c, cm, cp, cand, k, by) -> Tuple[Tensor, Tensor]:
-        cand_np = cand.detach().to(torch.int64).contiguous().numpy()
+        cand_np = _np(cand, torch.int64)
         vals, ids = _C.rerank(*self._args(qw, qden, qp, c, cm, cp), cand_np, int(k), by)
         return torch.from_numpy(vals), torch.from_numpy(ids)
 
