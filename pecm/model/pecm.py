@@ -40,16 +40,20 @@ class Head(nn.Module):
 
 
 class PECM(nn.Module):
-    def __init__(self, config: PECMConfig, load_pretrained: bool = True):
+    def __init__(self, config: PECMConfig, load_pretrained: bool = True, _from_checkpoint: bool = False):
         super().__init__()
         if not isinstance(config, PECMConfig):
             raise TypeError(f"config: expected PECMConfig, got {type(config).__name__}")
         self.config = config
         torch.manual_seed(config.seed)
         self.image = ImageFeatures(
-            config.image_backbone, config.grid, config.image_size, config.image_weights if load_pretrained else None
+            config.image_backbone,
+            config.grid,
+            config.image_size,
+            config.image_weights if load_pretrained else None,
+            warn=not _from_checkpoint,  # the checkpoint supplies the weights: no "random init" warning
         )
-        self.text = TextFeatures(config)
+        self.text = TextFeatures(config, warn=not _from_checkpoint)
         torch.manual_seed(config.seed + 1)
         self.image_head = Head(self.image.dim, config.head_hidden, config.D, config.K)
         self.text_head = Head(self.text.dim, config.head_hidden, config.D, config.K)
@@ -145,7 +149,7 @@ class PECM(nn.Module):
             raise FileNotFoundError(f"checkpoint: {cfg_path} not found (expected a PECM checkpoint directory)")
         with open(cfg_path) as f:
             config = PECMConfig.from_dict(json.load(f))
-        model = cls(config, load_pretrained=False)
+        model = cls(config, load_pretrained=False, _from_checkpoint=True)
         sd = load_file(os.path.join(directory, "model.safetensors"), device=str(map_location))
         model.load_state_dict(sd)
         model.text.load_aux(directory)

@@ -66,7 +66,7 @@ def group_sentences(vecs: np.ndarray, max_groups: int, threshold: float) -> List
 class TextFeatures(nn.Module):
     """Reports → raw features [B, K, H] + masks [B, K] (slot 0 global, then sentence groups)."""
 
-    def __init__(self, config):
+    def __init__(self, config, warn: bool = True):
         super().__init__()
         self.config = config
         self.K = config.K
@@ -86,7 +86,9 @@ class TextFeatures(nn.Module):
             )
             torch.manual_seed(config.seed)
             self.encoder = BertModel(bc, add_pooling_layer=False)
-            log.warning("text encoder: tiny random BERT (%d hidden, %d layers)", config.text_hidden, config.text_layers)
+            if warn:
+                h, n = config.text_hidden, config.text_layers
+                log.warning("text encoder: tiny random BERT (%d hidden, %d layers)", h, n)
         else:
             path = self.package_path(enc)
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
