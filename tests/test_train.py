@@ -149,3 +149,38 @@ def test_select_best_keeps_the_best_validation_epoch(fitted, pairs, feats, tmp_p
     assert rsum(m) == pytest.approx(rsums[best])
     assert rsum(PECM.load(str(tmp_path))) == pytest.approx(rsums[best])  # the saved checkpoint is the best epoch
     assert json.loads((tmp_path / "metrics.json").read_text())[best]["selected"] is True
+
+
+def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        ps = load_pairs(SAMPLE_ROCO, limit=32)
+        m = PECM(PECMConfig.tiny(), load_pretrained=False)
+        m.text.fit(ps.texts)
+        hist = train(m, ps, out, TrainConfig(epochs=2, batch_size=8, lr=1e-3, progress=False))
+        flat = torch.cat([p.detach().flatten() for p in m.parameters() if p.requires_grad])
+        torch.save({"params": flat, "loss": hist[-1]["train"]["loss"]}, f"{out}.rank{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_ranks_stay_in_sync(tmp_path):
+    import socket
+
+    import torch.multiprocessing as tmp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "ddp")
+    tmp.spawn(_ddp_rank, args=(2, port, out), nprocs=2, join=True)
+    r0, r1 = (torch.load(f"{out}.rank{r}", weights_only=True) for r in (0, 1))
+    torch.testing.assert_close(r0["params"], r1["params"])  # DDP averaged the gradients: identical replicas
+    assert np.isfinite(r0["loss"]) and np.isfinite(r1["loss"])
+    assert (tmp_path / "ddp" / "model.safetensors").is_file()  # rank 0 wrote the checkpoint
+    hist = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2]
