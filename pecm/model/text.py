@@ -91,8 +91,16 @@ class TextFeatures(nn.Module):
                 log.warning("text encoder: tiny random BERT (%d hidden, %d layers)", h, n)
         else:
             path = self.package_path(enc)
-            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            self.encoder = AutoModel.from_pretrained(path, local_files_only=True)
+            from transformers.utils import logging as hf_logging
+
+            bar = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # no "Loading weights" bar for a local load
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+                self.encoder = AutoModel.from_pretrained(path, local_files_only=True)
+            finally:
+                if bar:
+                    hf_logging.enable_progress_bar()
             log.info("text encoder: %s from %s", type(self.encoder).__name__, path)
         self.dim = int(self.encoder.config.hidden_size)
 
