@@ -88,7 +88,7 @@ def extract_features(
 
     On a CPU with >= 2 threads the image side and the report side run concurrently in two threads with half
     the intra-op threads each (the encoders are independent modules; about 1.3-1.8x less CPU time than two
-    sequential multi-threaded passes on a 2-core machine, measured in the demo)."""
+    sequential multi-threaded passes on the shared 2-core machine, measured on 128 ROCO pairs)."""
     was = model.training
     model.eval()
     n = len(pairs)

@@ -1,11 +1,13 @@
 """`pecm demo [--data DIR] [--out runs/demo] [--epochs N]`: the end-to-end PECM demo on ROCO pairs.
 
 Steps: load the pairs (``../shared/data/roco`` when present, else the shipped ``data/roco_sample``), seeded
-80/20 train/test split; build `PECM` with the packaged pretrained backbones (efficientnet_lite0 ImageNet,
-all-MiniLM-L6-v2), frozen; extract and cache their features; train heads + θ + logit scale (`pecm.train`);
-save ``OUT/checkpoint``; index the test images and reports in ``OUT/index/{images,reports}``
-(`pecm.index.ArchiveIndex`); run example report→image and image→report searches; print the evaluation table
-(sim only vs R = sim·C), chance levels and the wall time.
+train/val/test split (75/5/20 %); build `PECM` with the packaged pretrained backbones (efficientnet_lite0
+ImageNet, all-MiniLM-L6-v2), frozen; extract and cache their features; train heads + θ + logit scale
+(`pecm.train`, paper schedule) and keep the epoch with the best validation RSUM; save ``OUT/checkpoint``;
+index the test images and reports in ``OUT/index/{images,reports}`` (`pecm.index.ArchiveIndex`); run example
+report→image and image→report searches; print the evaluation table on the test pairs (sim only vs
+R = sim·C), chance levels and the wall time. ``--quick``: a tiny random model on 60 shipped pairs (tests).
+See docs/model.md for the measured results.
 """
 
 from __future__ import annotations
