@@ -1,12 +1,13 @@
 // The score tile kernel, compiled once per ISA (kernel_avx512.cpp, kernel_avx2.cpp,
 // kernel_scalar.cpp). See docs/cpp.md for the algorithm.
 //
-// Two ways to feed the register-blocked micro-kernel (QB queries x RB candidate rows, one vector
-// accumulator per pair, horizontal sum at the end):
-//  * streaming (few queries): dot products read the storage dtype directly, converting
-//    fp16/bf16 -> fp32 in registers (F16C / shift), whole rows at a time;
-//  * blocked GEMM (many queries): a kChunk-wide slice of the tile's rows is converted to fp32 once
-//    into an L1/L2-resident buffer, then reused by every query of the tile.
+// Three paths:
+//  * few queries (< kGemmMinQ): a register-blocked dot-product micro-kernel (QB queries x RB rows,
+//    one vector accumulator per pair, horizontal sum at the end) reads the storage dtype directly,
+//    converting fp16/bf16 -> fp32 in registers (F16C / shift);
+//  * re-rank (one query, gathered rows): micro_gather, with a steady line-by-line prefetch;
+//  * many queries: the GEMM path (packed queries, kGemmKC-wide slices of the rows converted to fp32
+//    once and reused by every query of the block, broadcast-FMA micro-tiles).
 #pragma once
 #include "kernels.h"
 #include "simd.h"
@@ -109,10 +110,9 @@ static MicroFn<T> pick(int qb, int rb) {
 // acc[i * nr + r] += q[i] . row_r  for i < nq, r < nr; rows have `rowlen` elements.
 template <typename T>
 static void accumulate(const float* q, int64_t qs, int64_t nq, const T* base, int64_t rowlen, const int64_t* rows,
-                       int64_t n0, int nr, float* acc, float* cbuf) {
+                       int64_t n0, int nr, float* acc) {
     const T* rp[kRowBlock];
     for (int r = 0; r < nr; r++) rp[r] = base + (rows ? rows[r] : n0 + r) * rowlen;
-    const bool blocked = nq >= 16;
     if (rows && nq == 1) {
         // Re-rank: one query, gathered rows. The first group is requested up front; every later group
         // is prefetched line by line while the previous one is computed (micro_gather).
@@ -129,46 +129,23 @@ static void accumulate(const float* q, int64_t qs, int64_t nq, const T* base, in
         }
         return;
     }
-    if (!blocked) {
-        // Gathered rows (rerank) are scattered in memory: software-prefetch the next group of rows
-        // into L2 while this group is computed (contiguous rows are left to the hardware prefetcher).
-        constexpr int64_t line = 64 / (int64_t)sizeof(T);
+    // Few queries (bandwidth-bound): stream the storage dtype, converting in registers. Gathered rows
+    // with several queries are prefetched a group ahead (contiguous rows: the hardware prefetcher).
+    constexpr int64_t line = 64 / (int64_t)sizeof(T);
+    if (rows)
+        for (int r = 0; r < (int)imin(RB_MAX, nr); r++)
+            for (int64_t j = 0; j < rowlen; j += line) __builtin_prefetch(rp[r] + j, 0, 2);
+    for (int r0 = 0; r0 < nr; r0 += RB_MAX) {
+        int rb = (int)imin(RB_MAX, nr - r0);
         if (rows)
-            for (int r = 0; r < (int)imin(RB_MAX, nr); r++)
+            for (int r = r0 + RB_MAX; r < (int)imin(r0 + 2 * RB_MAX, nr); r++)
                 for (int64_t j = 0; j < rowlen; j += line) __builtin_prefetch(rp[r] + j, 0, 2);
-        for (int r0 = 0; r0 < nr; r0 += RB_MAX) {
-            int rb = (int)imin(RB_MAX, nr - r0);
-            if (rows)
-                for (int r = r0 + RB_MAX; r < (int)imin(r0 + 2 * RB_MAX, nr); r++)
-                    for (int64_t j = 0; j < rowlen; j += line) __builtin_prefetch(rp[r] + j, 0, 2);
-            for (int64_t i0 = 0; i0 < nq; i0 += QB_MAX) {
-                int qb = (int)imin(QB_MAX, nq - i0);
-                pick<T>(qb, rb)(q + i0 * qs, qs, rp + r0, rowlen, acc + i0 * nr + r0, nr);
-            }
-        }
-        return;
-    }
-    for (int64_t k0 = 0; k0 < rowlen; k0 += kChunk) {
-        const int64_t len = imin(kChunk, rowlen - k0);
-        const float* cp[kRowBlock];
-        for (int r = 0; r < nr; r++) {
-            float* dst = cbuf + r * kChunk;
-            const T* src = rp[r] + k0;
-            int64_t j = 0;
-            for (; j + VL <= len; j += VL) vstore(dst + j, vload(src + j));
-            for (; j < len; j++) dst[j] = to_f32(src + j);
-            cp[r] = dst;
-        }
-        for (int r0 = 0; r0 < nr; r0 += RB_MAX) {
-            int rb = (int)imin(RB_MAX, nr - r0);
-            for (int64_t i0 = 0; i0 < nq; i0 += QB_MAX) {
-                int qb = (int)imin(QB_MAX, nq - i0);
-                pick<float>(qb, rb)(q + i0 * qs + k0, qs, cp + r0, len, acc + i0 * nr + r0, nr);
-            }
+        for (int64_t i0 = 0; i0 < nq; i0 += QB_MAX) {
+            int qb = (int)imin(QB_MAX, nq - i0);
+            pick<T>(qb, rb)(q + i0 * qs, qs, rp + r0, rowlen, acc + i0 * nr + r0, nr);
         }
     }
 }
-
 
 // ------------------------------------------------------------------------------------------------
 // GEMM path (many queries, compute-bound). Outputs acc[r * kQueryBlock + i] for candidate row r and
@@ -299,8 +276,8 @@ static void tile_t(const Problem& p, int64_t q0, int64_t q1, const int64_t* rows
         sr = kQueryBlock;
     } else {
         for (int64_t i = 0; i < nq * nr; i++) accn[i] = accs[i] = 0.f;
-        if (need_num) accumulate<T>(p.qw + q0 * KD, KD, nq, (const T*)p.c, KD, rows, n0, nr, accn, cbuf);
-        if (need_sim) accumulate<T>(p.qp + q0 * p.D, p.D, nq, (const T*)p.cp, p.D, rows, n0, nr, accs, cbuf);
+        if (need_num) accumulate<T>(p.qw + q0 * KD, KD, nq, (const T*)p.c, KD, rows, n0, nr, accn);
+        if (need_sim) accumulate<T>(p.qp + q0 * p.D, p.D, nq, (const T*)p.cp, p.D, rows, n0, nr, accs);
     }
     const T* cm = (const T*)p.cm;
     for (int64_t i = 0; i < nq; i++) {

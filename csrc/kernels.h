@@ -32,11 +32,10 @@ struct Problem {
 // Tile geometry shared by all ISAs (the drivers size scratch buffers with it).
 constexpr int kRowBlock = 48;      // candidate rows per tile (a multiple of the GEMM micro-tiles 6 and 12)
 constexpr int kQueryBlock = 64;    // queries per tile
-constexpr int64_t kChunk = 512;    // floats of a row converted at a time (blocked GEMM path)
 constexpr int64_t kGemmKC = 256;   // reduction slice of the GEMM path (converted rows: kRowBlock x kGemmKC fp32)
 constexpr int kGemmMinQ = 12;      // query blocks with at least this many queries use the GEMM path (when packed)
-constexpr int64_t kScratchFloats = kRowBlock * kChunk + 2 * kQueryBlock * kRowBlock;
-static_assert(kRowBlock * kGemmKC <= kRowBlock * kChunk, "GEMM path shares the scratch layout");
+// Scratch: two kQueryBlock x kRowBlock accumulator tiles, then the converted rows of the GEMM path.
+constexpr int64_t kScratchFloats = 2 * kQueryBlock * kRowBlock + kRowBlock * kGemmKC;
 
 // Computes, for queries [q0, q1) (q1 - q0 <= kQueryBlock) and nr <= kRowBlock candidate rows
 // (rows[i], or n0 + i when rows is null), whichever of sim / conf / score is non-null:

@@ -114,7 +114,7 @@ def test_scores_masked_many_candidates(simd, k, d, dt):
 
 
 def test_many_queries_use_blocked_path(simd):
-    # B >= 16 takes the blocked-GEMM path (fp32 conversion buffer); B = 70 spans two query blocks.
+    # B = 70 spans two query blocks: 64 queries on the GEMM path, the last 6 on the dot-product path.
     for dt in DTYPES:
         q, c, w, qm, cm = make_case(70, 40, 4, 300, dt, mask=True)
         got = ops.pecm_scores(q, c, w, q_mask=qm, c_mask=cm, backend="cpp")
