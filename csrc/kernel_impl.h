@@ -111,7 +111,7 @@ static MicroFn<T> pick(int qb, int rb) {
 template <typename T>
 static void accumulate(const float* q, int64_t qs, int64_t nq, const T* base, int64_t rowlen, const int64_t* rows,
                        int64_t n0, int nr, float* acc) {
-    const T* rp[kRowBlock];
+    const T* rp[kGatherRows];
     for (int r = 0; r < nr; r++) rp[r] = base + (rows ? rows[r] : n0 + r) * rowlen;
     if (rows && nq == 1) {
         // Re-rank: one query, gathered rows. The first group is requested up front; every later group

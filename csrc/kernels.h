@@ -32,12 +32,15 @@ struct Problem {
 // Tile geometry shared by all ISAs (the drivers size scratch buffers with it).
 constexpr int kRowBlock = 48;      // candidate rows per tile (a multiple of the GEMM micro-tiles 6 and 12)
 constexpr int kQueryBlock = 64;    // queries per tile
+constexpr int kGatherRows = 256;   // gathered rows per tile when the tile has one query (re-rank)
+static_assert(kGatherRows <= kQueryBlock * kRowBlock, "one-query tiles keep their accumulators in one tile");
 constexpr int64_t kGemmKC = 256;   // reduction slice of the GEMM path (converted rows: kRowBlock x kGemmKC fp32)
 constexpr int kGemmMinQ = 12;      // query blocks with at least this many queries use the GEMM path (when packed)
 // Scratch: two kQueryBlock x kRowBlock accumulator tiles, then the converted rows of the GEMM path.
 constexpr int64_t kScratchFloats = 2 * kQueryBlock * kRowBlock + kRowBlock * kGemmKC;
 
-// Computes, for queries [q0, q1) (q1 - q0 <= kQueryBlock) and nr <= kRowBlock candidate rows
+// Computes, for queries [q0, q1) (q1 - q0 <= kQueryBlock) and nr <= kRowBlock candidate rows (or
+// nr <= kGatherRows gathered rows for a single query, q1 - q0 == 1 and rows non-null)
 // (rows[i], or n0 + i when rows is null), whichever of sim / conf / score is non-null:
 // out[(q - q0) * ld + i]. scratch holds kScratchFloats floats (64-byte aligned).
 using TileFn = void (*)(const Problem& p, int64_t q0, int64_t q1, const int64_t* rows, int64_t n0, int nr,

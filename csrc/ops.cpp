@@ -200,10 +200,11 @@ void run_topk(const Problem& p0, int64_t k, int by, float* values, int64_t* ids)
 
 void run_rerank(const Problem& p, const int64_t* cand, int64_t m, int64_t k, int by, float* values, int64_t* ids) {
     const TileFn tile = current_tile();
-    // Id blocks of at most kRowBlock rows, as many per query as a multiple of the thread count (so
-    // one query's gather, the B = 1 case, is split evenly over the threads).
+    // Id blocks of at most kGatherRows rows (few cold block starts: within a block the next rows are
+    // prefetched while the current ones are scored), as many per query as a multiple of the thread
+    // count when there are few queries (so one query's gather, B = 1, is split evenly over the threads).
     const int nt = max_threads();
-    int64_t mblk = (m + kRowBlock - 1) / kRowBlock;
+    int64_t mblk = (m + kGatherRows - 1) / kGatherRows;
     if (p.B < 4 * nt) mblk = (mblk + nt - 1) / nt * nt;
     const int64_t bs = (m + mblk - 1) / mblk;
     const float ninf = -std::numeric_limits<float>::infinity();
@@ -212,9 +213,9 @@ void run_rerank(const Problem& p, const int64_t* cand, int64_t m, int64_t k, int
 #pragma omp parallel if (par)
     {
         Scratch s;
-        float buf[kRowBlock];
-        int64_t rows[kRowBlock];
-        int pos[kRowBlock];
+        float buf[kGatherRows];
+        int64_t rows[kGatherRows];
+        int pos[kGatherRows];
 #pragma omp for schedule(dynamic, 1) collapse(2)
         for (int64_t b = 0; b < p.B; b++) {
             for (int64_t blk = 0; blk < mblk; blk++) {
@@ -230,7 +231,7 @@ void run_rerank(const Problem& p, const int64_t* cand, int64_t m, int64_t k, int
                 if (!nr) continue;
                 float *sm, *cf, *sc;
                 by_ptrs(by, buf, &sm, &cf, &sc);
-                tile(p, b, b + 1, rows, 0, nr, sm, cf, sc, kRowBlock, s.p);
+                tile(p, b, b + 1, rows, 0, nr, sm, cf, sc, kGatherRows, s.p);
                 for (int r = 0; r < nr; r++) vals[(size_t)(b * m + j0 + pos[r])] = buf[r];
             }
         }

@@ -233,6 +233,19 @@ def test_rerank_long_candidate_lists(simd):
     check_topk(vals, ids, ref_case(b, n, k, d, "bf16", mask=True)[2], 100, 2e-2, cand=cand)
 
 
+@pytest.mark.parametrize("b,m", [(1, 1), (1, 255), (1, 257), (1, 1000), (3, 513), (9, 300)])
+def test_rerank_gather_blocks(simd, b, m):
+    # One-query tiles gather up to 256 rows, split evenly over the threads when B is small:
+    # M around the block size, padding and duplicates across block boundaries.
+    n, k, d = 400, 3, 40
+    q, c, w, qm, cm = make_case(b, n, k, d, "f16", mask=True)
+    rng = np.random.default_rng(m)
+    cand = rng.integers(-1, n, size=(b, m))
+    cand[:, m // 2 :] = np.where(rng.random((b, m - m // 2)) < 0.3, cand[:, : m - m // 2], cand[:, m // 2 :])
+    vals, ids = ops.pecm_rerank(q, c, cand, w, 50, q_mask=qm, c_mask=cm, backend="cpp")
+    check_topk(vals, ids, ref_case(b, n, k, d, "f16", mask=True)[2], 50, 2e-2, cand=cand)
+
+
 # ---------------------------------------------------------------------------------- backend plumbing
 def test_backend_registry_and_supports():
     from pecm.backends import available_backends, get_backend
