@@ -355,6 +355,28 @@ def pecm_rerank(
     if inp.b == 0 or inp.n == 0 or cand.shape[1] == 0:
         return inp.squeeze(*_empty_topk(inp.b, k, inp.device))
     with torch.no_grad():
+        rows = None
+        if not (normalized and inp.c_pooled is not None):
+            # preparation (normalising rows, pooling) would touch all N rows: do it for the candidates only
+            rows, cand = _restrict_to_candidates(inp, cand)
+            if inp.n == 0:  # padding only
+                return inp.squeeze(*_empty_topk(inp.b, k, inp.device))
         ops_in = _prepare(inp, normalized)
         vals, ids = inp.backend.rerank(*ops_in, cand, k, by)
+        if rows is not None:
+            ids = torch.where(ids >= 0, rows[ids.clamp_min(0)], ids)
     return inp.squeeze(vals, ids)
+
+
+def _restrict_to_candidates(inp: _Inputs, cand: Tensor) -> Tuple[Tensor, Tensor]:
+    """Replace inp's candidate rows by the distinct ids of ``cand`` (sorted, so the row order and hence
+    tie order is kept); returns (rows, cand in local row numbers, -1 kept)."""
+    valid = cand >= 0
+    rows = torch.unique(cand[valid])  # sorted ascending
+    local = torch.searchsorted(rows, cand.clamp_min(0))
+    local = torch.where(valid, local, torch.full_like(local, -1))
+    inp.c = inp.c[rows]
+    inp.c_mask = None if inp.c_mask is None else inp.c_mask[rows]
+    inp.c_pooled = None if inp.c_pooled is None else inp.c_pooled[rows]
+    inp.n = int(rows.numel())
+    return rows, local.contiguous()

@@ -163,3 +163,26 @@ def test_float32_grad_matches_float64():
         grads.append([t.grad.double() for t in (qq, cc, ww)])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ops.available_backends())
+def test_rerank_prepares_only_the_candidate_rows(backend):
+    """normalized=False re-ranks via the distinct candidate rows (ids mapped back); it must agree with
+    re-ranking the normalised full copy, including duplicated ids, padding and all-padding input."""
+    if backend == "triton" and not torch.cuda.is_available():
+        pytest.skip("triton needs CUDA here")
+    q, c, w, qm, cm = make_inputs(3, 500, 26, 16, masks=True, seed=21)
+    c = c * 3.0  # not unit length: normalised inside
+    cand = torch.tensor([[7, 7, 499, -1, 0, 250], [3, -1, -1, 3, 3, 3], [-1, 12, 480, 100, 101, 102]])
+    chat = torch.nn.functional.normalize(c, dim=-1) * cm.unsqueeze(-1)
+    cp = torch.nn.functional.normalize((chat * w.view(1, -1, 1)).sum(1), dim=-1)
+    for k in (1, 4, 8):
+        a = ops.pecm_rerank(q, c, cand, w, k, q_mask=qm, c_mask=cm, backend=backend)
+        b = ops.pecm_rerank(q, chat, cand, w, k, q_mask=qm, c_mask=cm, c_pooled=cp, normalized=True, backend=backend)
+        torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=0)
+        assert torch.equal(a[1], b[1])
+        sim, conf, score = ref_scores(q, c, w, qm, cm)
+        ev, _ = reference.rerank(score, cand.numpy(), k)
+        np.testing.assert_allclose(a[0].double().numpy(), ev, atol=1e-5, rtol=0)
+    v, i = ops.pecm_rerank(q, c, torch.full((3, 4), -1), w, 2, backend=backend)
+    assert torch.all(torch.isneginf(v)) and torch.all(i == -1)
