@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.pecm-installed
 PYTEST_ARGS ?=
 
-.PHONY: install build test test-all test-gpu test-triton aot-check lint format bench bench-index demo clean
+.PHONY: install build test test-all test-gpu test-triton aot-check lint format bench bench-readme bench-index demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -50,6 +50,10 @@ format: $(STAMP)
 
 bench: build
 	$(BIN)/python bench/throughput.py
+
+# Re-measure and rewrite the headline tables of bench/README.md (run alone: it times things)
+bench-readme: build
+	$(BIN)/python bench/throughput.py --ops topk,rerank,scores --readme
 
 bench-index: build
 	$(BIN)/python bench/bench_index.py --n 20000 --out runs/bench/index_smoke.json
