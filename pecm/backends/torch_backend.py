@@ -11,7 +11,7 @@ result. With the default chunk of 8192 rows, K = 26, D = 256 that is ~ 227 MB + 
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
