@@ -348,7 +348,7 @@ def pecm_rerank(
         raise ValueError(f"candidates: expected shape [B={inp.b}, M], got {list(cand.shape)}")
     cand = cand.to(torch.int64).contiguous()
     if cand.numel():
-        lo, hi = int(cand.min()), int(cand.max())
+        lo, hi = (int(x) for x in torch.aminmax(cand))
         if lo < -1 or hi >= inp.n:
             bad = lo if lo < -1 else hi
             raise ValueError(f"candidates: ids must be in [-1, N={inp.n}) (-1 = padding), got {bad}")
