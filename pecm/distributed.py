@@ -46,7 +46,27 @@ def init_from_env(backend: Optional[str] = None) -> Tuple[int, int]:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
+        _OWNED.add(id(dist.group.WORLD))
     return dist.get_rank(), dist.get_world_size()
+
+
+_OWNED: set = set()  # default groups that init_from_env created (and so shutdown() may destroy)
+
+
+def shutdown() -> None:
+    """Synchronise the ranks and destroy the default process group if `init_from_env` created it.
+
+    Exiting with a live gloo group can abort the process ("terminate called without an active exception")
+    when its worker threads are torn down during interpreter exit, so commands call this in ``finally``.
+    A group the caller created itself is left alone.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or id(dist.group.WORLD) not in _OWNED:
+        return
+    _OWNED.discard(id(dist.group.WORLD))
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def merge_results(parts, k: int) -> Tuple[np.ndarray, np.ndarray]:

@@ -82,3 +82,22 @@ def test_two_gloo_ranks_equal_single_process(tmp_path):
                 np.testing.assert_array_equal(i, ref_i)
                 np.testing.assert_allclose(s, ref_s, atol=1e-6)
                 assert meta_ids == i.tolist() and not {3, 200} & set(i.ravel().tolist())
+
+
+def test_shutdown_destroys_only_the_group_init_from_env_created(monkeypatch):
+    from pecm.distributed import init_from_env, shutdown
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    assert init_from_env("gloo") == (0, 1)
+    shutdown()
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        shutdown()  # a group the caller made stays up
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+    shutdown()  # no group: a no-op

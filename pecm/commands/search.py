@@ -42,10 +42,13 @@ def _run(a) -> int:
     rank = 0
     with ArchiveIndex.open(a.index, verify=a.verify) as idx:
         if a.distributed:
-            from ..distributed import init_from_env, sharded_search
+            from ..distributed import init_from_env, sharded_search, shutdown
 
             rank, _ = init_from_env()
-            scores, ids, meta = sharded_search(idx, q, a.k, with_metadata=rank == 0, **kw)
+            try:
+                scores, ids, meta = sharded_search(idx, q, a.k, with_metadata=rank == 0, **kw)
+            finally:
+                shutdown()
         else:
             scores, ids, meta = idx.search(q, a.k, **kw)
     if rank != 0:

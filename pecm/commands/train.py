@@ -60,20 +60,28 @@ def _check_flags(a) -> None:
 
 
 def _run(a) -> int:
+    _check_flags(a)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("gensim").setLevel(logging.WARNING)
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    if distributed:
+        from ..distributed import init_from_env, shutdown
+
+        init_from_env()
+        try:
+            return _train(a, distributed)
+        finally:
+            shutdown()
+    return _train(a, distributed)
+
+
+def _train(a, distributed: bool) -> int:
     import torch
 
     from ..data import load_dataset, split_pairs
     from ..model import PECM
     from ..train import TrainConfig, train
 
-    _check_flags(a)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("gensim").setLevel(logging.WARNING)
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
-    if distributed:
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and distributed:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
