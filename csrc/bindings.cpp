@@ -10,6 +10,7 @@
 
 #include "dispatch.h"
 #include "ops.h"
+#include "prepare.h"
 
 namespace py = pybind11;
 using pecm::Problem;
@@ -143,6 +144,49 @@ PYBIND11_MODULE(_C, m) {
         return false;
 #endif
     });
+
+    m.def(
+        "prepare_query",
+        [](py::array q, std::string dtype_s, py::array w_in, py::object mask, py::object pooled, float eps) {
+            const int dtype = parse_dtype(dtype_s);
+            check_storage(q, "q", dtype);
+            if (q.ndim() != 3) throw py::value_error("q: expected shape [B, K, D], got " + shape_str(q));
+            const int64_t B = q.shape(0), K = q.shape(1), D = q.shape(2);
+            if (K < 1 || D < 1) throw py::value_error("q: K and D must be >= 1, got " + shape_str(q));
+            F32 w = F32::ensure(w_in);
+            if (!w || w.ndim() != 1 || w.shape(0) != K)
+                throw py::value_error("w: expected float32 shape [K=" + std::to_string(K) + "], got " + shape_str(w_in));
+            const uint8_t* pm = nullptr;
+            py::array ma;
+            if (!mask.is_none()) {
+                if (!py::isinstance<py::array>(mask)) throw py::value_error("q_mask: expected a numpy array or None");
+                ma = py::reinterpret_borrow<py::array>(mask);
+                if (ma.itemsize() != 1 || !(ma.dtype().kind() == 'b' || ma.dtype().kind() == 'u') ||
+                    !(ma.flags() & py::array::c_style))
+                    throw py::value_error("q_mask: expected a C-contiguous bool/uint8 array, got dtype " +
+                                          std::string(py::str(ma.dtype())));
+                check_shape(ma, "q_mask", B, K, "B", "K");
+                pm = (const uint8_t*)ma.data();
+            }
+            F32 pa;
+            const float* pp = nullptr;
+            if (!pooled.is_none()) {
+                pa = F32::ensure(pooled);
+                if (!pa) throw py::value_error("q_pooled: expected a float32-convertible array or None");
+                check_shape(pa, "q_pooled", B, D, "B", "D");
+                pp = pa.data();
+            }
+            py::array_t<float> qw({B, K * D}), qden({B, K}), qp({B, D});
+            float *o1 = qw.mutable_data(), *o2 = qden.mutable_data(), *o3 = qp.mutable_data();
+            const void* pq = q.data();
+            {
+                py::gil_scoped_release nogil;
+                pecm::prepare_query(pq, dtype, w.data(), pm, pp, B, K, D, eps, o1, o2, o3);
+            }
+            return py::make_tuple(qw, qden, qp);
+        },
+        py::arg("q"), py::arg("dtype"), py::arg("w"), py::arg("q_mask"), py::arg("q_pooled"), py::arg("eps"),
+        "(qw f32 [B, K*D], qden f32 [B, K], qp f32 [B, D]) from raw q [B, K, D] (see pecm.ops.prepare_query).");
 
     m.def(
         "scores",

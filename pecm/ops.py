@@ -203,9 +203,7 @@ def prepare_candidates(
     store = c.dtype
     acc = acc or (torch.float64 if store == torch.float64 else torch.float32)
     cm = None if c_mask is None else c_mask.to(store)
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (c, w, c_pooled)
-    )
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (c, w, c_pooled))
     if grad or n <= _PREP_CHUNK:
         chat, cp = _prep_c_block(c, w, c_mask, c_pooled, normalized, acc)
         return chat.to(store).reshape(n, k * d), cm, cp.to(store)
@@ -231,7 +229,11 @@ def prepare_candidates(
 
 
 def _prepare(inp: _Inputs, normalized: bool):
-    qw, qden, qp = prepare_query(inp.q, inp.w, inp.q_mask, inp.q_pooled, inp.acc)
+    fast = getattr(inp.backend, "prepare_query", None)  # a backend's own (non-differentiable) query prep
+    if fast is not None and not inp.backend.differentiable and inp.acc == torch.float32:
+        qw, qden, qp = fast(inp.q, inp.w, inp.q_mask, inp.q_pooled, EPS)
+    else:
+        qw, qden, qp = prepare_query(inp.q, inp.w, inp.q_mask, inp.q_pooled, inp.acc)
     c, cm, cp = prepare_candidates(inp.c, inp.w, inp.c_mask, inp.c_pooled, normalized, inp.acc)
     return qw, qden, qp, c, cm, cp
 
@@ -273,8 +275,10 @@ def pecm_scores(
     if inp.b == 0 or inp.n == 0:
         z = torch.zeros((inp.b, inp.n), dtype=torch.float32, device=inp.device)
         return inp.squeeze(z, z.clone(), z.clone())
-    if not inp.backend.differentiable and torch.is_grad_enabled() and any(
-        isinstance(t, Tensor) and t.requires_grad for t in (inp.q, inp.c, inp.w, inp.q_pooled, inp.c_pooled)
+    if (
+        not inp.backend.differentiable
+        and torch.is_grad_enabled()
+        and any(isinstance(t, Tensor) and t.requires_grad for t in (inp.q, inp.c, inp.w, inp.q_pooled, inp.c_pooled))
     ):
         raise ValueError(f"backend: {inp.backend.name!r} is not differentiable; use backend='torch' or 'triton'")
     ops_in = _prepare(inp, normalized)

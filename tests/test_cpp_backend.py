@@ -349,3 +349,69 @@ def test_avx_instructions_only_inside_dispatched_kernels():
     if "avx2" in _C.simd_levels():
         assert inside > 0, "expected vector code in the dispatched kernels (is the module stripped?)"
     assert not outside, f"AVX instructions outside the dispatched kernels: {sorted(outside)[:5]}"
+
+
+def _prep64(q, w, qm, qp):
+    """float64 query operands, written out independently of pecm.ops."""
+    q = q.double()
+    wq = w.double().expand(q.shape[0], -1).clone()
+    if qm is not None:
+        wq = wq * qm.double()
+    qhat = q / q.norm(dim=-1, keepdim=True).clamp_min(ops.EPS)
+    qw3 = qhat * wq.unsqueeze(-1)
+    pooled = qw3.sum(1) if qp is None else qp.double()
+    return qw3.reshape(q.shape[0], -1), wq, pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(ops.EPS)
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("mask", [False, True])
+@pytest.mark.parametrize("pooled", [False, True])
+def test_prepare_query_matches_float64_and_torch_prep(dt, mask, pooled):
+    """The C++ query prep (used by every "cpp" op call) equals float64 math and `ops.prepare_query`."""
+    from pecm.backends import get_backend
+
+    be = get_backend("cpp", torch.device("cpu"), DTYPES[dt])
+    q, _, w, qm, _ = make_case(4, 3, 5, 24, dt, seed=3, mask=mask)
+    q[1, 2] = 0  # zero prototype: normalised by eps, stays 0
+    if mask:
+        qm[2] = False  # fully masked query: qw = qden = 0, pooled from zeros -> 0
+    qp = torch.randn(4, 24).to(DTYPES[dt]) if pooled else None
+    if pooled:
+        qp[3] = 0
+    got = be.prepare_query(q, w, qm, qp, ops.EPS)
+    want = _prep64(q, w, qm, qp)
+    torch_prep = ops.prepare_query(q, w, qm, qp)
+    for g, r, t in zip(got, want, torch_prep):
+        assert g.dtype == torch.float32 and g.shape == r.shape
+        torch.testing.assert_close(g.double(), r, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(g, t, rtol=1e-6, atol=1e-6)
+    assert torch.all(got[0].view(4, 5, 24)[1, 2] == 0)
+    if mask:
+        assert torch.all(got[0][2] == 0) and torch.all(got[1][2] == 0)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"q": np.zeros((2, 12), np.float32)}, "q: expected shape"),
+        ({"q": np.zeros((2, 3, 4), np.float16)}, "q: dtype"),
+        ({"dtype": "int8"}, "dtype: expected"),
+        ({"w": np.ones(4, np.float32)}, "w: expected"),
+        ({"q_mask": np.ones((2, 4), bool)}, "q_mask: expected shape"),
+        ({"q_mask": np.ones((2, 3), np.float32)}, "q_mask: expected a C-contiguous bool"),
+        ({"q_mask": [[True] * 3] * 2}, "q_mask: expected a numpy array"),
+        ({"q_pooled": np.ones((2, 5), np.float32)}, "q_pooled: expected shape"),
+    ],
+)
+def test_prepare_query_argument_checks(kw, match):
+    args = {
+        "q": np.ones((2, 3, 4), np.float32),
+        "dtype": "float32",
+        "w": np.ones(3, np.float32),
+        "q_mask": None,
+        "q_pooled": None,
+        "eps": 1e-8,
+    }
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        _C.prepare_query(**args)

@@ -39,6 +39,10 @@ Methods a backend provides (see `TorchBackend` for the reference implementation)
   rows of ``c``; -1 is padding and never returned; ids are rows of ``c``. Ids are already validated
   (-1 <= id < N). Duplicated ids are scored (and may be returned) once per occurrence.
 
+- optional ``prepare_query(q, w, q_mask, q_pooled, eps) -> (qw, qden, qp)``: float32 query operands
+  straight from raw q [B, K, D] (same math as `pecm.ops.prepare_query`); `pecm.ops` uses it only for
+  non-differentiable backends with float32 accumulation, to skip a dozen small torch ops per call.
+
 ``ops`` guarantees: B >= 1, N >= 1, 1 <= k (k may exceed N or M), ``by`` valid.
 """
 
@@ -116,9 +120,7 @@ def pad_topk(values: Tensor, ids: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     return torch.cat([values, pv], 1), torch.cat([ids, pi], 1)
 
 
-def merge_topk(
-    values: Tensor, ids: Tensor, new_values: Tensor, new_ids: Tensor, k: int
-) -> Tuple[Tensor, Tensor]:
+def merge_topk(values: Tensor, ids: Tensor, new_values: Tensor, new_ids: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     """Exact merge of two sorted-or-not [B, *] candidate lists into the best k (descending)."""
     v = torch.cat([values, new_values], 1)
     i = torch.cat([ids, new_ids], 1)
