@@ -20,7 +20,6 @@ from .base import Tensor, combine, merge_topk, pad_topk
 DEFAULT_CHUNK = 8192
 
 
-
 def _parts(qw, qden, qp, c, cm, cp):
     """sim, num, den for every (b, n) of the given candidate block, float32 [B, n]."""
     c32, cp32 = c.to(qw.dtype), cp.to(qw.dtype)
