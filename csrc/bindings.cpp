@@ -189,6 +189,72 @@ PYBIND11_MODULE(_C, m) {
         "(qw f32 [B, K*D], qden f32 [B, K], qp f32 [B, D]) from raw q [B, K, D] (see pecm.ops.prepare_query).");
 
     m.def(
+        "encode_items",
+        [](py::array x, py::array w_in, py::object mask, py::array unit, py::object pooled, float eps) {
+            if (x.ndim() != 3) throw py::value_error("x: expected shape [n, K, D], got " + shape_str(x));
+            const int64_t n = x.shape(0), K = x.shape(1), D = x.shape(2);
+            int dtype;
+            if (x.dtype().kind() == 'f' && x.itemsize() == 4)
+                dtype = pecm::kF32;
+            else if (x.dtype().kind() == 'f' && x.itemsize() == 2)
+                dtype = pecm::kF16;
+            else
+                throw py::value_error("x: dtype: expected float32 or float16, got " + std::string(py::str(x.dtype())));
+            if (!(x.flags() & py::array::c_style)) throw py::value_error("x: expected a C-contiguous array");
+            F32 w = F32::ensure(w_in);
+            if (!w || w.ndim() != 1 || w.shape(0) != K)
+                throw py::value_error("w: expected float32 shape [K=" + std::to_string(K) + "], got " + shape_str(w_in));
+            if (!(unit.flags() & py::array::c_style) || !unit.writeable() ||
+                unit.dtype().kind() != 'f' || unit.itemsize() != 2 || unit.ndim() != 3 || unit.shape(0) != n ||
+                unit.shape(1) != K || unit.shape(2) != D)
+                throw py::value_error("unit: expected a writable C-contiguous float16 array of shape " + shape_str(x) +
+                                      ", got " + shape_str(unit));
+            const uint8_t* pm = nullptr;
+            py::array ma;
+            if (!mask.is_none()) {
+                if (!py::isinstance<py::array>(mask)) throw py::value_error("mask: expected a numpy array or None");
+                ma = py::reinterpret_borrow<py::array>(mask);
+                if (ma.itemsize() != 1 || !(ma.dtype().kind() == 'b' || ma.dtype().kind() == 'u') ||
+                    !(ma.flags() & py::array::c_style))
+                    throw py::value_error("mask: expected a C-contiguous bool/uint8 array");
+                check_shape(ma, "mask", n, K, "n", "K");
+                pm = (const uint8_t*)ma.data();
+            }
+            float* pp = nullptr;
+            py::array_t<float> pa;
+            if (!pooled.is_none()) {
+                if (!py::isinstance<py::array_t<float>>(pooled)) throw py::value_error("pooled: expected float32");
+                pa = py::reinterpret_borrow<py::array_t<float>>(pooled);
+                if (!(pa.flags() & py::array::c_style) || !pa.writeable())
+                    throw py::value_error("pooled: expected a writable C-contiguous float32 array");
+                check_shape(pa, "pooled", n, D, "n", "D");
+                pp = pa.mutable_data();
+            }
+            const void* px = x.data();
+            uint16_t* pu = (uint16_t*)unit.mutable_data();
+            bool ok;
+            {
+                py::gil_scoped_release nogil;
+                ok = pecm::current_encode()(px, dtype, w.data(), pm, n, K, D, eps, pu, pp);
+            }
+            return ok;
+        },
+        py::arg("x"), py::arg("w"), py::arg("mask"), py::arg("unit"), py::arg("pooled"), py::arg("eps"),
+        "Index item encoder: unit (fp16, written in place) = x / max(||x||, eps) per prototype (0 where masked); "
+        "pooled (float32, in place, optional) = normalize(sum_k w_k * unit_k) in float32. False if a norm is "
+        "not finite.");
+
+    m.def(
+        "_to_half",
+        [](py::array_t<float, py::array::c_style | py::array::forcecast> x) {
+            py::array_t<uint16_t> out(x.size());
+            pecm::current_to_half()(x.data(), x.size(), out.mutable_data());
+            return out;
+        },
+        py::arg("x"),
+        "Test hook: float32 -> IEEE half bits (uint16) with the encoder's store of the current SIMD level.");
+
+    m.def(
         "scores",
         [](py::array qw, py::array qden, py::array qp, py::array c, py::object cm, py::array cp, std::string dtype) {
             Held h;

@@ -90,4 +90,22 @@ int current_lanes() {
     return g_lanes;
 }
 
+EncodeFn current_encode() {
+    init_once();
+#if defined(PECM_HAVE_X86)
+    if (g_level == "avx512") return &avx512::encode;
+    if (g_level == "avx2") return &avx2::encode;
+#endif
+    return &scalar::encode;
+}
+
+HalfFn current_to_half() {
+    init_once();
+#if defined(PECM_HAVE_X86)
+    if (g_level == "avx512") return &avx512::to_half;
+    if (g_level == "avx2") return &avx2::to_half;
+#endif
+    return &scalar::to_half;
+}
+
 }  // namespace pecm

@@ -3,3 +3,4 @@
 #define PECM_ISA_AVX2 1
 #define PECM_NS avx2
 #include "kernel_impl.h"
+#include "encode_impl.h"

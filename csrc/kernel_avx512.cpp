@@ -3,3 +3,4 @@
 #define PECM_ISA_AVX512 1
 #define PECM_NS avx512
 #include "kernel_impl.h"
+#include "encode_impl.h"

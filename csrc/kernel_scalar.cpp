@@ -3,3 +3,4 @@
 #define PECM_ISA_SCALAR 1
 #define PECM_NS scalar
 #include "kernel_impl.h"
+#include "encode_impl.h"

@@ -62,4 +62,24 @@ namespace avx512 { void tile(const Problem&, int64_t, int64_t, const int64_t*, i
                              int64_t, float*); }
 #endif
 
+// Index item encoder (encode_impl.h): x [n, K, D] float32 or float16 (dtype kF32 / kF16), w [K], mask
+// [n, K] (nonzero = valid) or null -> unit [n, K, D] fp16 bits, pooled [n, D] float32 (null: not computed).
+// Returns false when an item has a non-finite norm.
+using EncodeFn = bool (*)(const void* x, int dtype, const float* w, const uint8_t* mask, int64_t n, int64_t K,
+                          int64_t D, float eps, uint16_t* unit, float* pooled);
+using HalfFn = void (*)(const float* x, int64_t n, uint16_t* out);  // float -> half bits (RNE)
+namespace scalar { void to_half(const float*, int64_t, uint16_t*); }
+#if defined(PECM_HAVE_X86)
+namespace avx2 { void to_half(const float*, int64_t, uint16_t*); }
+namespace avx512 { void to_half(const float*, int64_t, uint16_t*); }
+#endif
+namespace scalar { bool encode(const void*, int, const float*, const uint8_t*, int64_t, int64_t, int64_t, float,
+                               uint16_t*, float*); }
+#if defined(PECM_HAVE_X86)
+namespace avx2 { bool encode(const void*, int, const float*, const uint8_t*, int64_t, int64_t, int64_t, float,
+                             uint16_t*, float*); }
+namespace avx512 { bool encode(const void*, int, const float*, const uint8_t*, int64_t, int64_t, int64_t, float,
+                               uint16_t*, float*); }
+#endif
+
 }  // namespace pecm

@@ -45,6 +45,27 @@ static inline float bf16_to_float(uint16_t h) {
     return f;
 }
 
+// float -> IEEE half, round to nearest even (overflow -> inf, NaN stays NaN), in plain C.
+static inline uint16_t float_to_half(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u | ((ax >> 13) & 0x3ffu) : 0u));
+    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);  // >= 65520 rounds to inf
+    if (ax < 0x38800000u) {                                     // half subnormal (or zero): units of 2^-24
+        const uint32_t e = ax >> 23;
+        if (e < 102) return (uint16_t)sign;  // < 2^-25 rounds to 0
+        const uint32_t m = (ax & 0x7fffffu) | 0x800000u, shift = 126 - e;
+        uint32_t q = m >> shift;
+        const uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+        if (rem > half || (rem == half && (q & 1u))) q++;
+        return (uint16_t)(sign | q);
+    }
+    uint32_t r = ax - 0x38000000u;  // rebias the exponent (127 -> 15)
+    r += 0xfffu + ((r >> 13) & 1u);
+    return (uint16_t)(sign | (r >> 13));
+}
+
 struct F16 { uint16_t v; };
 struct BF16 { uint16_t v; };
 
@@ -66,6 +87,11 @@ static inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
 static inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 static inline V vbcast(const float* p) { return _mm512_set1_ps(*p); }
 static inline float vsum(V v) { return _mm512_reduce_add_ps(v); }
+static inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
+static inline V vset1(float x) { return _mm512_set1_ps(x); }
+static inline void vstore(F16* p, V v) {
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
 #elif defined(PECM_ISA_AVX2)
 typedef __m256 V;
 static constexpr int VL = 8;
@@ -85,6 +111,9 @@ static inline float vsum(V v) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+static inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
+static inline V vset1(float x) { return _mm256_set1_ps(x); }
+static inline void vstore(F16* p, V v) { _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT)); }
 #else
 typedef float V;
 static constexpr int VL = 1;
@@ -97,6 +126,9 @@ static inline void vstore(float* p, V v) { *p = v; }
 static inline V vfma(V a, V b, V c) { return a * b + c; }
 static inline V vbcast(const float* p) { return *p; }
 static inline float vsum(V v) { return v; }
+static inline V vmul(V a, V b) { return a * b; }
+static inline V vset1(float x) { return x; }
+static inline void vstore(F16* p, V v) { p->v = float_to_half(v); }
 #endif
 
 }  // namespace PECM_NS

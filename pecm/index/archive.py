@@ -29,10 +29,13 @@ from .meta import MetaStore
 ADD_BLOCK = 8192  # items encoded and written per block
 
 
+WRITE_CHUNK = 4 << 20  # bytes per pwrite: 1-4 MB writes streamed 1.7-2.0 GB/s to this VM's disk, 128 MB ones 0.8
+
+
 def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
     view = memoryview(np.ascontiguousarray(data)).cast("B")
     while len(view):
-        n = os.pwrite(fd, view, offset)
+        n = os.pwrite(fd, view[:WRITE_CHUNK], offset)
         view, offset = view[n:], offset + n
 
 

@@ -162,16 +162,39 @@ def verify_checksums(root: str, m: dict) -> None:
                 )
 
 
+def _native_encoder():
+    """`pecm._C.encode_items` when the extension is built and not disabled (PECM_INDEX_ENCODER=torch)."""
+    choice = os.environ.get("PECM_INDEX_ENCODER", "auto").strip().lower() or "auto"
+    if choice not in ("auto", "cpp", "torch"):
+        raise ValueError(f"PECM_INDEX_ENCODER: expected 'auto', 'cpp' or 'torch', got {choice!r}")
+    if choice == "torch":
+        return None
+    try:
+        from .. import _C
+
+        return _C.encode_items
+    except ImportError:
+        if choice == "cpp":
+            raise ImportError("PECM_INDEX_ENCODER=cpp but pecm._C is not built (pip install -e .)") from None
+        return None
+
+
 class BlockEncoder:
     """Normalises blocks of items into the stored arrays, reusing preallocated buffers.
 
     Fresh multi-hundred-MB allocations cost more than the arithmetic (page faults), so the float32
     work buffers live as long as one `ArchiveIndex.add` call. The arrays returned by `encode` are
     views of those buffers: write them out before the next call.
+
+    float16 indexes (the default) use the one-pass C++ encoder `pecm._C.encode_items` when the
+    extension is built (~4x the items/s of the torch ops on 2 cores; ``PECM_INDEX_ENCODER=torch``
+    forces the torch path, which float32 and int8 indexes always use). Both produce the same
+    arrays up to float32 rounding (tested).
     """
 
     def __init__(self, k: int, d: int, weights: np.ndarray, dtype: str, block: int):
         self.k, self.d, self.dtype = k, d, dtype
+        self.native = _native_encoder() if dtype == "float16" else None
         self.w = torch.as_tensor(np.asarray(weights), dtype=torch.float32)
         self.x32 = torch.empty((block, k, d))
         self.nrm = torch.empty((block, k))
@@ -195,7 +218,34 @@ class BlockEncoder:
         x.copy_(t)
         return x
 
+    def _encode_native(self, protos, m: Optional[np.ndarray], pooled) -> Dict[str, np.ndarray]:
+        n = len(protos)
+        t = protos.detach().cpu() if isinstance(protos, torch.Tensor) else None
+        a = t.numpy() if t is not None and t.dtype in (torch.float16, torch.float32) else np.asarray(protos)
+        if a.dtype not in (np.float16, np.float32) or not a.flags.c_contiguous:
+            a = self._input(protos, n).numpy()  # float64 / strided -> a float32 copy in the work buffer
+        unit = self.out[:n].numpy()
+        pool = self.pool[:n].view(n, self.d).numpy() if pooled is None else None
+        if not self.native(a, self.w.numpy(), m, unit, pool, EPS):
+            raise ValueError("prototypes: contain NaN or inf values (or values too large for float32)")
+        if pooled is None:
+            h = pool
+        else:
+            h = np.array(pooled, dtype=np.float32)
+            if not np.isfinite(h).all():
+                raise ValueError("pooled: contains NaN or inf values")
+            h = F.normalize(torch.from_numpy(h), dim=-1, eps=EPS).numpy()
+        return {
+            "masks": np.ones((n, self.k), dtype=np.uint8) if m is None else m,
+            "prototypes": unit,
+            "pooled": h.astype(np.float16),
+        }
+
     def encode(self, protos, masks: Optional[np.ndarray], pooled) -> Dict[str, np.ndarray]:
+        if self.native is not None:
+            return self._encode_native(
+                protos, None if masks is None else np.array(masks, dtype=bool).view(np.uint8), pooled
+            )
         n = len(protos)
         x = self._input(protos, n)
         nrm = torch.linalg.vector_norm(x, dim=-1, out=self.nrm[:n])
