@@ -197,3 +197,24 @@ def test_search_on_device_matches_host(built, device):
         s1, i1, _ = idx.search(q, 6, mode=mode, shortlist=230, device=device)
         np.testing.assert_array_equal(i0, i1)
         np.testing.assert_allclose(s0, s1, atol=1e-5)
+
+
+def test_bulk_append_paths_keep_data_exact(tmp_path, monkeypatch):
+    """The bulk-ingest paths (pages dropped after fsync, 4 MB pwrite pieces, several encoder blocks)
+    write exactly what the small-add path writes: forced on here with tiny thresholds."""
+    from pecm.index import archive
+
+    x, m, w = _data(300, seed=3)
+    monkeypatch.setattr(archive, "DROP_CACHE_BYTES", 1)
+    monkeypatch.setattr(archive, "WRITE_CHUNK", 1000)
+    monkeypatch.setattr(archive, "ADD_BLOCK", 64)
+    bulk = ArchiveIndex.create(tmp_path / "bulk", K, D, weights=w)
+    bulk.add(x[:250], m[:250])
+    bulk.add(x[250:], m[250:])
+    bulk.close()
+    monkeypatch.undo()
+    plain = ArchiveIndex.create(tmp_path / "plain", K, D, weights=w)
+    plain.add(x, m)
+    a, b = ArchiveIndex.open(tmp_path / "bulk", verify=True), ArchiveIndex.open(tmp_path / "plain", verify=True)
+    for name in ("prototypes", "pooled", "masks", "ids"):
+        np.testing.assert_array_equal(np.asarray(a.array(name)), np.asarray(b.array(name)))

@@ -29,6 +29,7 @@ from .meta import MetaStore
 ADD_BLOCK = 8192  # items encoded and written per block
 
 
+DROP_CACHE_BYTES = 64 << 20  # appends at least this large drop their (fsynced) pages from the page cache
 WRITE_CHUNK = 4 << 20  # bytes per pwrite: 1-4 MB writes streamed 1.7-2.0 GB/s to this VM's disk, 128 MB ones 0.8
 
 
@@ -346,8 +347,13 @@ class ArchiveIndex:
                     if f is not None:
                         f.result()
             bar.close()
-            for fd in fds.values():
+            for logical, fd in fds.items():
                 os.fsync(fd)
+                nbytes = n * self.item_bytes[logical]
+                if nbytes >= DROP_CACHE_BYTES and hasattr(os, "posix_fadvise"):
+                    # the appended pages are clean now; keeping them cached made every later append of a
+                    # bulk ingest pay for page reclaim (2.0 -> 0.4 GB/s after ~3 GB on the dev VM)
+                    os.posix_fadvise(fd, start * self.item_bytes[logical], nbytes, os.POSIX_FADV_DONTNEED)
         finally:
             for fd in fds.values():
                 os.close(fd)
