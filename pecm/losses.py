@@ -5,6 +5,9 @@
   CLIP-style by default (``exp(logit_scale)``, clamped to ≤ 100); the paper uses no temperature, which is
   ``PECMConfig(temperature=1.0)`` (a fixed s = 1).
 - ``L_conf = mean_i (1 − C(v_i, t_i))²`` over the matched pairs (the diagonal of the confidence matrix).
+- ``L_rank`` (an extension, not in the paper; weight ``nu``, default 0 = the paper's loss): the same symmetric
+  InfoNCE over the score matrix ``R = sim · C``. L_conf only pulls matched confidences towards 1, so nothing
+  teaches C to rank; L_rank trains the product that retrieval sorts by (Eq. 8).
 - ``L_div`` on each item's unit prototypes z^k (masked prototypes excluded), averaged over both modalities:
   ``"decorrelate"`` (default, the stated intent): mean over valid pairs k ≠ l of cos(z^k, z^l)²;
   ``"paper"``: the literal Σ_{k≠l} (1 − cos(z^k, z^l))² (summed over pairs, averaged over items), which
@@ -53,18 +56,23 @@ class PECMLoss(nn.Module):
         div: str = "decorrelate",
         backend: Optional[str] = None,
         max_logit_scale: float = 100.0,
+        nu: float = 0.0,
     ):
         super().__init__()
         if div not in DIV_CHOICES:
             raise ValueError(f"div: expected one of {DIV_CHOICES}, got {div!r}")
+        for name, v in (("lam", lam), ("mu", mu), ("nu", nu)):
+            if not float(v) >= 0:
+                raise ValueError(f"{name}: expected a weight >= 0, got {v}")
         self.lam, self.mu, self.div, self.backend, self.max_scale = float(lam), float(mu), div, backend, max_logit_scale
+        self.nu = float(nu)
 
     def forward(self, img, txt, w, img_mask=None, txt_mask=None, logit_scale=None) -> Dict[str, torch.Tensor]:
         """img, txt: prototypes [B, K, D]; w: [K]; masks bool [B, K]; logit_scale: log of the InfoNCE scale."""
         if img.shape != txt.shape:
             raise ValueError(f"txt: expected the shape of img {list(img.shape)}, got {list(txt.shape)}")
         backend = self.backend or ("triton" if img.is_cuda else "torch")
-        sim, conf, _ = ops.pecm_scores(img, txt, w, q_mask=img_mask, c_mask=txt_mask, backend=backend)
+        sim, conf, score = ops.pecm_scores(img, txt, w, q_mask=img_mask, c_mask=txt_mask, backend=backend)
         b = sim.shape[0]
         labels = torch.arange(b, device=sim.device)
         scale = sim.new_ones(()) if logit_scale is None else logit_scale.float().exp().clamp(max=self.max_scale)
@@ -73,7 +81,14 @@ class PECMLoss(nn.Module):
         l_conf = (1.0 - conf.diagonal()).pow(2).mean()
         l_div = (diversity(img, img_mask, self.div) + diversity(txt, txt_mask, self.div)) / 2
         loss = l_sim + self.lam * l_conf + self.mu * l_div
+        out = {}
+        if self.nu > 0:
+            rl = scale * score
+            l_rank = (F.cross_entropy(rl, labels) + F.cross_entropy(rl.t(), labels)) / 2
+            loss = loss + self.nu * l_rank
+            out["rank"] = l_rank.detach()
         return {
+            **out,
             "loss": loss,
             "sim": l_sim.detach(),
             "conf": l_conf.detach(),

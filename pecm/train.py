@@ -46,6 +46,7 @@ class TrainConfig:
     warmup_steps: int = 0
     lam: float = 1.0
     mu: float = 1.0
+    nu: float = 0.0  # weight of L_rank (InfoNCE over R = sim * C; an extension, 0 = the paper's loss)
     div: str = "decorrelate"
     seed: int = 0
     amp: bool = True  # on CUDA only
@@ -64,7 +65,7 @@ class TrainConfig:
             raise ValueError(f"lr: expected a positive float, got {self.lr}")
         if self.batch_size < 2:
             raise ValueError(f"batch_size: expected >= 2 (in-batch InfoNCE needs negatives), got {self.batch_size}")
-        for n in ("weight_decay", "warmup_steps", "lam", "mu", "num_workers"):
+        for n in ("weight_decay", "warmup_steps", "lam", "mu", "nu", "num_workers"):
             if not getattr(self, n) >= 0:
                 raise ValueError(f"{n}: expected a value >= 0, got {getattr(self, n)}")
         if self.div not in DIV_CHOICES:
@@ -241,7 +242,7 @@ def train(
     if cached and val_pairs is not None and val_feats is None:
         val_feats = extract_features(model, val_pairs, cfg.feature_batch, cfg.progress and rank == 0)
     n = len(train_pairs)
-    step_mod = _Step(model, PECMLoss(cfg.lam, cfg.mu, cfg.div))
+    step_mod = _Step(model, PECMLoss(cfg.lam, cfg.mu, cfg.div, nu=cfg.nu))
     if world > 1:
         ddp = nn.parallel.DistributedDataParallel(
             step_mod, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True

@@ -19,12 +19,15 @@ def _plain_scores(q, c, w, mq, mc):
     return hq @ hc.t(), conf
 
 
-def _plain_loss(q, c, w, mq, mc, log_scale, div):
+def _plain_loss(q, c, w, mq, mc, log_scale, div, nu=0.0):
     sim, conf = _plain_scores(q, c, w, mq, mc)
     b = q.shape[0]
     lab = torch.arange(b)
     logits = log_scale.exp() * sim
     l_sim = (F.cross_entropy(logits, lab) + F.cross_entropy(logits.t(), lab)) / 2
+    if nu:
+        rl = log_scale.exp() * sim * conf  # L_rank: the same InfoNCE over R = sim * C
+        l_sim = l_sim + nu * (F.cross_entropy(rl, lab) + F.cross_entropy(rl.t(), lab)) / 2
     l_conf = ((1 - conf.diagonal()) ** 2).mean()
     terms = []
     for z, m in ((q, mq), (c, mc)):
@@ -45,8 +48,8 @@ def _plain_loss(q, c, w, mq, mc, log_scale, div):
     return l_sim + l_conf + (terms[0] + terms[1]) / 2
 
 
-@pytest.mark.parametrize("div", ["decorrelate", "paper"])
-def test_loss_and_gradients_match_plain_torch(div):
+@pytest.mark.parametrize("div,nu", [("decorrelate", 0.0), ("paper", 0.0), ("decorrelate", 0.7)])
+def test_loss_and_gradients_match_plain_torch(div, nu):
     g = torch.Generator().manual_seed(0)
     b, k, d = 5, 4, 6
     q = torch.randn(b, k, d, generator=g, dtype=torch.float64)
@@ -60,10 +63,11 @@ def test_loss_and_gradients_match_plain_torch(div):
     ls = torch.tensor(1.3, dtype=torch.float64)
     args = [t.clone().requires_grad_(True) for t in (q, c, theta, ls)]
     w = k * torch.softmax(args[2], 0)
-    out = PECMLoss(div=div, backend="torch")(args[0], args[1], w, mq, mc, logit_scale=args[3])
+    out = PECMLoss(div=div, backend="torch", nu=nu)(args[0], args[1], w, mq, mc, logit_scale=args[3])
+    assert ("rank" in out) == (nu > 0)
     grads = torch.autograd.grad(out["loss"], args)
     ref_args = [t.clone().requires_grad_(True) for t in (q, c, theta, ls)]
-    ref = _plain_loss(ref_args[0], ref_args[1], k * torch.softmax(ref_args[2], 0), mq, mc, ref_args[3], div)
+    ref = _plain_loss(ref_args[0], ref_args[1], k * torch.softmax(ref_args[2], 0), mq, mc, ref_args[3], div, nu)
     ref_grads = torch.autograd.grad(ref, ref_args)
     torch.testing.assert_close(out["loss"].double(), ref.detach(), rtol=1e-5, atol=1e-6)
     for a, r in zip(grads, ref_grads):
@@ -93,5 +97,7 @@ def test_diversity_directions():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="div"):
         PECMLoss(div="other")
+    with pytest.raises(ValueError, match="nu"):
+        PECMLoss(nu=-1.0)
     with pytest.raises(ValueError, match="txt"):
         PECMLoss()(torch.randn(2, 3, 4), torch.randn(3, 3, 4), torch.ones(3))

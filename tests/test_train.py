@@ -114,7 +114,7 @@ def test_end_to_end_mode_updates_the_backbone(fitted, pairs, tmp_path):
 
 def test_bad_train_config_names_the_field():
     for kw, field in [({"epochs": 0}, "epochs"), ({"lr": 0.0}, "lr"), ({"batch_size": 1}, "batch_size"),
-                      ({"div": "x"}, "div"), ({"lam": -1.0}, "lam")]:  # fmt: skip
+                      ({"div": "x"}, "div"), ({"lam": -1.0}, "lam"), ({"nu": -0.5}, "nu")]:  # fmt: skip
         with pytest.raises(ValueError, match=field):
             TrainConfig(**kw)
 

@@ -136,6 +136,8 @@ def _run(a) -> int:
         progress=progress,
         save_every=a.epochs,
         select_best=val_set is not None,
+        lam=a.lam,
+        nu=a.nu,
     )
     # small per-step ops (B*K rows): one intra-op thread avoids OpenMP synchronisation overhead, which on a
     # shared 2-core machine cost 1.5-5x per step in our measurements (docs/model.md)
@@ -221,6 +223,8 @@ def register(sub) -> None:
     p.add_argument("--val-fraction", type=float, default=0.05, help="pairs held out to monitor training")
     p.add_argument("--group-threshold", type=float, help="sentence grouping cosine threshold (demo default 0.95)")
     p.add_argument("--head-hidden", type=int, help="projection head width (demo default 256)")
+    p.add_argument("--lam", type=float, default=1.0, help="weight of L_conf")
+    p.add_argument("--nu", type=float, default=0.0, help="weight of L_rank (InfoNCE over R; 0 = the paper's loss)")
     p.add_argument("--train-threads", type=int, default=1, help="torch threads while training the heads")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny random model, 60 shipped pairs, 3 epochs")
     p.add_argument("--limit", type=int, help="use at most this many pairs")

@@ -42,7 +42,7 @@ def _check_flags(a) -> None:
         raise ValueError(f"--batch-size: expected an int >= 2 (in-batch negatives), got {a.batch_size}")
     if not a.lr > 0:
         raise ValueError(f"--lr: expected a float > 0, got {a.lr}")
-    for flag in ("weight_decay", "lam", "mu"):
+    for flag in ("weight_decay", "lam", "mu", "nu"):
         if not getattr(a, flag) >= 0:
             raise ValueError(f"--{flag.replace('_', '-')}: expected a value >= 0, got {getattr(a, flag)}")
     if not 0.0 <= a.val_fraction < 1.0:
@@ -97,6 +97,7 @@ def _train(a, distributed: bool) -> int:
         weight_decay=a.weight_decay,
         lam=a.lam,
         mu=a.mu,
+        nu=a.nu,
         div=a.div,
         seed=a.seed,
         amp=not a.no_amp,
@@ -135,6 +136,9 @@ def register(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--lam", type=float, default=1.0, help="weight of L_conf")
     p.add_argument("--mu", type=float, default=1.0, help="weight of L_div")
+    p.add_argument(
+        "--nu", type=float, default=0.0, help="weight of L_rank, InfoNCE over R = sim*C (extension; 0 = paper loss)"
+    )
     p.add_argument("--div", default="decorrelate", choices=("decorrelate", "paper", "none"))
     p.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction for per-epoch validation")
     p.add_argument("--limit", type=int, help="use at most this many pairs")
