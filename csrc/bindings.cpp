@@ -31,6 +31,20 @@ void check_shape(const py::array& a, const char* name, int64_t r, int64_t c, con
                               "=" + std::to_string(c) + "], got " + shape_str(a));
 }
 
+// A bool/uint8 mask [rows, K] (or None -> nullptr); `keep` holds the array while the pointer is used.
+const uint8_t* byte_mask(const py::object& mask, const char* name, int64_t rows, int64_t K, const char* rn,
+                         py::array& keep) {
+    if (mask.is_none()) return nullptr;
+    if (!py::isinstance<py::array>(mask)) throw py::value_error(std::string(name) + ": expected a numpy array or None");
+    keep = py::reinterpret_borrow<py::array>(mask);
+    if (keep.itemsize() != 1 || !(keep.dtype().kind() == 'b' || keep.dtype().kind() == 'u') ||
+        !(keep.flags() & py::array::c_style))
+        throw py::value_error(std::string(name) + ": expected a C-contiguous bool/uint8 array, got dtype " +
+                              std::string(py::str(keep.dtype())));
+    check_shape(keep, name, rows, K, rn, "K");
+    return (const uint8_t*)keep.data();
+}
+
 int parse_dtype(const std::string& s) {
     if (s == "float32") return pecm::kF32;
     if (s == "float16") return pecm::kF16;
@@ -156,18 +170,8 @@ PYBIND11_MODULE(_C, m) {
             F32 w = F32::ensure(w_in);
             if (!w || w.ndim() != 1 || w.shape(0) != K)
                 throw py::value_error("w: expected float32 shape [K=" + std::to_string(K) + "], got " + shape_str(w_in));
-            const uint8_t* pm = nullptr;
             py::array ma;
-            if (!mask.is_none()) {
-                if (!py::isinstance<py::array>(mask)) throw py::value_error("q_mask: expected a numpy array or None");
-                ma = py::reinterpret_borrow<py::array>(mask);
-                if (ma.itemsize() != 1 || !(ma.dtype().kind() == 'b' || ma.dtype().kind() == 'u') ||
-                    !(ma.flags() & py::array::c_style))
-                    throw py::value_error("q_mask: expected a C-contiguous bool/uint8 array, got dtype " +
-                                          std::string(py::str(ma.dtype())));
-                check_shape(ma, "q_mask", B, K, "B", "K");
-                pm = (const uint8_t*)ma.data();
-            }
+            const uint8_t* pm = byte_mask(mask, "q_mask", B, K, "B", ma);
             F32 pa;
             const float* pp = nullptr;
             if (!pooled.is_none()) {
@@ -209,17 +213,8 @@ PYBIND11_MODULE(_C, m) {
                 unit.shape(1) != K || unit.shape(2) != D)
                 throw py::value_error("unit: expected a writable C-contiguous float16 array of shape " + shape_str(x) +
                                       ", got " + shape_str(unit));
-            const uint8_t* pm = nullptr;
             py::array ma;
-            if (!mask.is_none()) {
-                if (!py::isinstance<py::array>(mask)) throw py::value_error("mask: expected a numpy array or None");
-                ma = py::reinterpret_borrow<py::array>(mask);
-                if (ma.itemsize() != 1 || !(ma.dtype().kind() == 'b' || ma.dtype().kind() == 'u') ||
-                    !(ma.flags() & py::array::c_style))
-                    throw py::value_error("mask: expected a C-contiguous bool/uint8 array");
-                check_shape(ma, "mask", n, K, "n", "K");
-                pm = (const uint8_t*)ma.data();
-            }
+            const uint8_t* pm = byte_mask(mask, "mask", n, K, "n", ma);
             float* pp = nullptr;
             py::array_t<float> pa;
             if (!pooled.is_none()) {

@@ -34,14 +34,6 @@ def tol(dt: str) -> float:
     return 1e-5 if dt == "f32" else 2e-2
 
 
-@pytest.fixture(params=_C.simd_levels())
-def simd(request):
-    before = _C.simd_level()
-    _C.set_simd(request.param)
-    yield request.param
-    _C.set_simd(before)
-
-
 def make_case(b, n, k, d, dt, seed=0, mask=False, ties=False):
     g = torch.Generator().manual_seed(seed + 1000 * k + d + 7 * n + b)
     q = torch.randn(b, k, d, generator=g)

@@ -14,14 +14,6 @@ from pecm.index import ArchiveIndex  # noqa: E402
 from pecm.index import format as fmt  # noqa: E402
 
 
-@pytest.fixture(params=_C.simd_levels())
-def simd(request):
-    before = _C.simd_level()
-    _C.set_simd(request.param)
-    yield request.param
-    _C.set_simd(before)
-
-
 def _encoder(monkeypatch, which, k, d, w, block):
     monkeypatch.setenv("PECM_INDEX_ENCODER", which)
     enc = fmt.BlockEncoder(k, d, w, "float16", block)
