@@ -154,3 +154,12 @@ def test_encoder_env_and_argument_checks(monkeypatch):
         args.update(kw)
         with pytest.raises(ValueError, match=match):
             _C.encode_items(**args)
+
+
+def test_given_pooled_with_nan_is_refused_by_both_encoders(monkeypatch):
+    x, _, w = _case(3, 4, 10)
+    pooled = np.ones((3, 10), np.float32)
+    pooled[1, 4] = np.nan
+    for which in ("cpp", "torch"):
+        with pytest.raises(ValueError, match="pooled: contains NaN"):
+            _encoder(monkeypatch, which, 4, 10, w, 3).encode(x, None, pooled)

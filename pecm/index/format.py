@@ -162,6 +162,14 @@ def verify_checksums(root: str, m: dict) -> None:
                 )
 
 
+def _given_pooled(pooled) -> torch.Tensor:
+    """Caller-given pooled vectors as float32 (not yet normalised); NaN/inf is an error."""
+    h = torch.from_numpy(np.array(pooled, dtype=np.float32))
+    if not bool(torch.isfinite(h).all()):
+        raise ValueError("pooled: contains NaN or inf values")
+    return h
+
+
 def _native_encoder():
     """`pecm._C.encode_items` when the extension is built and not disabled (PECM_INDEX_ENCODER=torch)."""
     choice = os.environ.get("PECM_INDEX_ENCODER", "auto").strip().lower() or "auto"
@@ -228,13 +236,7 @@ class BlockEncoder:
         pool = self.pool[:n].view(n, self.d).numpy() if pooled is None else None
         if not self.native(a, self.w.numpy(), m, unit, pool, EPS):
             raise ValueError("prototypes: contain NaN or inf values (or values too large for float32)")
-        if pooled is None:
-            h = pool
-        else:
-            h = np.array(pooled, dtype=np.float32)
-            if not np.isfinite(h).all():
-                raise ValueError("pooled: contains NaN or inf values")
-            h = F.normalize(torch.from_numpy(h), dim=-1, eps=EPS).numpy()
+        h = pool if pooled is None else F.normalize(_given_pooled(pooled), dim=-1, eps=EPS).numpy()
         return {
             "masks": np.ones((n, self.k), dtype=np.uint8) if m is None else m,
             "prototypes": unit,
@@ -258,9 +260,7 @@ class BlockEncoder:
         if pooled is None:
             h = torch.bmm((sc * self.w).unsqueeze(1), x, out=self.pool[:n]).squeeze(1)
         else:
-            h = torch.from_numpy(np.array(pooled, dtype=np.float32))
-            if not bool(torch.isfinite(h).all()):
-                raise ValueError("pooled: contains NaN or inf values")
+            h = _given_pooled(pooled)
         h = F.normalize(h, dim=-1, eps=EPS)
         if self.out.dtype == torch.float16:  # f32 multiply + f16 copy is ~2x faster than a mixed-dtype mul
             own = x.data_ptr() == self.x32.data_ptr()
