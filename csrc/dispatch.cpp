@@ -6,30 +6,28 @@
 namespace pecm {
 namespace {
 
-TileFn g_tile = nullptr;
-int g_lanes = 1;
+// The entry points of one SIMD level: every current_*() below answers from the set in use.
+struct LevelFns {
+    TileFn tile = nullptr;
+    int lanes = 1;
+    EncodeFn encode = nullptr;
+    HalfFn to_half = nullptr;
+};
+
+LevelFns g_fns;
 std::string g_level;
 
-int lanes_for(const std::string& level) {
+LevelFns fns_for(const std::string& level) {
 #if defined(PECM_HAVE_X86)
-    if (level == "avx512") return avx512::tile_lanes();
-    if (level == "avx2") return avx2::tile_lanes();
+    if (level == "avx512") return {&avx512::tile, avx512::tile_lanes(), &avx512::encode, &avx512::to_half};
+    if (level == "avx2") return {&avx2::tile, avx2::tile_lanes(), &avx2::encode, &avx2::to_half};
 #endif
     (void)level;
-    return scalar::tile_lanes();
-}
-
-TileFn tile_for(const std::string& level) {
-#if defined(PECM_HAVE_X86)
-    if (level == "avx512") return &avx512::tile;
-    if (level == "avx2") return &avx2::tile;
-#endif
-    (void)level;
-    return &scalar::tile;
+    return {&scalar::tile, scalar::tile_lanes(), &scalar::encode, &scalar::to_half};
 }
 
 void init_once() {
-    if (g_tile) return;
+    if (g_fns.tile) return;
     auto levels = supported_levels();
     std::string best = levels.back();
     const char* env = std::getenv("PECM_CPP_SIMD");
@@ -42,8 +40,7 @@ void init_once() {
         if (known && ok) best = want;
     }
     g_level = best;
-    g_tile = tile_for(best);
-    g_lanes = lanes_for(best);
+    g_fns = fns_for(best);
 }
 
 }  // namespace
@@ -71,8 +68,7 @@ void set_simd(const std::string& level) {
     for (auto& l : supported_levels()) {
         if (l == level) {
             g_level = level;
-            g_tile = tile_for(level);
-            g_lanes = lanes_for(level);
+            g_fns = fns_for(level);
             return;
         }
     }
@@ -82,30 +78,22 @@ void set_simd(const std::string& level) {
 
 TileFn current_tile() {
     init_once();
-    return g_tile;
+    return g_fns.tile;
 }
 
 int current_lanes() {
     init_once();
-    return g_lanes;
+    return g_fns.lanes;
 }
 
 EncodeFn current_encode() {
     init_once();
-#if defined(PECM_HAVE_X86)
-    if (g_level == "avx512") return &avx512::encode;
-    if (g_level == "avx2") return &avx2::encode;
-#endif
-    return &scalar::encode;
+    return g_fns.encode;
 }
 
 HalfFn current_to_half() {
     init_once();
-#if defined(PECM_HAVE_X86)
-    if (g_level == "avx512") return &avx512::to_half;
-    if (g_level == "avx2") return &avx2::to_half;
-#endif
-    return &scalar::to_half;
+    return g_fns.to_half;
 }
 
 }  // namespace pecm

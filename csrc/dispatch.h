@@ -12,8 +12,8 @@ std::vector<std::string> supported_levels();  // ascending, always starts with "
 std::string simd_level();                      // the level in use
 void set_simd(const std::string& level);       // throws std::invalid_argument when unsupported/unknown
 TileFn current_tile();
-int current_lanes();
-EncodeFn current_encode();  // the index item encoder of the level in use
-HalfFn current_to_half();    // its float -> half store (a test hook)  // tile_lanes() of the level in use (query lanes of the packed GEMM layout)
+int current_lanes();         // tile_lanes() of the level in use (query lanes of the packed GEMM layout)
+EncodeFn current_encode();   // the index item encoder of the level in use
+HalfFn current_to_half();    // its float -> half store (a test hook)
 
 }  // namespace pecm
