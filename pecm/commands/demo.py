@@ -1,12 +1,13 @@
 """`pecm demo [--data DIR] [--out runs/demo] [--epochs N]`: the end-to-end PECM demo on ROCO pairs.
 
-Steps: load the pairs (``../shared/data/roco`` when present, else the shipped ``data/roco_sample``), seeded
-train/val/test split (75/5/20 %); build `PECM` with the packaged pretrained backbones (efficientnet_lite0
-ImageNet, all-MiniLM-L6-v2), frozen; extract and cache their features; train heads + θ + logit scale
-(`pecm.train`, paper schedule) and keep the epoch with the best validation RSUM; save ``OUT/checkpoint``;
-index the test images and reports in ``OUT/index/{images,reports}`` (`pecm.index.ArchiveIndex`); run example
-report→image and image→report searches; print the evaluation table on the test pairs (sim only vs
-R = sim·C), chance levels and the wall time. ``--quick``: a tiny random model on 60 shipped pairs (tests).
+Steps: load the pairs (``../shared/data/roco`` when present beside the source tree, else the shipped sample
+``pecm/data/roco_sample``, package data), seeded train/val/test split (75/5/20 %); build `PECM` with the packaged
+pretrained backbones (efficientnet_lite0 ImageNet, all-MiniLM-L6-v2), frozen; extract and cache their features;
+train heads + θ + logit scale (`pecm.train`, paper schedule) and keep the epoch with the best validation RSUM; save
+``OUT/checkpoint``; index the test images and reports in ``OUT/index/{images,reports}`` (`pecm.index.ArchiveIndex`);
+run example report→image and image→report searches; print the evaluation table on the test pairs (sim only vs
+R = sim·C), chance levels and the wall time. ``--quick``: a tiny random model on 60 shipped pairs (tests; needs
+only the ``[model]`` extra, no pretrained-weights packages).
 See docs/model.md for the measured results.
 """
 
@@ -214,7 +215,9 @@ def _run(a) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="end-to-end demo: train on ROCO, index, search, evaluate")
-    p.add_argument("--data", help="pairs folder (default ../shared/data/roco, else data/roco_sample)")
+    p.add_argument(
+        "--data", help="pairs folder (default ../shared/data/roco beside the source tree, else the shipped sample)"
+    )
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=32)

@@ -1,6 +1,6 @@
 """Loaders for the ROCO and MIMIC-CXR folder layouts, and the default data folder.
 
-ROCO (what ``../shared/data/roco`` and the shipped ``data/roco_sample`` hold)::
+ROCO (what ``../shared/data/roco`` and the shipped sample ``pecm/data/roco_sample`` hold)::
 
     DIR/pairs.jsonl          {"id","image":"images/<id>.jpg","caption","cuis":[...],"license","source"}
     DIR/images/<id>.jpg
@@ -26,18 +26,33 @@ from typing import Optional
 from .pairs import PAIRS_FILE, PairSet, load_pairs
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-REPO_ROOT = os.path.dirname(os.path.dirname(_HERE))
-SHARED_ROCO = os.path.join(REPO_ROOT, "..", "shared", "data", "roco")
-SAMPLE_ROCO = os.path.join(REPO_ROOT, "data", "roco_sample")
+# The attributed 320-pair sample is package data (pecm/data/roco_sample/, in the wheel too): found next to this
+# module, never through the source tree.
+SAMPLE_ROCO = os.path.join(_HERE, "roco_sample")
+
+
+def _source_tree_root() -> Optional[str]:
+    """The repository root when pecm runs from its source tree (editable install, PYTHONPATH), else None."""
+    root = os.path.dirname(os.path.dirname(_HERE))
+    markers = ("setup.py", "CMakeLists.txt", os.path.join("csrc", "bindings.cpp"))
+    return root if all(os.path.exists(os.path.join(root, m)) for m in markers) else None
+
+
+REPO_ROOT = _source_tree_root()
+# The full ROCO test-split subset, next to the source tree (``../shared/data/roco``); an installed package has
+# no source tree, so there it is None and --data names any other folder.
+SHARED_ROCO = os.path.join(REPO_ROOT, "..", "shared", "data", "roco") if REPO_ROOT else None
 
 
 def default_data_dir() -> str:
-    """``../shared/data/roco`` when present, else the shipped sample ``data/roco_sample``."""
-    if os.path.isfile(os.path.join(SHARED_ROCO, PAIRS_FILE)):
+    """``../shared/data/roco`` (beside the source tree) when present, else the shipped sample (package data)."""
+    if SHARED_ROCO and os.path.isfile(os.path.join(SHARED_ROCO, PAIRS_FILE)):
         return os.path.normpath(SHARED_ROCO)
     if os.path.isfile(os.path.join(SAMPLE_ROCO, PAIRS_FILE)):
         return SAMPLE_ROCO
-    raise FileNotFoundError(f"data: neither {SHARED_ROCO} nor {SAMPLE_ROCO} holds {PAIRS_FILE}")
+    if SHARED_ROCO:
+        raise FileNotFoundError(f"data: neither {os.path.normpath(SHARED_ROCO)} nor {SAMPLE_ROCO} holds {PAIRS_FILE}")
+    raise FileNotFoundError(f"data: the shipped sample {SAMPLE_ROCO} lacks {PAIRS_FILE} (incomplete install?)")
 
 
 def load_roco(root=None, limit: Optional[int] = None, verify_images: bool = True) -> PairSet:
