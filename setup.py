@@ -5,6 +5,9 @@ A CMake-driven extension in the style of pybind11's cmake_example: `pip install 
 place `_C*.so` inside the `pecm` package. The top-level `kernels/` directory (Triton kernels) is
 installed as the subpackage `pecm.kernels`.
 
+Version: `pecm/_version.py` holds the one number; pyproject.toml reads it, and it is passed to CMake as
+`-DPECM_VERSION=...` so `pecm._C.__version__ == pecm.__version__`.
+
 Environment: PECM_NO_CPP=1 skips the extension (pure-Python install; the "cpp" backend is then
 unavailable); CMAKE_BUILD_PARALLEL_LEVEL sets the build parallelism; CMAKE_ARGS adds CMake options.
 """
@@ -12,6 +15,7 @@ unavailable); CMAKE_BUILD_PARALLEL_LEVEL sets the build parallelism; CMAKE_ARGS 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +24,15 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+
+
+def package_version() -> str:
+    """`__version__` from pecm/_version.py, read without importing pecm (whose deps may be absent at build time)."""
+    text = (ROOT / "pecm" / "_version.py").read_text(encoding="utf-8")
+    m = re.search(r'^__version__\s*=\s*"([^"]+)"', text, re.M)
+    if not m:
+        raise RuntimeError("pecm/_version.py: no __version__ = \"...\" line")
+    return m.group(1)
 
 
 class CMakeExtension(Extension):
@@ -37,6 +50,7 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={extdir}{os.sep}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_BUILD_TYPE={cfg}",
+            f"-DPECM_VERSION={package_version()}",
         ]
         try:
             import pybind11

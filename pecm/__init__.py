@@ -4,7 +4,6 @@ Fused scoring ops (`pecm.ops`) with torch, C++ and Triton backends, an on-disk a
 the PECM model, losses, training, metrics and a CLI. See README.md and DESIGN.md.
 """
 
-__version__ = "0.1.0"
-
 from . import ops  # noqa: E402,F401
+from ._version import __version__  # noqa: F401  (the number lives in pecm/_version.py)
 from .ops import available_backends, pecm_rerank, pecm_scores, pecm_topk  # noqa: E402,F401
