@@ -12,6 +12,9 @@ import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# A git checkout of pecm (editable install or PYTHONPATH) has ROOT/.git; an installed package does not, and
+# `git rev-parse` there would report whatever repository happens to enclose site-packages.
+IN_GIT_CHECKOUT = os.path.exists(os.path.join(ROOT, ".git"))
 
 
 def _sync(device: str) -> None:
@@ -83,6 +86,9 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str:
+    """HEAD of the pecm checkout (+dirty), or "unknown" (an installed package, or no git)."""
+    if not IN_GIT_CHECKOUT:
+        return "unknown"
     try:
         r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(

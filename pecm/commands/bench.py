@@ -4,14 +4,12 @@ pecm bench topk   --sweep N=20000,200000,B=1,64 --out bench/results/topk_cpu
 pecm bench rerank --sweep M=100,1000 --device cuda --backend torch,triton
 pecm bench scores --sweep N=10000 --peers eager,gemm
 pecm bench report DIR [DIR ...] --out DIR      # merge results.json files: Markdown + plots
-pecm bench index [ARGS ...]                    # runs bench/bench_index.py ARGS (archive index)
+pecm bench index [ARGS ...]                    # archive index benchmark (pecm.bench.index_bench; --help)
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 
 DEFAULT_PEERS = "eager,gemm,compile,numpy,faiss"
@@ -23,7 +21,6 @@ def _split(s: str):
 
 def _run_op(args) -> int:
     from ..bench import runner
-    from ..bench.plots import all_plots
 
     if args.repeats < 1:
         raise ValueError(f"--repeats: expected >= 1, got {args.repeats}")
@@ -53,6 +50,8 @@ def _run_op(args) -> int:
     path = runner.save(res, args.out)
     print(runner.format_table(res))
     if not args.no_plots:
+        from ..bench.plots import all_plots  # matplotlib (the [bench] extra); not needed with --no-plots
+
         all_plots([res], args.out)
     print(f"\nwrote {path}")
     return 0
@@ -66,13 +65,10 @@ def _run_report(args) -> int:
 
 
 def _run_index(args) -> int:
-    script = os.path.join(
-        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bench", "bench_index.py"
-    )
-    if not os.path.exists(script):
-        raise FileNotFoundError(f"index: {script} not found (the index benchmark lives in the source tree)")
+    from ..bench import index_bench
+
     rest = [a for a in args.rest if a != "--"]
-    return subprocess.call([sys.executable, script, *rest])
+    return index_bench.main(rest, prog="pecm bench index")
 
 
 def register(sub) -> None:
@@ -107,13 +103,13 @@ def register(sub) -> None:
     r.add_argument("dirs", nargs="+", help="result directories or results.json files")
     r.add_argument("--out", default="bench_report")
     r.set_defaults(func=_run_report)
-    # prefix_chars="+": every argument (--n 1000, --help, ...) goes through to bench/bench_index.py
+    # prefix_chars="+": every argument (--n 1000, --help, ...) goes through to pecm.bench.index_bench
     i = bsub.add_parser(
         "index",
-        help="archive index benchmark (bench/bench_index.py ARGS; --help shows its options)",
+        help="archive index benchmark (pecm.bench.index_bench; --help shows its options)",
         prefix_chars="+",
         add_help=False,
     )
-    i.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for bench/bench_index.py")
+    i.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for pecm.bench.index_bench")
     i.set_defaults(func=_run_index)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
