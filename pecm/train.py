@@ -10,7 +10,7 @@ AMP (bfloat16 autocast) on CUDA; DDP when `torch.distributed` is initialised (``
 `DistributedSampler` shards the pairs, rank 0 writes). Each epoch rank 0 writes the checkpoint
 (`PECM.save`: safetensors + config.json + Doc2Vec + tokenizer) plus ``train_state.pt`` (optimizer,
 scheduler, epoch, history; torch.save) so ``resume=True`` continues, ``metrics.json`` (one entry per epoch)
-and ``loss_curve.png``.
+and ``loss_curve.png`` (when matplotlib is installed: the ``[plot]`` extra; training does not need it).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from .losses import DIV_CHOICES, PECMLoss
 from .model import PECM
 
 log = logging.getLogger("pecm.train")
+_PLOT_WARNED = False
 
 
 @dataclass
@@ -203,8 +204,17 @@ class _Step(nn.Module):
 
 
 def _plot(history: List[dict], path: str) -> None:
-    import matplotlib
-
+    """``loss_curve.png``; skipped (one warning per process) without matplotlib, which training does not need
+    otherwise (the ``[plot]`` extra; ``metrics.json`` holds the same numbers)."""
+    global _PLOT_WARNED
+    try:
+        import matplotlib
+    except ImportError:
+        if not _PLOT_WARNED:
+            name = os.path.basename(path)
+            log.warning("matplotlib is not installed: %s not written (pip install 'pecm[plot]')", name)
+            _PLOT_WARNED = True
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -68,6 +68,21 @@ def test_tiny_training_run_writes_metrics_curve_checkpoint(fitted, pairs, feats,
     assert hist[0]["lr"] < 3e-3 and hist[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_training_without_matplotlib_skips_the_curve(fitted, pairs, feats, tmp_path, monkeypatch, caplog):
+    """matplotlib is only the [plot] extra: training works without it and says that loss_curve.png is skipped."""
+    import sys
+
+    import pecm.train as T
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    monkeypatch.setattr(T, "_PLOT_WARNED", False)
+    with caplog.at_level("WARNING", logger="pecm.train"):
+        train(_fresh(fitted), pairs, str(tmp_path), _cfg(epochs=2), train_feats=feats)
+    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "model.safetensors").is_file()
+    assert not (tmp_path / "loss_curve.png").exists()
+    assert caplog.text.count("matplotlib is not installed") == 1  # once, not per epoch
+
+
 def test_resume_continues_with_identical_state(fitted, pairs, feats, tmp_path, monkeypatch):
     full = _fresh(fitted)
     h_full = train(full, pairs, str(tmp_path / "full"), _cfg(), train_feats=feats)
