@@ -3,7 +3,8 @@
 A CMake-driven extension in the style of pybind11's cmake_example: `pip install .`,
 `pip install -e .` and `python setup.py build_ext --inplace` all run CMake on CMakeLists.txt and
 place `_C*.so` inside the `pecm` package. The top-level `kernels/` directory (Triton kernels) is
-installed as the subpackage `pecm.kernels`.
+installed as the subpackage `pecm.kernels`. Package data: the shipped ROCO sample
+(`pecm/data/roco_sample/`) and `pecm/py.typed`; MANIFEST.in lists what the sdist adds (csrc/, CMakeLists.txt, ...).
 
 Version: `pecm/_version.py` holds the one number; pyproject.toml reads it, and it is passed to CMake as
 `-DPECM_VERSION=...` so `pecm._C.__version__ == pecm.__version__`.
@@ -31,7 +32,7 @@ def package_version() -> str:
     text = (ROOT / "pecm" / "_version.py").read_text(encoding="utf-8")
     m = re.search(r'^__version__\s*=\s*"([^"]+)"', text, re.M)
     if not m:
-        raise RuntimeError("pecm/_version.py: no __version__ = \"...\" line")
+        raise RuntimeError('pecm/_version.py: no __version__ = "..." line')
     return m.group(1)
 
 
@@ -80,6 +81,11 @@ ext_modules = [] if os.environ.get("PECM_NO_CPP") == "1" else [CMakeExtension("p
 setup(
     packages=find_packages(include=["pecm", "pecm.*"]) + ["pecm.kernels"],
     package_dir={"pecm.kernels": "kernels"},
+    package_data={
+        "pecm": ["py.typed"],
+        "pecm.data": ["roco_sample/*.jsonl", "roco_sample/*.tsv", "roco_sample/*.md", "roco_sample/images/*.jpg"],
+    },
+    include_package_data=False,
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,
