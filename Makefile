@@ -63,3 +63,13 @@ demo: build
 
 clean:
 	rm -rf build *.egg-info pecm/_C*.so .pytest_cache
+
+# Packaging check: sdist -> wheel built from it -> fresh venv outside the tree -> import, ops, demo --quick,
+# bench index (tests/test_packaging.py; also part of `make test`). The wheel and sdist are left in dist/.
+.PHONY: wheel-check
+wheel-check: $(STAMP)
+	$(BIN)/python -m pytest -q tests/test_packaging.py $(PYTEST_ARGS)
+	rm -rf dist && mkdir -p dist
+	$(BIN)/python -c "from setuptools import build_meta; print(build_meta.build_sdist('dist'))"
+	rm -rf pecm.egg-info
+	$(BIN)/python -m pip wheel --no-deps --no-build-isolation --no-cache-dir -w dist dist/pecm-*.tar.gz
