@@ -1,7 +1,10 @@
-// pecm._C: pybind11 bindings of the C++ CPU backend. Works on numpy buffers (no libtorch):
-// float32 operands, candidate storage float32 / float16 / bfloat16 (half types may be passed as
-// uint16/int16 bit patterns with the dtype flag). Every argument is checked here and a bad one
-// raises ValueError (never a crash).
+// pecm._C: pybind11 bindings of the C++ CPU backend. Works on numpy buffers (no libtorch).
+// The scoring functions take the two operand types of pecm.operands as C++ objects: `_C.Queries`
+// (float32 qw, qden, qp) and `_C.Candidates` (prototypes in float32 / float16 / bfloat16 -- half types
+// may be passed as uint16/int16 bit patterns with the dtype flag -- a bool mask, pooled vectors or
+// None, the weights and the normalised promises), plus `_C.By`. pecm.ops validates the user's inputs;
+// the checks here are the memory-safety ones (shapes, dtypes, contiguity, candidate ids in range) and
+// raise ValueError naming the argument, so a direct call can never crash the process.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -11,6 +14,12 @@
 #include "dispatch.h"
 #include "ops.h"
 #include "prepare.h"
+
+// The package version this module was built for (CMake passes -DPECM_VERSION from pyproject.toml);
+// pecm.backends.cpp_backend refuses an extension whose version differs from pecm.__version__.
+#ifndef PECM_VERSION
+#define PECM_VERSION "0+unknown"
+#endif
 
 namespace py = pybind11;
 using pecm::Problem;
@@ -52,13 +61,6 @@ int parse_dtype(const std::string& s) {
     throw py::value_error("dtype: expected 'float32', 'float16' or 'bfloat16', got '" + s + "'");
 }
 
-int parse_by(const std::string& s) {
-    if (s == "score") return pecm::kScore;
-    if (s == "sim") return pecm::kSim;
-    if (s == "conf") return pecm::kConf;
-    throw py::value_error("by: expected 'score', 'sim' or 'conf', got '" + s + "'");
-}
-
 // Storage arrays must already be C-contiguous with the element size of `dtype` (no silent copies
 // of the big candidate matrix).
 void check_storage(const py::array& a, const char* name, int dtype) {
@@ -79,53 +81,85 @@ void check_storage(const py::array& a, const char* name, int dtype) {
                               " (float32 -> float32 array; float16 -> float16/uint16; bfloat16 -> uint16/int16)");
 }
 
-struct Held {  // keeps the (possibly converted) query arrays alive for the duration of a call
+// _C.Queries: the float32 query operands (forcecast to float32 C-contiguous; they are small).
+struct PyQueries {
     F32 qw, qden, qp;
-    py::array c, cp;
-    py::object cm;
     std::vector<float> qsum;
-    Problem p{};
+    int64_t B = 0, K = 0, D = 0;
+
+    PyQueries(const py::array& qw_in, const py::array& qden_in, const py::array& qp_in) {
+        qw = F32::ensure(qw_in);
+        qden = F32::ensure(qden_in);
+        qp = F32::ensure(qp_in);
+        if (!qw || !qden || !qp) throw py::value_error("qw, qden, qp: expected float32-convertible arrays");
+        if (qden.ndim() != 2) throw py::value_error("qden: expected shape [B, K], got " + shape_str(qden));
+        if (qp.ndim() != 2) throw py::value_error("qp: expected shape [B, D], got " + shape_str(qp));
+        B = qden.shape(0);
+        K = qden.shape(1);
+        D = qp.shape(1);
+        if (B < 1 || K < 1 || D < 1) throw py::value_error("qden/qp: B, K and D must be >= 1");
+        check_shape(qp, "qp", B, D, "B", "D");
+        check_shape(qw, "qw", B, K * D, "B", "K*D");
+        qsum.assign((size_t)B, 0.f);
+        const float* qd = qden.data();
+        for (int64_t b = 0; b < B; b++) {
+            float sum = 0.f;
+            for (int64_t t = 0; t < K; t++) sum += qd[b * K + t];
+            qsum[(size_t)b] = sum;
+        }
+    }
+    pecm::Queries raw() const { return pecm::Queries{qw.data(), qden.data(), qp.data(), qsum.data(), B, nullptr, 0}; }
 };
 
-void build(Held& h, const py::array& qw_in, const py::array& qden_in, const py::array& qp_in, const py::array& c,
-           const py::object& cm, const py::array& cp, const std::string& dtype_s) {
-    const int dtype = parse_dtype(dtype_s);
-    h.qw = F32::ensure(qw_in);
-    h.qden = F32::ensure(qden_in);
-    h.qp = F32::ensure(qp_in);
-    if (!h.qw || !h.qden || !h.qp) throw py::value_error("qw, qden, qp: expected float32-convertible arrays");
-    if (h.qden.ndim() != 2) throw py::value_error("qden: expected shape [B, K], got " + shape_str(h.qden));
-    if (h.qp.ndim() != 2) throw py::value_error("qp: expected shape [B, D], got " + shape_str(h.qp));
-    const int64_t B = h.qden.shape(0), K = h.qden.shape(1), D = h.qp.shape(1);
-    if (B < 1 || K < 1 || D < 1) throw py::value_error("qden/qp: B, K and D must be >= 1");
-    check_shape(h.qp, "qp", B, D, "B", "D");
-    check_shape(h.qw, "qw", B, K * D, "B", "K*D");
-    check_storage(c, "c", dtype);
-    check_storage(cp, "cp", dtype);
-    if (c.ndim() != 2) throw py::value_error("c: expected shape [N, K*D], got " + shape_str(c));
-    const int64_t N = c.shape(0);
-    if (N < 1) throw py::value_error("c: N must be >= 1");
-    check_shape(c, "c", N, K * D, "N", "K*D");
-    check_shape(cp, "cp", N, D, "N", "D");
-    const void* cm_ptr = nullptr;
-    if (!cm.is_none()) {
-        py::array cma = py::reinterpret_borrow<py::array>(cm);
-        if (!py::isinstance<py::array>(cm)) throw py::value_error("cm: expected a numpy array or None");
-        check_storage(cma, "cm", dtype);
-        check_shape(cma, "cm", N, K, "N", "K");
-        cm_ptr = cma.data();
+// _C.Candidates: views of the candidate buffers (never copied: they must already be C-contiguous in
+// the storage dtype) and the promises of pecm.operands.Candidates.
+struct PyCandidates {
+    py::array c;
+    py::object mask, pooled;
+    py::array mask_arr;
+    F32 w;
+    int dtype = 0;
+    int64_t N = 0, K = 0, D = 0;
+    bool unit = false, pooled_unit = false;
+    float eps = 1e-12f;
+
+    PyCandidates(const py::array& c_in, const std::string& dtype_s, const py::array& w_in, const py::object& mask_in,
+                 const py::object& pooled_in, bool normalized, bool pooled_normalized, float eps_in)
+        : c(c_in), mask(mask_in), pooled(pooled_in), unit(normalized), pooled_unit(pooled_normalized), eps(eps_in) {
+        dtype = parse_dtype(dtype_s);
+        check_storage(c, "c", dtype);
+        if (c.ndim() != 3) throw py::value_error("c: expected shape [N, K, D], got " + shape_str(c));
+        N = c.shape(0);
+        K = c.shape(1);
+        D = c.shape(2);
+        if (N < 1 || K < 1 || D < 1) throw py::value_error("c: N, K and D must be >= 1, got " + shape_str(c));
+        w = F32::ensure(w_in);
+        if (!w || w.ndim() != 1 || w.shape(0) != K)
+            throw py::value_error("w: expected float32 shape [K=" + std::to_string(K) + "], got " + shape_str(w_in));
+        byte_mask(mask, "c_mask", N, K, "N", mask_arr);
+        if (!pooled.is_none()) {
+            if (!py::isinstance<py::array>(pooled)) throw py::value_error("c_pooled: expected a numpy array or None");
+            py::array pa = py::reinterpret_borrow<py::array>(pooled);
+            check_storage(pa, "c_pooled", dtype);
+            check_shape(pa, "c_pooled", N, D, "N", "D");
+        } else if (pooled_unit) {
+            throw py::value_error("pooled_normalized: True needs pooled vectors");
+        }
+        if (!(eps > 0.f)) throw py::value_error("eps: expected > 0");
     }
-    h.c = c;
-    h.cp = cp;
-    h.cm = cm;
-    h.qsum.assign((size_t)B, 0.f);
-    const float* qd = h.qden.data();
-    for (int64_t b = 0; b < B; b++) {
-        float s = 0.f;
-        for (int64_t t = 0; t < K; t++) s += qd[b * K + t];
-        h.qsum[(size_t)b] = s;
+    pecm::Candidates raw() const {
+        const void* pp = pooled.is_none() ? nullptr : py::reinterpret_borrow<py::array>(pooled).data();
+        const uint8_t* pm = mask.is_none() ? nullptr : (const uint8_t*)mask_arr.data();
+        return pecm::Candidates{c.data(), pm,   pp,  w.data(), dtype, N, unit, pooled_unit,
+                                unit && pp && pooled_unit, eps};
     }
-    h.p = Problem{h.qw.data(), qd, h.qp.data(), h.qsum.data(), c.data(), cm_ptr, cp.data(), dtype, B, N, K, D};
+};
+
+Problem problem(const PyQueries& q, const PyCandidates& c) {
+    if (q.K != c.K || q.D != c.D)
+        throw py::value_error("queries: K=" + std::to_string(q.K) + ", D=" + std::to_string(q.D) +
+                              " do not match the candidates' K=" + std::to_string(c.K) + ", D=" + std::to_string(c.D));
+    return Problem{q.raw(), c.raw(), c.K, c.D};
 }
 
 int64_t check_k(int64_t k) {
@@ -137,6 +171,7 @@ int64_t check_k(int64_t k) {
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "pecm C++ CPU backend: fused PECM scores / exhaustive top-k / re-rank (OpenMP + SIMD dispatch)";
+    m.attr("__version__") = PECM_VERSION;
 
     m.def("simd_level", &pecm::simd_level, "SIMD path in use: 'scalar', 'avx2' or 'avx512'.");
     m.def("simd_levels", &pecm::supported_levels, "SIMD paths this CPU and build support, ascending.");
@@ -249,61 +284,80 @@ PYBIND11_MODULE(_C, m) {
         py::arg("x"),
         "Test hook: float32 -> IEEE half bits (uint16) with the encoder's store of the current SIMD level.");
 
+    py::enum_<pecm::By>(m, "By", "The ranked quantity (values shared with pecm.operands.By).")
+        .value("SCORE", pecm::kScore)
+        .value("SIM", pecm::kSim)
+        .value("CONF", pecm::kConf);
+
+    py::class_<PyQueries>(m, "Queries", "pecm.operands.Queries as float32 buffers (qw [B, K*D], qden [B, K], qp [B, D]).")
+        .def(py::init<const py::array&, const py::array&, const py::array&>(), py::arg("qw"), py::arg("qden"),
+             py::arg("qp"))
+        .def_readonly("B", &PyQueries::B)
+        .def_readonly("K", &PyQueries::K)
+        .def_readonly("D", &PyQueries::D);
+
+    py::class_<PyCandidates>(m, "Candidates",
+                             "pecm.operands.Candidates as buffers: c [N, K, D] storage dtype, w [K] float32, mask "
+                             "bool [N, K] or None, pooled [N, D] storage dtype or None, and the normalised promises.")
+        .def(py::init<const py::array&, const std::string&, const py::array&, const py::object&, const py::object&, bool,
+                      bool, float>(),
+             py::arg("c"), py::arg("dtype"), py::arg("w"), py::arg("mask") = py::none(), py::arg("pooled") = py::none(),
+             py::arg("normalized") = false, py::arg("pooled_normalized") = false, py::arg("eps") = 1e-12f)
+        .def_readonly("N", &PyCandidates::N)
+        .def_readonly("K", &PyCandidates::K)
+        .def_readonly("D", &PyCandidates::D)
+        .def_readonly("normalized", &PyCandidates::unit)
+        .def_readonly("pooled_normalized", &PyCandidates::pooled_unit);
+
     m.def(
         "scores",
-        [](py::array qw, py::array qden, py::array qp, py::array c, py::object cm, py::array cp, std::string dtype) {
-            Held h;
-            build(h, qw, qden, qp, c, cm, cp, dtype);
-            const auto B = h.p.B, N = h.p.N;
+        [](const PyQueries& q, const PyCandidates& c) {
+            const Problem p = problem(q, c);
+            const auto B = p.q.B, N = p.c.N;
             py::array_t<float> sim({B, N}), conf({B, N}), score({B, N});
             float *ps = sim.mutable_data(), *pc = conf.mutable_data(), *pr = score.mutable_data();
             {
                 py::gil_scoped_release nogil;
-                pecm::run_scores(h.p, ps, pc, pr);
+                pecm::run_scores(p, ps, pc, pr);
             }
             return py::make_tuple(sim, conf, score);
         },
-        py::arg("qw"), py::arg("qden"), py::arg("qp"), py::arg("c"), py::arg("cm"), py::arg("cp"), py::arg("dtype"),
-        "(sim, conf, score) float32 [B, N] each.");
+        py::arg("queries"), py::arg("candidates"), "(sim, conf, score) float32 [B, N] each.");
 
     m.def(
         "topk",
-        [](py::array qw, py::array qden, py::array qp, py::array c, py::object cm, py::array cp, std::string dtype,
-           int64_t k, std::string by) {
-            Held h;
-            build(h, qw, qden, qp, c, cm, cp, dtype);
+        [](const PyQueries& q, const PyCandidates& c, int64_t k, pecm::By by) {
+            const Problem p = problem(q, c);
             check_k(k);
-            const int byi = parse_by(by);
-            const auto B = h.p.B;
+            const auto B = p.q.B;
             py::array_t<float> vals({B, k});
             py::array_t<int64_t> ids({B, k});
             float* pv = vals.mutable_data();
             int64_t* pi = ids.mutable_data();
             {
                 py::gil_scoped_release nogil;
-                pecm::run_topk(h.p, k, byi, pv, pi);
+                pecm::run_topk(p, k, by, pv, pi);
             }
             return py::make_tuple(vals, ids);
         },
-        py::arg("qw"), py::arg("qden"), py::arg("qp"), py::arg("c"), py::arg("cm"), py::arg("cp"), py::arg("dtype"),
-        py::arg("k"), py::arg("by"), "Exhaustive fused top-k: (values f32 [B, k], ids int64 [B, k]).");
+        py::arg("queries"), py::arg("candidates"), py::arg("k"), py::arg("by"),
+        "Exhaustive fused top-k: (values f32 [B, k], ids int64 [B, k]).");
 
     m.def(
         "rerank",
-        [](py::array qw, py::array qden, py::array qp, py::array c, py::object cm, py::array cp, std::string dtype,
-           py::array_t<int64_t, py::array::c_style | py::array::forcecast> cand, int64_t k, std::string by) {
-            Held h;
-            build(h, qw, qden, qp, c, cm, cp, dtype);
+        [](const PyQueries& q, const PyCandidates& c, py::array_t<int64_t, py::array::c_style | py::array::forcecast> cand,
+           int64_t k, pecm::By by) {
+            const Problem p = problem(q, c);
             check_k(k);
-            const int byi = parse_by(by);
-            const auto B = h.p.B;
+            const auto B = p.q.B;
             if (cand.ndim() != 2 || cand.shape(0) != B)
-                throw py::value_error("cand: expected shape [B=" + std::to_string(B) + ", M], got " + shape_str(cand));
+                throw py::value_error("candidates: expected shape [B=" + std::to_string(B) + ", M], got " +
+                                      shape_str(cand));
             const int64_t M = cand.shape(1);
             const int64_t* pc = cand.data();
             for (int64_t i = 0; i < B * M; i++)
-                if (pc[i] < -1 || pc[i] >= h.p.N)
-                    throw py::value_error("cand: ids must be in [-1, N=" + std::to_string(h.p.N) + "), got " +
+                if (pc[i] < -1 || pc[i] >= p.c.N)
+                    throw py::value_error("candidates: ids must be in [-1, N=" + std::to_string(p.c.N) + "), got " +
                                           std::to_string(pc[i]));
             py::array_t<float> vals({B, k});
             py::array_t<int64_t> ids({B, k});
@@ -311,10 +365,10 @@ PYBIND11_MODULE(_C, m) {
             int64_t* pi = ids.mutable_data();
             {
                 py::gil_scoped_release nogil;
-                pecm::run_rerank(h.p, pc, M, k, byi, pv, pi);
+                pecm::run_rerank(p, pc, M, k, by, pv, pi);
             }
             return py::make_tuple(vals, ids);
         },
-        py::arg("qw"), py::arg("qden"), py::arg("qp"), py::arg("c"), py::arg("cm"), py::arg("cp"), py::arg("dtype"),
-        py::arg("cand"), py::arg("k"), py::arg("by"), "Best k of gathered candidate rows (-1 = padding).");
+        py::arg("queries"), py::arg("candidates"), py::arg("cand"), py::arg("k"), py::arg("by"),
+        "Best k of gathered candidate rows (-1 = padding).");
 }

@@ -8,7 +8,17 @@
 //  * re-rank (one query, gathered rows): micro_gather, with a steady line-by-line prefetch;
 //  * many queries: the GEMM path (packed queries, kGemmKC-wide slices of the rows converted to fp32
 //    once and reused by every query of the block, broadcast-FMA micro-tiles).
+//
+// Candidates that are not prepared (Candidates in kernels.h) are normalised on the fly, in the read
+// of the rows the tile scores: prep_rows computes each row's per-prototype scales
+// inv_k = m_k / max(||c_k||, eps) (and, without pooled vectors, the unit Eq. 4 pooled vector in fp32)
+// just before the row group's dot products, which then multiply every loaded candidate vector by
+// its prototype's scale (few queries) or fold the scale into the fp32 conversion (GEMM path). Groups
+// are RB_MAX rows (dot paths) or the tile's 48 rows (GEMM path), so the second read of a row hits
+// the cache. Prototypes masked out in every row of a group are not read at all.
 #pragma once
+#include <cmath>
+
 #include "kernels.h"
 #include "simd.h"
 
@@ -17,27 +27,124 @@ namespace PECM_NS {
 
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
-template <int QB, int RB, typename T>
-static void micro(const float* q, int64_t qs, const T* const* cr, int64_t len, float* acc, int64_t accld) {
-    V a[QB][RB];
-    for (int i = 0; i < QB; i++)
-        for (int r = 0; r < RB; r++) a[i][r] = vzero();
+// ------------------------------------------------------------------------------------------------
+// On-the-fly row preparation (candidates that are not prepared).
+template <typename T>
+static float sumsq(const T* x, int64_t n) {
+    V s0 = vzero(), s1 = vzero();
     int64_t j = 0;
-    for (; j + VL <= len; j += VL) {
-        V cv[RB];
-        for (int r = 0; r < RB; r++) cv[r] = vload(cr[r] + j);
-        for (int i = 0; i < QB; i++) {
-            V qv = vload(q + i * qs + j);
-            for (int r = 0; r < RB; r++) a[i][r] = vfma(qv, cv[r], a[i][r]);
+    for (; j + 2 * VL <= n; j += 2 * VL) {
+        const V a = vload(x + j), b = vload(x + j + VL);
+        s0 = vfma(a, a, s0);
+        s1 = vfma(b, b, s1);
+    }
+    for (; j + VL <= n; j += VL) {
+        const V a = vload(x + j);
+        s0 = vfma(a, a, s0);
+    }
+    float r = vsum(s0) + vsum(s1);
+    for (; j < n; j++) {
+        const float v = to_f32(x + j);
+        r += v * v;
+    }
+    return r;
+}
+
+static inline float inv_norm(float ss, float eps) {
+    const double n = std::sqrt((double)ss);
+    return (float)(1.0 / (n > (double)eps ? n : (double)eps));
+}
+
+// For rows cr[0..nr) ([K*D] each), masks mr[r] ([K] bytes; mr null = all valid) and pooled rows
+// pr[r] ([D]; pr null = pool on the fly):
+//   inv[r*K + t] = m_rt / max(||c_rt||, eps)           (m_rt when the prototypes are unit)
+//   hp[r*D + d]  = normalize(sum_t w_t inv_rt c_rt)     (pooled on the fly; fp32)
+//   pinv[r]      = 1 / max(||cp_r||, eps)               (pooled given; 1 when they are unit)
+// This is pecm.operands.normalize_block in float32, without rounding ĉ to the storage dtype.
+template <typename T>
+static void prep_rows(const Problem& p, const T* const* cr, const T* const* pr, const uint8_t* const* mr, int nr,
+                      float* inv, float* hp, float* pinv) {
+    const int64_t K = p.K, D = p.D;
+    const Candidates& cs = p.c;
+    for (int r = 0; r < nr; r++) {
+        float* iv = inv + r * K;
+        for (int64_t t = 0; t < K; t++) {
+            if (mr && !mr[r][t])
+                iv[t] = 0.f;
+            else if (cs.unit)
+                iv[t] = 1.f;
+            else
+                iv[t] = inv_norm(sumsq(cr[r] + t * D, D), cs.eps);
+        }
+        if (!pr) {
+            float* h = hp + r * D;
+            for (int64_t d = 0; d < D; d++) h[d] = 0.f;
+            for (int64_t t = 0; t < K; t++) {
+                const float a = cs.w[t] * iv[t];
+                if (a == 0.f) continue;
+                const T* x = cr[r] + t * D;
+                const V av = vset1(a);
+                int64_t d = 0;
+                for (; d + VL <= D; d += VL) vstore(h + d, vfma(vload(x + d), av, vload(h + d)));
+                for (; d < D; d++) h[d] += to_f32(x + d) * a;
+            }
+            const float s = inv_norm(sumsq(h, D), cs.eps);
+            const V sv = vset1(s);
+            int64_t d = 0;
+            for (; d + VL <= D; d += VL) vstore(h + d, vmul(vload(h + d), sv));
+            for (; d < D; d++) h[d] *= s;
+        } else {
+            pinv[r] = cs.pooled_unit ? 1.f : inv_norm(sumsq(pr[r], D), cs.eps);
         }
     }
-    for (int i = 0; i < QB; i++) {
+}
+
+// ------------------------------------------------------------------------------------------------
+// Dot-product paths. Rows are K segments of D values; SCALED multiplies segment t of row r by
+// inv[r*K + t] (unscaled callers pass K = 1, D = the row length).
+template <int QB, int RB, typename T, bool SCALED>
+static void micro(const float* q, int64_t qs, const T* const* cr, int64_t K, int64_t D, const float* inv, float* acc,
+                  int64_t accld) {
+    V a[QB][RB];
+    float tl[QB][RB];
+    for (int i = 0; i < QB; i++)
         for (int r = 0; r < RB; r++) {
-            float s = vsum(a[i][r]);
-            for (int64_t t = j; t < len; t++) s += q[i * qs + t] * to_f32(cr[r] + t);
-            acc[i * accld + r] += s;
+            a[i][r] = vzero();
+            tl[i][r] = 0.f;
         }
+    for (int64_t t = 0; t < K; t++) {
+        V sv[RB];
+        if constexpr (SCALED) {
+            bool any = false;
+            for (int r = 0; r < RB; r++) {
+                const float x = inv[r * K + t];
+                sv[r] = vset1(x);
+                any = any || x != 0.f;
+            }
+            if (!any) continue;  // masked in every row of the group: not read
+        }
+        const int64_t b0 = t * D;
+        int64_t j = b0;
+        for (; j + VL <= b0 + D; j += VL) {
+            V cv[RB];
+            for (int r = 0; r < RB; r++) {
+                cv[r] = vload(cr[r] + j);
+                if constexpr (SCALED) cv[r] = vmul(cv[r], sv[r]);
+            }
+            for (int i = 0; i < QB; i++) {
+                const V qv = vload(q + i * qs + j);
+                for (int r = 0; r < RB; r++) a[i][r] = vfma(qv, cv[r], a[i][r]);
+            }
+        }
+        for (; j < b0 + D; j++)
+            for (int r = 0; r < RB; r++) {
+                float cv = to_f32(cr[r] + j);
+                if constexpr (SCALED) cv *= inv[r * K + t];
+                for (int i = 0; i < QB; i++) tl[i][r] += q[i * qs + j] * cv;
+            }
     }
+    for (int i = 0; i < QB; i++)
+        for (int r = 0; r < RB; r++) acc[i * accld + r] += vsum(a[i][r]) + tl[i][r];
 }
 
 // One query x RB gathered rows (rerank), with a steady software prefetch: for every cache line of
@@ -45,104 +152,147 @@ static void micro(const float* q, int64_t qs, const T* const* cr, int64_t len, f
 // about one group (RB rows, ~RB * 14 KB at K=26, D=256 fp16) is always in flight (a burst of
 // whole-row prefetches would overflow the miss buffers and gathered rows defeat the hardware
 // prefetcher at every row start).
-template <int RB, typename T>
-static void micro_gather(const float* q, const T* const* cr, const T* const* nx, int nnx, int64_t len, float* acc) {
+template <int RB, typename T, bool SCALED>
+static void micro_gather(const float* q, const T* const* cr, const T* const* nx, int nnx, int64_t K, int64_t D,
+                         const float* inv, float* acc) {
     constexpr int64_t line = 64 / (int64_t)sizeof(T);
     V a[RB][2];
-    for (int r = 0; r < RB; r++) a[r][0] = a[r][1] = vzero();
-    int64_t j = 0;
-    for (; j + 2 * VL <= len; j += 2 * VL) {
-        if constexpr (2 * VL >= line) {
-            for (int64_t o = 0; o < 2 * VL; o += line)
-                for (int r = 0; r < nnx; r++) __builtin_prefetch(nx[r] + j + o, 0, 2);
-        } else if (j % line == 0) {
-            for (int r = 0; r < nnx; r++) __builtin_prefetch(nx[r] + j, 0, 2);
-        }
-        const V q0 = vload(q + j), q1 = vload(q + j + VL);
-        for (int r = 0; r < RB; r++) {
-            a[r][0] = vfma(q0, vload(cr[r] + j), a[r][0]);
-            a[r][1] = vfma(q1, vload(cr[r] + j + VL), a[r][1]);
-        }
-    }
+    float tl[RB];
     for (int r = 0; r < RB; r++) {
-        float s = vsum(a[r][0]) + vsum(a[r][1]);
-        for (int64_t t = j; t < len; t++) s += q[t] * to_f32(cr[r] + t);
-        acc[r] += s;
+        a[r][0] = a[r][1] = vzero();
+        tl[r] = 0.f;
     }
-}
-
-template <typename T>
-using GatherFn = void (*)(const float*, const T* const*, const T* const*, int, int64_t, float*);
-
-template <typename T>
-static GatherFn<T> pick_gather(int rb) {
-    switch (rb) {
-        case 1: return &micro_gather<1, T>;
-        case 2: return &micro_gather<(RB_MAX >= 2 ? 2 : 1), T>;
-        case 3: return &micro_gather<(RB_MAX >= 3 ? 3 : 1), T>;
-        default: return &micro_gather<RB_MAX, T>;
-    }
-}
-
-template <typename T>
-using MicroFn = void (*)(const float*, int64_t, const T* const*, int64_t, float*, int64_t);
-
-template <typename T, int QB>
-static MicroFn<T> pick_rb(int rb) {
-    switch (rb) {
-        case 1: return &micro<QB, 1, T>;
-        case 2: return &micro<QB, (RB_MAX >= 2 ? 2 : 1), T>;
-        case 3: return &micro<QB, (RB_MAX >= 3 ? 3 : 1), T>;
-        default: return &micro<QB, RB_MAX, T>;
-    }
-}
-
-template <typename T>
-static MicroFn<T> pick(int qb, int rb) {
-    switch (qb) {
-        case 1: return pick_rb<T, 1>(rb);
-        case 2: return pick_rb<T, (QB_MAX >= 2 ? 2 : 1)>(rb);
-        case 3: return pick_rb<T, (QB_MAX >= 3 ? 3 : 1)>(rb);
-        default: return pick_rb<T, QB_MAX>(rb);
-    }
-}
-
-// acc[i * nr + r] += q[i] . row_r  for i < nq, r < nr; rows have `rowlen` elements.
-template <typename T>
-static void accumulate(const float* q, int64_t qs, int64_t nq, const T* base, int64_t rowlen, const int64_t* rows,
-                       int64_t n0, int nr, float* acc) {
-    const T* rp[kGatherRows];
-    for (int r = 0; r < nr; r++) rp[r] = base + (rows ? rows[r] : n0 + r) * rowlen;
-    if (rows && nq == 1) {
-        // Re-rank: one query, gathered rows. The first group is requested up front; every later group
-        // is prefetched line by line while the previous one is computed (micro_gather).
-        constexpr int64_t line = 64 / (int64_t)sizeof(T);
-        for (int r = 0; r < (int)imin(RB_MAX, nr); r++)
-            for (int64_t j = 0; j < rowlen; j += line) __builtin_prefetch(rp[r] + j, 0, 2);
-        for (int r0 = 0; r0 < nr; r0 += RB_MAX) {
-            const int rb = (int)imin(RB_MAX, nr - r0);
-            const int nnx = (int)imin(RB_MAX, imin(nr, r0 + 2 * RB_MAX) - (r0 + RB_MAX));
-            if (nnx > 0)
-                pick_gather<T>(rb)(q, rp + r0, rp + r0 + RB_MAX, nnx, rowlen, acc + r0);
-            else
-                pick_gather<T>(rb)(q, rp + r0, nullptr, 0, rowlen, acc + r0);
+    for (int64_t t = 0; t < K; t++) {
+        V sv[RB];
+        if constexpr (SCALED) {
+            bool any = false;
+            for (int r = 0; r < RB; r++) {
+                const float x = inv[r * K + t];
+                sv[r] = vset1(x);
+                any = any || x != 0.f;
+            }
+            if (!any) continue;
         }
+        const int64_t b0 = t * D, e = b0 + D;
+        int64_t j = b0;
+        for (; j + 2 * VL <= e; j += 2 * VL) {
+            if constexpr (2 * VL >= line) {
+                for (int64_t o = 0; o < 2 * VL; o += line)
+                    for (int r = 0; r < nnx; r++) __builtin_prefetch(nx[r] + j + o, 0, 2);
+            } else if (j % line == 0) {
+                for (int r = 0; r < nnx; r++) __builtin_prefetch(nx[r] + j, 0, 2);
+            }
+            const V q0 = vload(q + j), q1 = vload(q + j + VL);
+            for (int r = 0; r < RB; r++) {
+                V c0 = vload(cr[r] + j), c1 = vload(cr[r] + j + VL);
+                if constexpr (SCALED) {
+                    c0 = vmul(c0, sv[r]);
+                    c1 = vmul(c1, sv[r]);
+                }
+                a[r][0] = vfma(q0, c0, a[r][0]);
+                a[r][1] = vfma(q1, c1, a[r][1]);
+            }
+        }
+        for (; j < e; j++)
+            for (int r = 0; r < RB; r++) {
+                float cv = to_f32(cr[r] + j);
+                if constexpr (SCALED) cv *= inv[r * K + t];
+                tl[r] += q[j] * cv;
+            }
+    }
+    for (int r = 0; r < RB; r++) acc[r] += vsum(a[r][0]) + vsum(a[r][1]) + tl[r];
+}
+
+template <typename T, bool S>
+using GatherFn = void (*)(const float*, const T* const*, const T* const*, int, int64_t, int64_t, const float*, float*);
+
+template <typename T, bool S>
+static GatherFn<T, S> pick_gather(int rb) {
+    switch (rb) {
+        case 1: return &micro_gather<1, T, S>;
+        case 2: return &micro_gather<(RB_MAX >= 2 ? 2 : 1), T, S>;
+        case 3: return &micro_gather<(RB_MAX >= 3 ? 3 : 1), T, S>;
+        default: return &micro_gather<RB_MAX, T, S>;
+    }
+}
+
+template <typename T, bool S>
+using MicroFn = void (*)(const float*, int64_t, const T* const*, int64_t, int64_t, const float*, float*, int64_t);
+
+template <typename T, bool S, int QB>
+static MicroFn<T, S> pick_rb(int rb) {
+    switch (rb) {
+        case 1: return &micro<QB, 1, T, S>;
+        case 2: return &micro<QB, (RB_MAX >= 2 ? 2 : 1), T, S>;
+        case 3: return &micro<QB, (RB_MAX >= 3 ? 3 : 1), T, S>;
+        default: return &micro<QB, RB_MAX, T, S>;
+    }
+}
+
+template <typename T, bool S>
+static MicroFn<T, S> pick(int qb, int rb) {
+    switch (qb) {
+        case 1: return pick_rb<T, S, 1>(rb);
+        case 2: return pick_rb<T, S, (QB_MAX >= 2 ? 2 : 1)>(rb);
+        case 3: return pick_rb<T, S, (QB_MAX >= 3 ? 3 : 1)>(rb);
+        default: return pick_rb<T, S, QB_MAX>(rb);
+    }
+}
+
+// acc[i * accld + r] += q_i . row_r (segments scaled when S) for i < nq, r < rb; one query with
+// gathered rows takes micro_gather (prefetching the next group nx[0..nnx)).
+template <typename T, bool S>
+static void dot_group(const float* q, int64_t qs, int64_t nq, const T* const* rp, int rb, const T* const* nx, int nnx,
+                      bool gathered, int64_t K, int64_t D, const float* inv, float* acc, int64_t accld) {
+    if (gathered && nq == 1) {
+        pick_gather<T, S>(rb)(q, rp, nnx > 0 ? nx : nullptr, nnx, K, D, inv, acc);
         return;
     }
-    // Few queries (bandwidth-bound): stream the storage dtype, converting in registers. Gathered rows
-    // with several queries are prefetched a group ahead (contiguous rows: the hardware prefetcher).
-    constexpr int64_t line = 64 / (int64_t)sizeof(T);
-    if (rows)
+    if (gathered) {  // several queries over gathered rows: the next group a whole row at a time
+        constexpr int64_t line = 64 / (int64_t)sizeof(T);
+        for (int r = 0; r < nnx; r++)
+            for (int64_t j = 0; j < K * D; j += line) __builtin_prefetch(nx[r] + j, 0, 2);
+    }
+    for (int64_t i0 = 0; i0 < nq; i0 += QB_MAX) {
+        const int qb = (int)imin(QB_MAX, nq - i0);
+        pick<T, S>(qb, rb)(q + i0 * qs, qs, rp, K, D, inv, acc + i0 * accld, accld);
+    }
+}
+
+// The dot-product paths over a tile: RB_MAX rows at a time, prepared on the fly first when needed.
+// accn / accs [nq][nr]. crow / prow / mrow: per-row pointers (prow null: pooled on the fly into hp).
+template <typename T>
+static void dot_tile(const Problem& p, const float* qw, const float* qp, int64_t nq, const T* const* crow,
+                     const T* const* prow, const uint8_t* const* mrow, int nr, bool gathered, bool need_num,
+                     bool need_sim, float* accn, float* accs, const TileScratch& s) {
+    const int64_t K = p.K, D = p.D, KD = K * D;
+    const bool prep = !p.c.prepared, scaled = !p.c.unit;
+    if (gathered) {  // the first group is requested up front; later ones are prefetched a group ahead
+        constexpr int64_t line = 64 / (int64_t)sizeof(T);
         for (int r = 0; r < (int)imin(RB_MAX, nr); r++)
-            for (int64_t j = 0; j < rowlen; j += line) __builtin_prefetch(rp[r] + j, 0, 2);
+            for (int64_t j = 0; j < KD; j += line) __builtin_prefetch(crow[r] + j, 0, 2);
+    }
     for (int r0 = 0; r0 < nr; r0 += RB_MAX) {
-        int rb = (int)imin(RB_MAX, nr - r0);
-        if (rows)
-            for (int r = r0 + RB_MAX; r < (int)imin(r0 + 2 * RB_MAX, nr); r++)
-                for (int64_t j = 0; j < rowlen; j += line) __builtin_prefetch(rp[r] + j, 0, 2);
-        for (int64_t i0 = 0; i0 < nq; i0 += QB_MAX) {
-            int qb = (int)imin(QB_MAX, nq - i0);
-            pick<T>(qb, rb)(q + i0 * qs, qs, rp + r0, rowlen, acc + i0 * nr + r0, nr);
+        const int rb = (int)imin(RB_MAX, nr - r0);
+        const int nnx = gathered ? (int)imin(RB_MAX, imin(nr, r0 + 2 * RB_MAX) - (r0 + RB_MAX)) : 0;
+        if (prep) prep_rows<T>(p, crow + r0, prow ? prow + r0 : nullptr, mrow ? mrow + r0 : nullptr, rb, s.inv, s.hp,
+                               s.pinv + r0);
+        const T* const* cnx = nnx > 0 ? crow + r0 + RB_MAX : nullptr;  // the next group's rows (prefetch)
+        if (need_num) {
+            if (scaled)
+                dot_group<T, true>(qw, KD, nq, crow + r0, rb, cnx, nnx, gathered, K, D, s.inv, accn + r0, nr);
+            else
+                dot_group<T, false>(qw, KD, nq, crow + r0, rb, cnx, nnx, gathered, 1, KD, nullptr, accn + r0, nr);
+        }
+        if (need_sim) {
+            if (prow) {
+                dot_group<T, false>(qp, D, nq, prow + r0, rb, nnx > 0 ? prow + r0 + RB_MAX : nullptr, nnx, gathered, 1,
+                                    D, nullptr, accs + r0, nr);
+            } else {
+                const float* hr[RB_MAX];
+                for (int r = 0; r < rb; r++) hr[r] = s.hp + r * D;
+                dot_group<float, false>(qp, D, nq, hr, rb, nullptr, 0, gathered, 1, D, nullptr, accs + r0, nr);
+            }
         }
     }
 }
@@ -151,7 +301,8 @@ static void accumulate(const float* q, int64_t qs, int64_t nq, const T* base, in
 // GEMM path (many queries, compute-bound). Outputs acc[r * kQueryBlock + i] for candidate row r and
 // query i of the block. Queries come pre-packed by the driver ([group][K*D + D][VL], VL queries per
 // vector, zero padding); candidate rows are converted fp16/bf16 -> fp32 once per kGemmKC slice into
-// cbuf (rows of stride kGemmKC, L2-resident) and every query of the block reuses the slice.
+// cbuf (rows of stride kGemmKC, L2-resident) and every query of the block reuses the slice; rows of
+// candidates that are not unit are scaled by their prototype's inv in that conversion.
 // Micro-kernel: MR candidate rows x NG query vectors of accumulators, each step loads NG query
 // vectors and broadcasts MR candidate values (no horizontal sums, no shuffles).
 template <int MR, int NG>
@@ -189,10 +340,29 @@ constexpr int kMR2 = 6;   // rows of the 2-vector micro-tile (6 x 2 accumulators
 constexpr int kMR1 = 12;  // rows of the 1-vector micro-tile (12 x 1 accumulators)
 static_assert(kRowBlock % kMR2 == 0 && kRowBlock % kMR1 == 0, "row block must tile evenly");
 
+// Slice [k0, k0 + len) of row src into dst as fp32, segment t scaled by inv[t] (inv null: unscaled).
+template <typename T>
+static void convert_slice(const T* src, float* dst, int64_t k0, int64_t len, const float* inv, int64_t D) {
+    if (!inv) {
+        int64_t j = 0;
+        for (; j + VL <= len; j += VL) vstore(dst + j, vload(src + j));
+        for (; j < len; j++) dst[j] = to_f32(src + j);
+        return;
+    }
+    int64_t j = 0;
+    while (j < len) {
+        const int64_t t = (k0 + j) / D, e = imin(len, (t + 1) * D - k0);
+        const float sc = inv[t];
+        const V sv = vset1(sc);
+        for (; j + VL <= e; j += VL) vstore(dst + j, vmul(vload(src + j), sv));
+        for (; j < e; j++) dst[j] = to_f32(src + j) * sc;
+    }
+}
+
 // acc[r * kQueryBlock + i] += q_i . row_r over one segment (the K*D prototypes or the D pooled values).
 template <typename T>
 static void gemm_segment(const float* qpk, int64_t lt, int64_t qoff, int64_t ng, const T* const* rp, int nr,
-                         int64_t rowlen, float* acc, float* cbuf) {
+                         int64_t rowlen, const float* inv, int64_t K, int64_t D, float* acc, float* cbuf) {
     constexpr int64_t line = 64 / (int64_t)sizeof(T);
     const int full = nr / kMR2 * kMR2, full1 = nr / kMR1 * kMR1;
     const GMicroFn tail2 = gpick_rows<2, kMR2>(nr - full > 0 ? nr - full : 1);
@@ -200,13 +370,8 @@ static void gemm_segment(const float* qpk, int64_t lt, int64_t qoff, int64_t ng,
     for (int64_t k0 = 0; k0 < rowlen; k0 += kGemmKC) {
         const int64_t len = imin(kGemmKC, rowlen - k0);
         const int64_t next = imin(kGemmKC, rowlen - k0 - kGemmKC);  // elements of the next slice (<= 0: none)
-        for (int r = 0; r < nr; r++) {
-            const T* src = rp[r] + k0;
-            float* dst = cbuf + r * kGemmKC;
-            int64_t j = 0;
-            for (; j + VL <= len; j += VL) vstore(dst + j, vload(src + j));
-            for (; j < len; j++) dst[j] = to_f32(src + j);
-        }
+        for (int r = 0; r < nr; r++)
+            convert_slice<T>(rp[r] + k0, cbuf + r * kGemmKC, k0, len, inv ? inv + r * K : nullptr, D);
         // Prefetch the next slice of the rows spread over the micro-kernel calls of this slice (a burst
         // of hundreds of prefetches would overflow the miss buffers): rows r0..r0+5 with group pair 0.
         auto prefetch_rows = [&](int r0, int r1) {
@@ -242,65 +407,79 @@ static void gemm_segment(const float* qpk, int64_t lt, int64_t qoff, int64_t ng,
 }
 
 template <typename T>
-static void gemm_accumulate(const Problem& p, int64_t q0, int64_t nq, const int64_t* rows, int64_t n0, int nr,
-                            bool need_num, bool need_sim, float* accn, float* accs, float* cbuf) {
-    const int64_t KD = p.K * p.D, lt = KD + p.D, ng = (nq + VL - 1) / VL;
-    const float* qpk = p.qpk + (q0 / VL) * lt * VL;
+static void gemm_accumulate(const Problem& p, int64_t q0, int64_t nq, const T* const* crow, const T* const* prow,
+                            int nr, bool need_num, bool need_sim, float* accn, float* accs, const TileScratch& s) {
+    const int64_t K = p.K, D = p.D, KD = K * D, lt = KD + D, ng = (nq + VL - 1) / VL;
+    const float* qpk = p.q.qpk + (q0 / VL) * lt * VL;
+    float* cbuf = s.acc + 2 * kQueryBlock * kRowBlock;
     for (int r = 0; r < nr; r++)
         for (int64_t i = 0; i < ng * VL; i++) accn[r * kQueryBlock + i] = accs[r * kQueryBlock + i] = 0.f;
-    const T* rp[kRowBlock];
-    if (need_num) {
-        for (int r = 0; r < nr; r++) rp[r] = (const T*)p.c + (rows ? rows[r] : n0 + r) * KD;
-        gemm_segment<T>(qpk, lt, 0, ng, rp, nr, KD, accn, cbuf);
-    }
+    if (need_num) gemm_segment<T>(qpk, lt, 0, ng, crow, nr, KD, p.c.unit ? nullptr : s.inv, K, D, accn, cbuf);
     if (need_sim) {
-        for (int r = 0; r < nr; r++) rp[r] = (const T*)p.cp + (rows ? rows[r] : n0 + r) * p.D;
-        gemm_segment<T>(qpk, lt, KD, ng, rp, nr, p.D, accs, cbuf);
+        if (prow) {
+            gemm_segment<T>(qpk, lt, KD, ng, prow, nr, D, nullptr, 1, D, accs, cbuf);
+        } else {
+            const float* hr[kRowBlock];
+            for (int r = 0; r < nr; r++) hr[r] = s.hp + r * D;
+            gemm_segment<float>(qpk, lt, KD, ng, hr, nr, D, nullptr, 1, D, accs, cbuf);
+        }
     }
 }
 
 template <typename T>
 static void tile_t(const Problem& p, int64_t q0, int64_t q1, const int64_t* rows, int64_t n0, int nr, float* sim,
-                   float* conf, float* score, int64_t ld, float* scratch) {
-    const int64_t nq = q1 - q0, KD = p.K * p.D;
-    float* accn = scratch;
-    float* accs = scratch + kQueryBlock * kRowBlock;
-    float* cbuf = scratch + 2 * kQueryBlock * kRowBlock;
+                   float* conf, float* score, int64_t ld, const TileScratch& s) {
+    const int64_t nq = q1 - q0, K = p.K, D = p.D, KD = K * D;
+    const Candidates& cs = p.c;
+    float* accn = s.acc;
+    float* accs = s.acc + kQueryBlock * kRowBlock;
     const bool need_sim = sim || score, need_num = conf || score;
+    const T* crow[kGatherRows];
+    const T* prow_buf[kGatherRows];
+    const uint8_t* mrow_buf[kGatherRows];
+    for (int r = 0; r < nr; r++) {
+        const int64_t n = rows ? rows[r] : n0 + r;
+        crow[r] = (const T*)cs.c + n * KD;
+        if (cs.pooled) prow_buf[r] = (const T*)cs.pooled + n * D;
+        if (cs.mask) mrow_buf[r] = cs.mask + n * K;
+    }
+    const T* const* prow = cs.pooled ? prow_buf : nullptr;
+    const uint8_t* const* mrow = cs.mask ? mrow_buf : nullptr;
     // GEMM path: acc[r * kQueryBlock + i]; dot-product paths: acc[i * nr + r].
-    const bool gemm = p.qpk && p.qlanes == VL && nq >= kGemmMinQ && q0 % VL == 0;
+    const bool gemm = p.q.qpk && p.q.qlanes == VL && nq >= kGemmMinQ && q0 % VL == 0 && nr <= kRowBlock;
     int64_t si = nr, sr = 1;
     if (gemm) {
-        gemm_accumulate<T>(p, q0, nq, rows, n0, nr, need_num, need_sim, accn, accs, cbuf);
+        if (!cs.prepared) prep_rows<T>(p, crow, prow, mrow, nr, s.inv, s.hp, s.pinv);
+        gemm_accumulate<T>(p, q0, nq, crow, prow, nr, need_num, need_sim, accn, accs, s);
         si = 1;
         sr = kQueryBlock;
     } else {
         for (int64_t i = 0; i < nq * nr; i++) accn[i] = accs[i] = 0.f;
-        if (need_num) accumulate<T>(p.qw + q0 * KD, KD, nq, (const T*)p.c, KD, rows, n0, nr, accn);
-        if (need_sim) accumulate<T>(p.qp + q0 * p.D, p.D, nq, (const T*)p.cp, p.D, rows, n0, nr, accs);
+        dot_tile<T>(p, p.q.qw + q0 * KD, p.q.qp + q0 * D, nq, crow, prow, mrow, nr, rows != nullptr, need_num,
+                    need_sim, accn, accs, s);
     }
-    const T* cm = (const T*)p.cm;
+    const bool pscale = cs.pooled && !cs.pooled_unit;  // then prep_rows wrote pinv for every row
     for (int64_t i = 0; i < nq; i++) {
         const int64_t b = q0 + i;
-        const float* qd = p.qden + b * p.K;
+        const float* qd = p.q.qden + b * K;
         for (int r = 0; r < nr; r++) {
-            const int64_t n = rows ? rows[r] : n0 + r;
             float cf = 0.f;
             if (need_num) {
                 float den;
-                if (cm) {
+                if (mrow) {
                     den = 0.f;
-                    const T* m = cm + n * p.K;
-                    for (int64_t t = 0; t < p.K; t++) den += qd[t] * to_f32(m + t);
+                    const uint8_t* m = mrow[r];
+                    for (int64_t t = 0; t < K; t++) den += m[t] ? qd[t] : 0.f;
                 } else {
-                    den = p.qsum[b];
+                    den = p.q.qsum[b];
                 }
                 cf = den > 0.f ? accn[i * si + r * sr] / den : 0.f;
             }
-            const float s = accs[i * si + r * sr];
-            if (sim) sim[i * ld + r] = s;
+            float sv = accs[i * si + r * sr];
+            if (pscale) sv *= s.pinv[r];
+            if (sim) sim[i * ld + r] = sv;
             if (conf) conf[i * ld + r] = cf;
-            if (score) score[i * ld + r] = s * cf;
+            if (score) score[i * ld + r] = sv * cf;
         }
     }
 }
@@ -308,8 +487,8 @@ static void tile_t(const Problem& p, int64_t q0, int64_t q1, const int64_t* rows
 int tile_lanes() { return VL; }
 
 void tile(const Problem& p, int64_t q0, int64_t q1, const int64_t* rows, int64_t n0, int nr, float* sim, float* conf,
-          float* score, int64_t ld, float* scratch) {
-    switch (p.dtype) {
+          float* score, int64_t ld, const TileScratch& scratch) {
+    switch (p.c.dtype) {
         case kF16: tile_t<F16>(p, q0, q1, rows, n0, nr, sim, conf, score, ld, scratch); break;
         case kBF16: tile_t<BF16>(p, q0, q1, rows, n0, nr, sim, conf, score, ld, scratch); break;
         default: tile_t<float>(p, q0, q1, rows, n0, nr, sim, conf, score, ld, scratch); break;

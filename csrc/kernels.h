@@ -10,23 +10,43 @@
 namespace pecm {
 
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+// The ranked quantity: the same values as pecm.operands.By (and the Triton kernels' BY constexpr).
+enum By : int { kScore = 0, kSim = 1, kConf = 2 };
 
-// Canonical operands of pecm/backends/base.py as raw C-contiguous buffers.
-struct Problem {
-    const float* qw;    // [B, K*D]
-    const float* qden;  // [B, K]
-    const float* qp;    // [B, D]
-    const float* qsum;  // [B]   sum_k qden[b, k] (the denominator when cm is null)
-    const void* c;      // [N, K*D] storage dtype
-    const void* cm;     // [N, K] storage dtype, or nullptr
-    const void* cp;     // [N, D] storage dtype
-    int dtype;          // DType
-    int64_t B, N, K, D;
+// pecm.operands.Queries as raw C-contiguous buffers.
+struct Queries {
+    const float* qw;    // [B, K*D]  w_k mq_k q̂_k
+    const float* qden;  // [B, K]    w_k mq_k
+    const float* qp;    // [B, D]    unit pooled query
+    const float* qsum;  // [B]       sum_k qden[b, k] (the denominator when there is no candidate mask)
+    int64_t B;
     // Optional packed queries for the GEMM path (many queries): [ceil(B/L)][K*D + D][L] float32, the
     // qw row then the qp row of each query, L = qlanes queries interleaved (L = the vector width of
     // the ISA whose tile kernel is used: tile_lanes()). Null -> the dot-product paths only.
-    const float* qpk = nullptr;
-    int64_t qlanes = 0;
+    const float* qpk;
+    int64_t qlanes;
+};
+
+// pecm.operands.Candidates as raw C-contiguous buffers. Unless `unit`, the tile kernels normalise each
+// prototype on the fly (inv = mask / max(||c_k||, eps)); without `pooled` they pool Eq. 4 on the fly
+// (h = normalize(sum_k w_k inv_k c_k)); pooled vectors that are not `pooled_unit` are normalised.
+struct Candidates {
+    const void* c;        // [N, K*D] storage dtype
+    const uint8_t* mask;  // [N, K] 0/1, or null = all valid
+    const void* pooled;   // [N, D] storage dtype, or null = pooled on the fly
+    const float* w;       // [K] weights (read only when pooling on the fly)
+    int dtype;            // DType
+    int64_t N;
+    bool unit;            // prototypes are unit length and masked-out prototypes are zero
+    bool pooled_unit;     // pooled vectors are unit length
+    bool prepared;        // unit && pooled && pooled_unit: the rows are used as they are
+    float eps;
+};
+
+struct Problem {
+    Queries q;
+    Candidates c;
+    int64_t K, D;
 };
 
 // Tile geometry shared by all ISAs (the drivers size scratch buffers with it).
@@ -36,15 +56,26 @@ constexpr int kGatherRows = 256;   // gathered rows per tile when the tile has o
 static_assert(kGatherRows <= kQueryBlock * kRowBlock, "one-query tiles keep their accumulators in one tile");
 constexpr int64_t kGemmKC = 256;   // reduction slice of the GEMM path (converted rows: kRowBlock x kGemmKC fp32)
 constexpr int kGemmMinQ = 12;      // query blocks with at least this many queries use the GEMM path (when packed)
-// Scratch: two kQueryBlock x kRowBlock accumulator tiles, then the converted rows of the GEMM path.
+// Accumulator scratch: two kQueryBlock x kRowBlock tiles, then the converted rows of the GEMM path.
 constexpr int64_t kScratchFloats = 2 * kQueryBlock * kRowBlock + kRowBlock * kGemmKC;
+
+// Per-thread scratch of the tile kernel (64-byte aligned float buffers, allocated by the driver):
+// acc: kScratchFloats; and for candidates that are not prepared, the on-the-fly row preparation of up
+// to kRowBlock rows at a time: inv [kRowBlock][K] prototype scales, hp [kRowBlock][D] unit pooled
+// vectors (fp32), pinv [kGatherRows] pooled-vector scales of every row of the tile.
+struct TileScratch {
+    float* acc;
+    float* inv;
+    float* hp;
+    float* pinv;
+};
 
 // Computes, for queries [q0, q1) (q1 - q0 <= kQueryBlock) and nr <= kRowBlock candidate rows (or
 // nr <= kGatherRows gathered rows for a single query, q1 - q0 == 1 and rows non-null)
 // (rows[i], or n0 + i when rows is null), whichever of sim / conf / score is non-null:
-// out[(q - q0) * ld + i]. scratch holds kScratchFloats floats (64-byte aligned).
+// out[(q - q0) * ld + i].
 using TileFn = void (*)(const Problem& p, int64_t q0, int64_t q1, const int64_t* rows, int64_t n0, int nr,
-                        float* sim, float* conf, float* score, int64_t ld, float* scratch);
+                        float* sim, float* conf, float* score, int64_t ld, const TileScratch& scratch);
 
 // Query lanes of the packed layout each ISA's GEMM path expects (its vector width in floats).
 namespace scalar { int tile_lanes(); }
@@ -54,12 +85,12 @@ namespace avx512 { int tile_lanes(); }
 #endif
 
 namespace scalar { void tile(const Problem&, int64_t, int64_t, const int64_t*, int64_t, int, float*, float*, float*,
-                             int64_t, float*); }
+                             int64_t, const TileScratch&); }
 #if defined(PECM_HAVE_X86)
 namespace avx2 { void tile(const Problem&, int64_t, int64_t, const int64_t*, int64_t, int, float*, float*, float*,
-                           int64_t, float*); }
+                           int64_t, const TileScratch&); }
 namespace avx512 { void tile(const Problem&, int64_t, int64_t, const int64_t*, int64_t, int, float*, float*, float*,
-                             int64_t, float*); }
+                             int64_t, const TileScratch&); }
 #endif
 
 // Index item encoder (encode_impl.h): x [n, K, D] float32 or float16 (dtype kF32 / kF16), w [K], mask

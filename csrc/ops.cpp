@@ -23,12 +23,22 @@ struct Entry {
 // "a ranks before b": larger value first, then smaller id (deterministic order for ties).
 inline bool better(const Entry& a, const Entry& b) { return a.v > b.v || (a.v == b.v && a.id < b.id); }
 
+// One thread's tile scratch (TileScratch): accumulators, plus the on-the-fly row preparation buffers
+// sized for this problem's K and D, in one 64-byte aligned allocation.
 struct Scratch {
-    float* p;
-    Scratch() : p(static_cast<float*>(std::aligned_alloc(64, sizeof(float) * kScratchFloats))) {
-        if (!p) throw std::bad_alloc();
+    float* base;
+    TileScratch t;
+    Scratch(int64_t K, int64_t D) {
+        auto r16 = [](int64_t n) { return (n + 15) / 16 * 16; };  // whole cache lines of floats
+        const int64_t n_acc = r16(kScratchFloats), n_inv = r16(kRowBlock * K), n_hp = r16(kRowBlock * D);
+        const int64_t total = n_acc + n_inv + n_hp + r16(kGatherRows);
+        base = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * (size_t)total));
+        if (!base) throw std::bad_alloc();
+        t = TileScratch{base, base + n_acc, base + n_acc + n_inv, base + n_acc + n_inv + n_hp};
     }
-    ~Scratch() { std::free(p); }
+    ~Scratch() { std::free(base); }
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
 };
 
 inline int thread_id() {
@@ -72,18 +82,18 @@ inline bool worth_parallel(const Problem& p, double rows) {
 // points p.qpk at it; empty (p.qpk stays null) when B is too small for that path.
 std::vector<float> pack_queries(Problem& p, int lanes) {
     std::vector<float> pk;
-    if (p.B < kGemmMinQ || lanes < 1) return pk;
-    const int64_t KD = p.K * p.D, lt = KD + p.D, ng = (p.B + lanes - 1) / lanes;
+    if (p.q.B < kGemmMinQ || lanes < 1) return pk;
+    const int64_t KD = p.K * p.D, lt = KD + p.D, ng = (p.q.B + lanes - 1) / lanes;
     pk.assign((size_t)(ng * lt * lanes), 0.f);
-    for (int64_t b = 0; b < p.B; b++) {
+    for (int64_t b = 0; b < p.q.B; b++) {
         float* dst = pk.data() + (b / lanes) * lt * lanes + b % lanes;
-        const float* qw = p.qw + b * KD;
-        const float* qp = p.qp + b * p.D;
+        const float* qw = p.q.qw + b * KD;
+        const float* qp = p.q.qp + b * p.D;
         for (int64_t l = 0; l < KD; l++) dst[l * lanes] = qw[l];
         for (int64_t l = 0; l < p.D; l++) dst[(KD + l) * lanes] = qp[l];
     }
-    p.qpk = pk.data();
-    p.qlanes = lanes;
+    p.q.qpk = pk.data();
+    p.q.qlanes = lanes;
     return pk;
 }
 
@@ -101,19 +111,19 @@ void run_scores(const Problem& p0, float* sim, float* conf, float* score) {
     const TileFn tile = current_tile();
     Problem p = p0;
     const std::vector<float> packed = pack_queries(p, current_lanes());
-    const int64_t nblk = (p.N + kRowBlock - 1) / kRowBlock;
-    const bool par = worth_parallel(p, (double)p.B * p.N);
+    const int64_t nblk = (p.c.N + kRowBlock - 1) / kRowBlock;
+    const bool par = worth_parallel(p, (double)p.q.B * p.c.N);
 #pragma omp parallel if (par)
     {
-        Scratch s;
+        Scratch s(p.K, p.D);
 #pragma omp for schedule(dynamic, 4)
         for (int64_t blk = 0; blk < nblk; blk++) {
             const int64_t n0 = blk * kRowBlock;
-            const int nr = (int)std::min<int64_t>(kRowBlock, p.N - n0);
-            for (int64_t q0 = 0; q0 < p.B; q0 += kQueryBlock) {
-                const int64_t q1 = std::min<int64_t>(p.B, q0 + kQueryBlock);
-                const int64_t off = q0 * p.N + n0;
-                tile(p, q0, q1, nullptr, n0, nr, sim + off, conf + off, score + off, p.N, s.p);
+            const int nr = (int)std::min<int64_t>(kRowBlock, p.c.N - n0);
+            for (int64_t q0 = 0; q0 < p.q.B; q0 += kQueryBlock) {
+                const int64_t q1 = std::min<int64_t>(p.q.B, q0 + kQueryBlock);
+                const int64_t off = q0 * p.c.N + n0;
+                tile(p, q0, q1, nullptr, n0, nr, sim + off, conf + off, score + off, p.c.N, s.t);
             }
         }
     }
@@ -123,31 +133,31 @@ void run_topk(const Problem& p0, int64_t k, int by, float* values, int64_t* ids)
     const TileFn tile = current_tile();
     Problem p = p0;
     const std::vector<float> packed = pack_queries(p, current_lanes());
-    const int64_t nblk = (p.N + kRowBlock - 1) / kRowBlock;
-    const bool par = worth_parallel(p, (double)p.B * p.N);
-    if (k * 4 >= p.N) {
+    const int64_t nblk = (p.c.N + kRowBlock - 1) / kRowBlock;
+    const bool par = worth_parallel(p, (double)p.q.B * p.c.N);
+    if (k * 4 >= p.c.N) {
         // Large k: the output is as large as the score matrix, so materialise the ranked quantity
         // ([B, N] floats) and select exactly.
-        std::vector<float> all((size_t)(p.B * p.N));
+        std::vector<float> all((size_t)(p.q.B * p.c.N));
 #pragma omp parallel if (par)
         {
-            Scratch s;
+            Scratch s(p.K, p.D);
 #pragma omp for schedule(dynamic, 4)
             for (int64_t blk = 0; blk < nblk; blk++) {
                 const int64_t n0 = blk * kRowBlock;
-                const int nr = (int)std::min<int64_t>(kRowBlock, p.N - n0);
-                for (int64_t q0 = 0; q0 < p.B; q0 += kQueryBlock) {
-                    const int64_t q1 = std::min<int64_t>(p.B, q0 + kQueryBlock);
+                const int nr = (int)std::min<int64_t>(kRowBlock, p.c.N - n0);
+                for (int64_t q0 = 0; q0 < p.q.B; q0 += kQueryBlock) {
+                    const int64_t q1 = std::min<int64_t>(p.q.B, q0 + kQueryBlock);
                     float *sm, *cf, *sc;
-                    by_ptrs(by, all.data() + q0 * p.N + n0, &sm, &cf, &sc);
-                    tile(p, q0, q1, nullptr, n0, nr, sm, cf, sc, p.N, s.p);
+                    by_ptrs(by, all.data() + q0 * p.c.N + n0, &sm, &cf, &sc);
+                    tile(p, q0, q1, nullptr, n0, nr, sm, cf, sc, p.c.N, s.t);
                 }
             }
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t b = 0; b < p.B; b++) {
-                std::vector<Entry> e((size_t)p.N);
-                const float* row = all.data() + b * p.N;
-                for (int64_t n = 0; n < p.N; n++) e[n] = Entry{row[n], n};
+            for (int64_t b = 0; b < p.q.B; b++) {
+                std::vector<Entry> e((size_t)p.c.N);
+                const float* row = all.data() + b * p.c.N;
+                for (int64_t n = 0; n < p.c.N; n++) e[n] = Entry{row[n], n};
                 emit(e, k, values + b * k, ids + b * k);
             }
         }
@@ -155,23 +165,23 @@ void run_topk(const Problem& p0, int64_t k, int by, float* values, int64_t* ids)
     }
     // Small k: each thread keeps one bounded min-heap (worst on top) per query; exact merge at the end.
     const int nt = max_threads();
-    std::vector<std::vector<std::vector<Entry>>> heaps((size_t)nt, std::vector<std::vector<Entry>>((size_t)p.B));
+    std::vector<std::vector<std::vector<Entry>>> heaps((size_t)nt, std::vector<std::vector<Entry>>((size_t)p.q.B));
     auto worse_first = [](const Entry& a, const Entry& b) { return better(a, b); };  // heap top = worst
 #pragma omp parallel if (par)
     {
-        Scratch s;
+        Scratch s(p.K, p.D);
         std::vector<float> buf((size_t)kQueryBlock * kRowBlock);
         auto& mine = heaps[(size_t)thread_id()];
         for (auto& h : mine) h.reserve((size_t)k);
 #pragma omp for schedule(dynamic, 4)
         for (int64_t blk = 0; blk < nblk; blk++) {
             const int64_t n0 = blk * kRowBlock;
-            const int nr = (int)std::min<int64_t>(kRowBlock, p.N - n0);
-            for (int64_t q0 = 0; q0 < p.B; q0 += kQueryBlock) {
-                const int64_t q1 = std::min<int64_t>(p.B, q0 + kQueryBlock);
+            const int nr = (int)std::min<int64_t>(kRowBlock, p.c.N - n0);
+            for (int64_t q0 = 0; q0 < p.q.B; q0 += kQueryBlock) {
+                const int64_t q1 = std::min<int64_t>(p.q.B, q0 + kQueryBlock);
                 float *sm, *cf, *sc;
                 by_ptrs(by, buf.data(), &sm, &cf, &sc);
-                tile(p, q0, q1, nullptr, n0, nr, sm, cf, sc, kRowBlock, s.p);
+                tile(p, q0, q1, nullptr, n0, nr, sm, cf, sc, kRowBlock, s.t);
                 for (int64_t b = q0; b < q1; b++) {
                     auto& h = mine[(size_t)b];
                     const float* v = buf.data() + (b - q0) * kRowBlock;
@@ -190,7 +200,7 @@ void run_topk(const Problem& p0, int64_t k, int by, float* values, int64_t* ids)
             }
         }
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < p.B; b++) {
+        for (int64_t b = 0; b < p.q.B; b++) {
             std::vector<Entry> e;
             for (int t = 0; t < nt; t++) e.insert(e.end(), heaps[t][b].begin(), heaps[t][b].end());
             emit(e, k, values + b * k, ids + b * k);
@@ -205,19 +215,19 @@ void run_rerank(const Problem& p, const int64_t* cand, int64_t m, int64_t k, int
     // count when there are few queries (so one query's gather, B = 1, is split evenly over the threads).
     const int nt = max_threads();
     int64_t mblk = (m + kGatherRows - 1) / kGatherRows;
-    if (p.B < 4 * nt) mblk = (mblk + nt - 1) / nt * nt;
+    if (p.q.B < 4 * nt) mblk = (mblk + nt - 1) / nt * nt;
     const int64_t bs = (m + mblk - 1) / mblk;
     const float ninf = -std::numeric_limits<float>::infinity();
-    std::vector<float> vals((size_t)(p.B * m), ninf);
-    const bool par = worth_parallel(p, (double)p.B * m);
+    std::vector<float> vals((size_t)(p.q.B * m), ninf);
+    const bool par = worth_parallel(p, (double)p.q.B * m);
 #pragma omp parallel if (par)
     {
-        Scratch s;
+        Scratch s(p.K, p.D);
         float buf[kGatherRows];
         int64_t rows[kGatherRows];
         int pos[kGatherRows];
 #pragma omp for schedule(dynamic, 1) collapse(2)
-        for (int64_t b = 0; b < p.B; b++) {
+        for (int64_t b = 0; b < p.q.B; b++) {
             for (int64_t blk = 0; blk < mblk; blk++) {
                 const int64_t j0 = blk * bs, j1 = std::min<int64_t>(m, j0 + bs);
                 int nr = 0;
@@ -231,12 +241,12 @@ void run_rerank(const Problem& p, const int64_t* cand, int64_t m, int64_t k, int
                 if (!nr) continue;
                 float *sm, *cf, *sc;
                 by_ptrs(by, buf, &sm, &cf, &sc);
-                tile(p, b, b + 1, rows, 0, nr, sm, cf, sc, kGatherRows, s.p);
+                tile(p, b, b + 1, rows, 0, nr, sm, cf, sc, kGatherRows, s.t);
                 for (int r = 0; r < nr; r++) vals[(size_t)(b * m + j0 + pos[r])] = buf[r];
             }
         }
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t b = 0; b < p.B; b++) {
+        for (int64_t b = 0; b < p.q.B; b++) {
             std::vector<Entry> e;
             e.reserve((size_t)m);
             for (int64_t j = 0; j < m; j++) {

@@ -6,8 +6,7 @@
 
 namespace pecm {
 
-enum By : int { kScore = 0, kSim = 1, kConf = 2 };
-
+// All three take the problem as Queries + Candidates (kernels.h); `by` is a By.
 // sim/conf/score: [B, N] each.
 void run_scores(const Problem& p, float* sim, float* conf, float* score);
 // values [B, k] sorted descending, ids [B, k]; tail (-inf, -1) when k > N.

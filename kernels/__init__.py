@@ -19,8 +19,20 @@ except Exception as e:  # ImportError, or a broken install
     IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
 if HAS_TRITON:
+    from .common import MAX_KT  # noqa: F401
     from .pecm_rerank import pecm_rerank  # noqa: F401
     from .pecm_scores import PecmScoresFn, pecm_scores, pecm_scores_fwd  # noqa: F401
+    from .pecm_scores_bwd import pecm_scores_backward  # noqa: F401
     from .pecm_topk import pecm_topk  # noqa: F401
 
-__all__ = ["HAS_TRITON", "IMPORT_ERROR", "pecm_scores", "pecm_scores_fwd", "PecmScoresFn", "pecm_topk", "pecm_rerank"]
+__all__ = [
+    "HAS_TRITON",
+    "IMPORT_ERROR",
+    "MAX_KT",
+    "pecm_scores",
+    "pecm_scores_fwd",
+    "pecm_scores_backward",
+    "PecmScoresFn",
+    "pecm_topk",
+    "pecm_rerank",
+]

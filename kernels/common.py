@@ -177,7 +177,7 @@ def _pecm_tile(
 
 @triton.jit
 def _epilogue(sim, num, den, BY: tl.constexpr):
-    """BY 0: score, 1: sim, 2: conf -- exactly `pecm.backends.base.combine`."""
+    """BY 0: score, 1: sim, 2: conf (BY_SCORE / BY_SIM / BY_CONF) -- exactly `pecm.backends.base.combine`."""
     pos = den > 0
     conf = tl.where(pos, num / tl.where(pos, den, 1.0), 0.0)
     if BY == 1:
@@ -189,7 +189,9 @@ def _epilogue(sim, num, den, BY: tl.constexpr):
     return out
 
 
-BY_CODE = {"score": 0, "sim": 1, "conf": 2}
+# The ranked quantity BY: the values of pecm.operands.By (and pecm._C.By); tests/test_operands.py checks
+# that the three agree. The kernels take the int.
+BY_SCORE, BY_SIM, BY_CONF = 0, 1, 2
 
 
 @triton.jit

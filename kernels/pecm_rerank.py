@@ -28,7 +28,6 @@ import triton
 import triton.language as tl
 
 from .common import (
-    BY_CODE,
     MAX_KT,
     _epilogue,
     _pack_keys,
@@ -115,21 +114,16 @@ def _pecm_rerank_kernel(
     tl.store(part_ptr + (b * n_split + pid_s) * KT + cols, best)
 
 
-def pecm_rerank(qw, qden, qp, c, cm, cp, cand, k: int, by: str = "score"):
-    """Best k of each query's candidate ids: (values f32 [B, k], ids int64 [B, k]), (-inf, -1) tail."""
-    from pecm.backends.base import pad_topk
-
-    if by not in BY_CODE:
-        raise ValueError(f"by: expected one of {tuple(BY_CODE)}, got {by!r}")
-    if k < 1:
-        raise ValueError(f"k: expected an int >= 1, got {k}")
+def pecm_rerank(qw, qden, qp, c, cm, cp, cand, k: int, by: int = 0):
+    """Best k of each query's candidate ids by `by` (0 score, 1 sim, 2 conf): (values f32 [B, k'], ids
+    int64 [B, k']) with k' = min(k, kept keys), sorted descending, -inf/-1 for padding; the caller pads
+    to k. Arguments are the validated canonical operands (ids in [-1, N)); no checks here.
+    """
     qw, qden, qp, c, cp, cand = (t.contiguous() for t in (qw, qden, qp, c, cp, cand))
     cm = None if cm is None else cm.contiguous()
     b, kq = qden.shape
     n, d = cp.shape
     m = cand.shape[1]
-    if cand.shape[0] != b:
-        raise ValueError(f"cand: expected shape [B={b}, M], got {list(cand.shape)}")
     if n >= 2**31:
         raise ValueError(f"c: at most {2**31 - 1} rows for rerank (int32 ids in the keys), got N={n}")
     kt = max(kt_floor(), next_pow2(min(k, max(m, 1))))
@@ -143,8 +137,7 @@ def pecm_rerank(qw, qden, qp, c, cm, cp, cand, k: int, by: str = "score"):
     _pecm_rerank_kernel[(b, n_split)](
         qw, qden, prepare_qsum(qden, cm), qp, c, qden if cm is None else cm, cp, cand, part,
         m, kq, d, per_prog,
-        HAS_CM=cm is not None, BY=BY_CODE[by], BLOCK_K=next_pow2(kq), KT=kt,
+        HAS_CM=cm is not None, BY=int(by), BLOCK_K=next_pow2(kq), KT=kt,
     )  # fmt: skip
     keys = torch.topk(part.view(b, -1), min(k, n_split * kt), dim=1, largest=True, sorted=True).values
-    vals, ids = decode_keys(keys)
-    return pad_topk(vals, ids, k)
+    return decode_keys(keys)

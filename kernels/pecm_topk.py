@@ -16,8 +16,8 @@
 #   The program writes its KT keys to partials [B, S, KT] (S * KT << N), and the exact merge is one
 #   torch.topk over the keys of each query row ([B, S*KT] int64) followed by decoding.
 #
-# k > MAX_KT (1024): chunked fallback -- the fused scores kernel on candidate chunks (one
-# [B, chunk] float32 tile at a time, bounded memory) merged with torch.topk (`merge_topk`).
+# k > MAX_KT (1024) is not handled here: the Triton backend streams `pecm_scores_fwd` chunks through
+# `pecm.topk.RunningTopK` instead (one [B, chunk] float32 tile at a time, bounded memory).
 #
 # Autotune: BLOCK_B, BLOCK_KD and warps keyed on (K, D, KT, B bucket) + dtypes; one config under
 # the interpreter. KT and the split count are chosen by the launcher.
@@ -31,7 +31,6 @@ import triton
 import triton.language as tl
 
 from .common import (
-    BY_CODE,
     MAX_KT,
     _epilogue,
     _pack_keys,
@@ -104,33 +103,12 @@ def _splits(b: int, n: int, kt: int, chunk_size: Optional[int], device: torch.de
     return max(1, min(tiles, want))
 
 
-def _topk_chunked(qw, qden, qp, c, cm, cp, k: int, by: str, chunk_size: Optional[int]):
-    """k > MAX_KT: fused scores per candidate chunk + exact torch.topk merge (bounded memory)."""
-    from pecm.backends.base import merge_topk, pad_topk
+def pecm_topk(qw, qden, qp, c, cm, cp, k: int, by: int = 0, chunk_size: Optional[int] = None):
+    """Exact top-k of the `by` quantity (0 score, 1 sim, 2 conf) over all N candidates, 1 <= k <= MAX_KT.
 
-    from .pecm_scores import pecm_scores_fwd
-
-    n, b = c.shape[0], qw.shape[0]
-    step = int(chunk_size or FALLBACK_CHUNK)
-    vals = torch.empty((b, 0), dtype=torch.float32, device=qw.device)
-    ids = torch.empty((b, 0), dtype=torch.int64, device=qw.device)
-    pick = {"sim": 0, "conf": 1, "score": 2}[by]
-    for s in range(0, n, step):
-        e = min(n, s + step)
-        tile = pecm_scores_fwd(qw, qden, qp, c[s:e], None if cm is None else cm[s:e], cp[s:e])[pick]
-        tv, ti = torch.topk(tile, min(k, e - s), dim=1, largest=True, sorted=True)
-        vals, ids = merge_topk(vals, ids, tv, ti + s, k)
-    return pad_topk(vals, ids, k)
-
-
-def pecm_topk(qw, qden, qp, c, cm, cp, k: int, by: str = "score", chunk_size: Optional[int] = None):
-    """Exact top-k of the `by` quantity over all N candidates: (values f32 [B, k], ids int64 [B, k])."""
-    from pecm.backends.base import pad_topk
-
-    if by not in BY_CODE:
-        raise ValueError(f"by: expected one of {tuple(BY_CODE)}, got {by!r}")
-    if k < 1:
-        raise ValueError(f"k: expected an int >= 1, got {k}")
+    Returns (values f32 [B, min(k, N)], ids int64 [B, min(k, N)]) sorted descending; the caller pads
+    to k with (-inf, -1). Arguments are the validated canonical operands (no checks here).
+    """
     qw, qden, qp, c, cp = (t.contiguous() for t in (qw, qden, qp, c, cp))
     cm = None if cm is None else cm.contiguous()
     b, kq = qden.shape
@@ -138,7 +116,7 @@ def pecm_topk(qw, qden, qp, c, cm, cp, k: int, by: str = "score", chunk_size: Op
     if n >= 2**31 - MAX_KT:
         raise ValueError(f"c: at most {2**31 - MAX_KT - 1} candidates per call (int32 ids), got N={n}")
     if k > MAX_KT:
-        return _topk_chunked(qw, qden, qp, c, cm, cp, k, by, chunk_size)
+        raise ValueError(f"k: the fused top-k keeps at most {MAX_KT} per program, got {k}")
     kt = max(kt_floor(), next_pow2(k))
     n_split = _splits(b, n, kt, chunk_size, qw.device)
     per_prog = triton.cdiv(triton.cdiv(n, n_split), kt) * kt
@@ -148,9 +126,8 @@ def pecm_topk(qw, qden, qp, c, cm, cp, k: int, by: str = "score", chunk_size: Op
     _pecm_topk_kernel[grid](
         qw, qden, prepare_qsum(qden, cm), qp, c, qden if cm is None else cm, cp, part,
         b, n, kq, d, per_prog, b_bucket(b),
-        HAS_CM=cm is not None, MODE=dot_mode(c.dtype), BY=BY_CODE[by], BLOCK_K=max(16, next_pow2(kq)), KT=kt,
+        HAS_CM=cm is not None, MODE=dot_mode(c.dtype), BY=int(by), BLOCK_K=max(16, next_pow2(kq)), KT=kt,
     )  # fmt: skip
     kk = min(k, n)
     keys = torch.topk(part.view(b, -1), kk, dim=1, largest=True, sorted=True).values
-    vals, ids = decode_keys(keys)
-    return pad_topk(vals, ids, k)
+    return decode_keys(keys)

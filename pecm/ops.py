@@ -1,4 +1,4 @@
-"""Public scoring ops: `pecm_scores`, `pecm_topk`, `pecm_rerank`, `available_backends`.
+"""Public scoring ops: `pecm_scores`, `pecm_topk`, `pecm_rerank`, `prepare_candidates`, `prepare_queries`.
 
 Math (DESIGN §1; `pecm.reference` is the float64 ground truth): for query q and candidate c,
 each K prototypes of dimension D, weights w >= 0 and masks mq, mc,
@@ -6,8 +6,21 @@ each K prototypes of dimension D, weights w >= 0 and masks mq, mc,
     s_k = cos(q_k, c_k),   C = Σ w_k mq_k mc_k s_k / Σ w_k mq_k mc_k  (0 if the sum is 0),
     h = Σ w_k m_k ẑ_k,     sim = cos(h_q, h_c),                        R = sim · C.
 
-Every op validates its arguments, folds w and the masks into canonical operands
-(`pecm.backends.base`) with differentiable torch code, then calls one backend.
+Operands (DESIGN §2a): every op validates its arguments once into a `Queries` and a `Candidates`
+(`pecm.operands`) and calls one backend through a torch custom op (`pecm.library`), so
+``torch.compile(fullgraph=True)`` of code that calls these ops has no graph break. ``c`` may be a
+raw tensor / array or a `Candidates` from `prepare_candidates` (then ``w`` may be ``None``; a
+different ``w`` is an error); ``q`` may be raw or a `Queries` from `prepare_queries`.
+
+Cost of a raw ``c``: none up front. The fused kernels (cpp, triton) normalise each prototype on the
+fly in the read of ``c`` they score, and pool Eq. 4 there too when ``c_pooled`` is absent; the torch
+backend normalises block by block. Preparing once (`prepare_candidates`) pays one pass over ``c``
+and makes every later call read unit prototypes and unit pooled vectors as they are.
+
+Gradients: `pecm_scores` is differentiable w.r.t. q, c, w, q_pooled and c_pooled. When gradients
+are needed, ``backend="auto"`` picks a differentiable backend (triton for CUDA, else torch), the
+operands are normalised with differentiable torch code, and the custom op's closed-form backward
+does the rest (compiled or not). `pecm_topk` / `pecm_rerank` never carry gradients.
 
 Decisions the contract left open (documented here and in the README):
 
@@ -15,63 +28,60 @@ Decisions the contract left open (documented here and in the README):
 - Inputs are float32, float16 or bfloat16 (float32 accumulation). float64 is accepted by the
   ``"torch"`` backend only (accumulating in float64; used for gradcheck) and ``"auto"`` picks it.
 - ``normalized=True`` promises that ``c`` already holds unit prototypes **with masked-out
-  prototypes set to zero** (what `pecm.index.ArchiveIndex` stores); the ops then use ``c`` as is,
-  without a normalised copy. ``c_pooled`` is then also trusted to be unit length.
+  prototypes set to zero** (what `pecm.index.ArchiveIndex` stores); ``c_pooled`` is then also
+  trusted to be unit length.
 - numpy inputs are CPU tensors (zero-copy). Small arguments (w, masks, pooled vectors, candidate
-  ids) given as numpy/lists are moved to the device of q; torch tensors on different devices raise.
+  ids) given as numpy/lists are moved to the device of c; torch tensors on different devices raise.
 - ``pecm_topk`` and ``pecm_rerank`` also take ``q_pooled``; ``pecm_rerank`` also takes ``by``.
 - Duplicate candidate ids in ``pecm_rerank`` are scored once per occurrence.
+- Under torch.compile the data-dependent argument checks (w >= 0, ``check=True``) run only when the
+  operands are built outside the compiled region (e.g. `prepare_candidates`); candidate ids are
+  checked inside the op, compiled or not.
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .backends import BY_CHOICES, available_backends, get_backend  # noqa: F401
+from . import library
+from .backends import available_backends, get_backend  # noqa: F401
+from .operands import (
+    BY_CHOICES,  # noqa: F401
+    EPS,
+    PREP_CHUNK,
+    By,
+    Candidates,
+    Queries,
+    _mask,
+    _pooled,
+    _weights,
+    acc_dtype,
+    as_tensor,
+    check_finite,
+    check_float,
+    fold_queries,
+    normalize_block,
+)
+from .topk import empty_topk
 
 Tensor = torch.Tensor
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-EPS = 1e-12
-_PREP_CHUNK = 16384  # candidate rows normalised at a time (no-grad path)
+ArrayLike = Union[Tensor, np.ndarray]
 
-__all__ = ["pecm_scores", "pecm_topk", "pecm_rerank", "available_backends", "prepare_query", "prepare_candidates"]
-
-
-# ----------------------------------------------------------------------------------------------
-# validation helpers
-# ----------------------------------------------------------------------------------------------
-def _as_tensor(x, name: str, device: Optional[torch.device] = None) -> Tensor:
-    if isinstance(x, Tensor):
-        t = x
-    elif isinstance(x, np.ndarray):
-        if x.dtype == np.float16 or x.dtype == np.float32 or x.dtype == np.float64 or x.dtype.kind in "biu":
-            t = torch.from_numpy(np.ascontiguousarray(x)) if not x.flags.writeable else torch.from_numpy(x)
-        else:
-            raise TypeError(f"{name}: unsupported numpy dtype {x.dtype}")
-    elif isinstance(x, (list, tuple)) or isinstance(x, numbers.Number):
-        t = torch.as_tensor(x)
-    else:
-        raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
-    if device is not None and t.device != device:
-        if isinstance(x, Tensor):
-            raise ValueError(f"{name}: on device {t.device}, expected {device} (all tensors must share a device)")
-        t = t.to(device)
-    return t
-
-
-def _check_float(t: Tensor, name: str) -> None:
-    if t.dtype not in FLOAT_DTYPES and t.dtype != torch.float64:
-        raise TypeError(f"{name}: dtype {t.dtype} is not supported; expected float32, float16 or bfloat16")
-
-
-def _check_finite(t: Optional[Tensor], name: str) -> None:
-    if t is not None and t.numel() and not bool(torch.isfinite(t.detach()).all()):
-        raise ValueError(f"{name}: contains NaN or inf values (check=True)")
+__all__ = [
+    "pecm_scores",
+    "pecm_topk",
+    "pecm_rerank",
+    "prepare_candidates",
+    "prepare_queries",
+    "available_backends",
+    "Candidates",
+    "Queries",
+    "By",
+]
 
 
 def _check_int(v, name: str, minimum: int = 1) -> int:
@@ -82,187 +92,198 @@ def _check_int(v, name: str, minimum: int = 1) -> int:
     return int(v)
 
 
-def _mask(m, name: str, rows: int, k: int, rows_name: str, device) -> Optional[Tensor]:
-    if m is None:
-        return None
-    t = _as_tensor(m, name, device)
-    if t.dtype.is_floating_point or t.is_complex():
-        raise TypeError(f"{name}: expected a bool mask, got dtype {t.dtype}")
-    if tuple(t.shape) != (rows, k):
-        raise ValueError(f"{name}: expected shape [{rows_name}={rows}, K={k}], got {list(t.shape)}")
-    return t != 0
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
 
 
-def _pooled(p, name: str, rows: int, d: int, rows_name: str, device) -> Optional[Tensor]:
-    if p is None:
-        return None
-    t = _as_tensor(p, name, device)
-    _check_float(t, name)
-    if tuple(t.shape) != (rows, d):
-        raise ValueError(f"{name}: expected shape [{rows_name}={rows}, D={d}], got {list(t.shape)}")
-    return t.contiguous()
-
-
-class _Inputs:
-    """Validated user inputs as tensors on one device (q always 3-D)."""
-
-    def __init__(self, q, c, w, q_mask, c_mask, q_pooled, c_pooled, check: bool, backend: str):
-        c_t = _as_tensor(c, "c")
-        q_t = _as_tensor(q, "q")
-        if q_t.device != c_t.device:
-            raise ValueError(f"q: on device {q_t.device} but c is on {c_t.device} (all tensors must share a device)")
-        device = c_t.device
-        _check_float(q_t, "q")
-        _check_float(c_t, "c")
-        if c_t.ndim != 3:
-            raise ValueError(f"c: expected shape [N, K, D], got {list(c_t.shape)}")
-        self.single = q_t.ndim == 2
-        if self.single:
-            q_t = q_t.unsqueeze(0)
-            q_mask = None if q_mask is None else _as_tensor(q_mask, "q_mask", device).unsqueeze(0)
-            q_pooled = None if q_pooled is None else _as_tensor(q_pooled, "q_pooled", device).unsqueeze(0)
-        if q_t.ndim != 3:
-            raise ValueError(f"q: expected shape [B, K, D] or [K, D], got {list(q_t.shape)}")
-        n, k, d = c_t.shape
-        if tuple(q_t.shape[1:]) != (k, d):
-            raise ValueError(f"q: expected [B, K={k}, D={d}] to match c, got {list(q_t.shape)}")
-        if k < 1 or d < 1:
-            raise ValueError(f"c: K and D must be >= 1, got K={k}, D={d}")
-        w_t = _as_tensor(w, "w", device)
-        if tuple(w_t.shape) != (k,):
-            raise ValueError(f"w: expected shape [K={k}], got {list(w_t.shape)}")
-        if not w_t.dtype.is_floating_point:
-            w_t = w_t.float()
-        if w_t.numel() and bool((w_t.detach() < 0).any()):
-            raise ValueError("w: weights must be non-negative")
-        b = q_t.shape[0]
-        self.q_mask = _mask(q_mask, "q_mask", b, k, "B", device)
-        self.c_mask = _mask(c_mask, "c_mask", n, k, "N", device)
-        self.q_pooled = _pooled(q_pooled, "q_pooled", b, d, "B", device)
-        self.c_pooled = _pooled(c_pooled, "c_pooled", n, d, "N", device)
-        if check:
-            for t, nm in ((q_t, "q"), (c_t, "c"), (w_t, "w"), (self.q_pooled, "q_pooled"), (self.c_pooled, "c_pooled")):
-                _check_finite(t, nm)
-        wide = torch.float64 in (q_t.dtype, c_t.dtype)
-        self.acc = torch.float64 if wide else torch.float32
-        self.q, self.c, self.w = q_t.contiguous(), c_t.contiguous(), w_t
-        self.b, self.n, self.k, self.d = b, n, k, d
-        self.device = device
-        self.backend = get_backend("torch" if (wide and backend == "auto") else backend, device, c_t.dtype)
-        if wide and self.backend.name != "torch":
-            raise TypeError(f"c: float64 inputs are supported by backend='torch' only, not {self.backend.name!r}")
-
-    def squeeze(self, *ts):
-        return tuple(t[0] for t in ts) if self.single else ts
+def _grad_enabled_for(*ts) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in ts)
 
 
 # ----------------------------------------------------------------------------------------------
-# preparation: fold w and masks into the canonical operands (differentiable torch code)
+# preparation
 # ----------------------------------------------------------------------------------------------
-def prepare_query(q: Tensor, w: Tensor, q_mask: Optional[Tensor], q_pooled: Optional[Tensor], acc=torch.float32):
-    """(qw [B, K*D], qden [B, K], qp [B, D]) from validated q [B, K, D]; see `pecm.backends.base`."""
-    b, k, d = q.shape
-    wq = w.to(acc).expand(b, k)
-    if q_mask is not None:
-        wq = wq * q_mask.to(acc)
-    qhat = F.normalize(q.to(acc), dim=-1, eps=EPS)
-    qw3 = qhat * wq.unsqueeze(-1)
-    if q_pooled is None:
-        qp = F.normalize(qw3.sum(1), dim=-1, eps=EPS)
-    else:
-        qp = F.normalize(q_pooled.to(acc), dim=-1, eps=EPS)
-    return qw3.reshape(b, k * d), wq, qp
+def prepare_queries(
+    q: ArrayLike,
+    w: ArrayLike,
+    *,
+    q_mask: Optional[ArrayLike] = None,
+    q_pooled: Optional[ArrayLike] = None,
+    check: bool = False,
+    _w_checked: bool = False,
+) -> Queries:
+    """Validated queries with the weights and the query mask folded in (`pecm.operands.Queries`).
+
+    q: [B, K, D] or [K, D] (one query), float32 / float16 / bfloat16 (float64 for the torch
+    backend); w: [K] non-negative; q_mask: bool [B, K]; q_pooled: [B, D] (replaces Eq. 4).
+    Differentiable when q, w or q_pooled require gradients.
+    """
+    q_t = as_tensor(q, "q")
+    check_float(q_t, "q")
+    device = q_t.device
+    single = q_t.ndim == 2
+    if single:
+        q_t = q_t.unsqueeze(0)
+        q_mask = None if q_mask is None else as_tensor(q_mask, "q_mask", device).unsqueeze(0)
+        q_pooled = None if q_pooled is None else as_tensor(q_pooled, "q_pooled", device).unsqueeze(0)
+    if q_t.ndim != 3:
+        raise ValueError(f"q: expected shape [B, K, D] or [K, D], got {list(q_t.shape)}")
+    b, k, d = q_t.shape
+    if k < 1 or d < 1:
+        raise ValueError(f"q: K and D must be >= 1, got K={k}, D={d}")
+    acc = acc_dtype(q_t.dtype)
+    w_t = w if _w_checked else _weights(w, k, device, acc)  # _w_checked: the ops pass validated weights
+    qm = _mask(q_mask, "q_mask", b, k, "B", device)
+    qp = _pooled(q_pooled, "q_pooled", b, d, "B", device)
+    if check:
+        for t, nm in ((q_t, "q"), (w_t, "w"), (qp, "q_pooled")):
+            check_finite(t, nm)
+    return _fold(q_t.contiguous(), w_t, qm, qp, acc, single)
 
 
-def _prep_c_block(c: Tensor, w: Tensor, c_mask, c_pooled, normalized: bool, acc):
-    n, k, d = c.shape
-    if normalized:
-        chat = c
+def _fold(q: Tensor, w: Tensor, qm, qp, acc, single: bool) -> Queries:
+    fast = None
+    if acc == torch.float32 and q.device.type == "cpu" and not _compiling() and not _grad_enabled_for(q, w, qp):
+        be = get_backend("auto", q.device, torch.float32)
+        fast = getattr(be, "prepare_queries", None)
+    if fast is not None:
+        qw, qden, qpool = fast(q, w, qm, qp, EPS)
     else:
-        chat = F.normalize(c.to(acc), dim=-1, eps=EPS)
-        if c_mask is not None:
-            chat = chat * c_mask.to(acc).unsqueeze(-1)
-    if c_pooled is None:
-        cp = F.normalize((chat.to(acc) * w.to(acc).view(1, k, 1)).sum(1), dim=-1, eps=EPS)
-    elif normalized:
-        cp = c_pooled
-    else:
-        cp = F.normalize(c_pooled.to(acc), dim=-1, eps=EPS)
-    return chat, cp
+        qw, qden, qpool = fold_queries(q, w, qm, qp, acc)
+    return Queries.trusted(qw.contiguous(), qden.contiguous(), qpool.contiguous(), w, single)
 
 
 def prepare_candidates(
-    c: Tensor, w: Tensor, c_mask: Optional[Tensor], c_pooled: Optional[Tensor], normalized: bool = False, acc=None
-):
-    """(c [N, K*D] storage dtype, cm [N, K] or None, cp [N, D]) from validated c [N, K, D].
+    c: ArrayLike,
+    w: ArrayLike,
+    *,
+    c_mask: Optional[ArrayLike] = None,
+    c_pooled: Optional[ArrayLike] = None,
+    normalized: bool = False,
+    check: bool = False,
+) -> Candidates:
+    """Validated candidates with unit prototypes (masked ones zero) and unit pooled vectors.
 
-    Differentiable when gradients are enabled and any input requires them; otherwise the work is
-    done in blocks of rows so the float32 temporaries stay bounded.
+    One pass over ``c`` (in blocks of rows, bounded temporaries; the float16 CPU case in one C++
+    pass), skipped when ``normalized=True`` and ``c_pooled`` is given (then ``c`` is only wrapped,
+    not copied). Differentiable when c, w or c_pooled require gradients. The result is what an
+    archive index stores: pass it as ``c`` to every op (``w=None``).
     """
-    n, k, d = c.shape
-    store = c.dtype
-    acc = acc or (torch.float64 if store == torch.float64 else torch.float32)
-    cm = None if c_mask is None else c_mask.to(store)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (c, w, c_pooled))
-    if grad or n <= _PREP_CHUNK:
-        chat, cp = _prep_c_block(c, w, c_mask, c_pooled, normalized, acc)
-        return chat.to(store).reshape(n, k * d), cm, cp.to(store)
-    if normalized and c_pooled is not None:
-        return c.reshape(n, k * d), cm, c_pooled.to(store)
-    out_c = c if normalized else torch.empty_like(c)
-    out_p = torch.empty((n, d), dtype=store, device=c.device)
+    cs = Candidates(c, w, c_mask, c_pooled, normalized, normalized and c_pooled is not None)
+    if check:
+        _check_candidates_finite(cs)
+    return _prepared(cs)
+
+
+def _check_candidates_finite(cs: Candidates) -> None:
+    for t, nm in ((cs.prototypes, "c"), (cs.weights, "w"), (cs.pooled, "c_pooled")):
+        check_finite(t, nm)
+
+
+def _prepared(cs: Candidates) -> Candidates:
+    """cs with unit prototypes and unit pooled vectors (cs itself when it already has them)."""
+    if cs.prepared:
+        return cs
+    n, k, d = cs.prototypes.shape
+    store, acc = cs.dtype, acc_dtype(cs.dtype)
+    args = (cs.weights, cs.mask, cs.pooled, cs.normalized, cs.pooled_normalized, acc)
+    if cs.requires_grad and torch.is_grad_enabled() or n <= PREP_CHUNK:
+        chat, cp = normalize_block(cs.prototypes, *args)
+        return Candidates.trusted(chat.to(store), cs.weights, cs.mask, cp.to(store), 3)
+    out_c = cs.prototypes if cs.normalized else torch.empty_like(cs.prototypes)
+    out_p = torch.empty((n, d), dtype=store, device=cs.device)
     with torch.no_grad():
-        for s in range(0, n, _PREP_CHUNK):
-            e = min(n, s + _PREP_CHUNK)
-            chat, cp = _prep_c_block(
-                c[s:e],
-                w,
-                None if c_mask is None else c_mask[s:e],
-                None if c_pooled is None else c_pooled[s:e],
-                normalized,
-                acc,
+        for s in range(0, n, PREP_CHUNK):
+            e = min(n, s + PREP_CHUNK)
+            part = cs.slice(s, e)
+            chat, cp = normalize_block(
+                part.prototypes, cs.weights, part.mask, part.pooled, cs.normalized, cs.pooled_normalized, acc
             )
-            if not normalized:
+            if not cs.normalized:
                 out_c[s:e] = chat
             out_p[s:e] = cp
-    return out_c.reshape(n, k * d), cm, out_p
+    return Candidates.trusted(out_c, cs.weights, cs.mask, out_p, 3)
 
 
-def _prepare(inp: _Inputs, normalized: bool):
-    fast = getattr(inp.backend, "prepare_query", None)  # a backend's own (non-differentiable) query prep
-    if fast is not None and not inp.backend.differentiable and inp.acc == torch.float32:
-        qw, qden, qp = fast(inp.q, inp.w, inp.q_mask, inp.q_pooled, EPS)
+# ----------------------------------------------------------------------------------------------
+# argument handling shared by the three ops
+# ----------------------------------------------------------------------------------------------
+def _same_weights(a: Tensor, b: Tensor) -> bool:
+    if a is b:
+        return True
+    if _compiling():
+        return True  # identity could not be shown while tracing; values are compared eagerly only
+    return a.shape == b.shape and bool(torch.equal(a.detach().to(b.dtype), b.detach()))
+
+
+def _operands(q, c, w, q_mask, c_mask, q_pooled, c_pooled, normalized: bool, check: bool):
+    if isinstance(c, Candidates):
+        for v, nm in ((c_mask, "c_mask"), (c_pooled, "c_pooled")):
+            if v is not None:
+                raise ValueError(f"{nm}: must be None when c is a Candidates (it already holds its {nm[2:]})")
+        if normalized:
+            raise ValueError("normalized: must be False when c is a Candidates (it records its own promises)")
+        cs = c
+        if w is not None and not _same_weights(as_tensor(w, "w", cs.device), cs.weights):
+            raise ValueError("w: differs from the weights c was prepared with (pass w=None to use them)")
+        if check:
+            _check_candidates_finite(cs)
     else:
-        qw, qden, qp = prepare_query(inp.q, inp.w, inp.q_mask, inp.q_pooled, inp.acc)
-    c, cm, cp = prepare_candidates(inp.c, inp.w, inp.c_mask, inp.c_pooled, normalized, inp.acc)
-    return qw, qden, qp, c, cm, cp
+        if w is None:
+            raise TypeError("w: expected the weights [K] (None is allowed only when c is a Candidates)")
+        c_t = as_tensor(c, "c")
+        q_dev = q.device if isinstance(q, (Tensor, Queries)) else None
+        if q_dev is not None and q_dev != c_t.device:
+            raise ValueError(f"q: on device {q_dev} but c is on {c_t.device} (all tensors must share a device)")
+        cs = Candidates(c_t, w, c_mask, c_pooled, normalized, normalized and c_pooled is not None)
+        if check:
+            _check_candidates_finite(cs)
+    if isinstance(q, Queries):
+        for v, nm in ((q_mask, "q_mask"), (q_pooled, "q_pooled")):
+            if v is not None:
+                raise ValueError(f"{nm}: must be None when q is a Queries (it is folded in)")
+        if q.device != cs.device:
+            raise ValueError(f"q: on device {q.device} but c is on {cs.device} (all tensors must share a device)")
+        if (q.k, q.d) != (cs.k, cs.d):
+            raise ValueError(f"q: expected K={cs.k}, D={cs.d} to match c, got K={q.k}, D={q.d}")
+        if q.weights is not None and not _same_weights(q.weights, cs.weights):
+            raise ValueError("q: was prepared with other weights than c")
+        return q, cs
+    q_t = as_tensor(q, "q", cs.device) if not isinstance(q, Tensor) else q
+    if isinstance(q, Tensor) and q.device != cs.device:
+        raise ValueError(f"q: on device {q.device} but c is on {cs.device} (all tensors must share a device)")
+    check_float(q_t, "q")
+    if q_t.ndim in (2, 3) and tuple(q_t.shape[-2:]) != (cs.k, cs.d):
+        want = f"[B, K={cs.k}, D={cs.d}]"
+        raise ValueError(f"q: expected {want} (or [K, D]) to match c, got {list(q_t.shape)}")
+    if cs.dtype == torch.float64 and q_t.dtype != torch.float64:  # one float64 side: both accumulate in float64
+        q_t = q_t.double()
+    w_q = cs.weights.to(acc_dtype(q_t.dtype))
+    qs = prepare_queries(q_t, w_q, q_mask=q_mask, q_pooled=q_pooled, check=check, _w_checked=True)
+    return qs, cs
 
 
-def _check_by(by) -> str:
-    if by not in BY_CHOICES:
-        raise ValueError(f"by: expected one of {BY_CHOICES}, got {by!r}")
-    return by
+def _backend(backend: str, qs: Queries, cs: Candidates, grad: bool):
+    wide = torch.float64 in (qs.dtype, cs.dtype)
+    return get_backend(backend, cs.device, torch.float64 if wide else cs.dtype, grad=grad)
 
 
-def _empty_topk(b: int, k: int, device) -> Tuple[Tensor, Tensor]:
-    return (
-        torch.full((b, k), float("-inf"), dtype=torch.float32, device=device),
-        torch.full((b, k), -1, dtype=torch.int64, device=device),
-    )
+def _squeeze(qs: Queries, *ts):
+    return tuple(t[0] for t in ts) if qs.single else ts
 
 
 # ----------------------------------------------------------------------------------------------
 # public ops
 # ----------------------------------------------------------------------------------------------
 def pecm_scores(
-    q,
-    c,
-    w,
+    q: Union[ArrayLike, Queries],
+    c: Union[ArrayLike, Candidates],
+    w: Optional[ArrayLike] = None,
     *,
-    q_mask=None,
-    c_mask=None,
-    q_pooled=None,
-    c_pooled=None,
+    q_mask: Optional[ArrayLike] = None,
+    c_mask: Optional[ArrayLike] = None,
+    q_pooled: Optional[ArrayLike] = None,
+    c_pooled: Optional[ArrayLike] = None,
     backend: str = "auto",
     normalized: bool = False,
     check: bool = False,
@@ -271,32 +292,29 @@ def pecm_scores(
 
     Differentiable w.r.t. q, c, w, q_pooled and c_pooled on the torch and triton backends.
     """
-    inp = _Inputs(q, c, w, q_mask, c_mask, q_pooled, c_pooled, check, backend)
-    if inp.b == 0 or inp.n == 0:
-        z = torch.zeros((inp.b, inp.n), dtype=torch.float32, device=inp.device)
-        return inp.squeeze(z, z.clone(), z.clone())
-    if (
-        not inp.backend.differentiable
-        and torch.is_grad_enabled()
-        and any(isinstance(t, Tensor) and t.requires_grad for t in (inp.q, inp.c, inp.w, inp.q_pooled, inp.c_pooled))
-    ):
-        raise ValueError(f"backend: {inp.backend.name!r} is not differentiable; use backend='torch' or 'triton'")
-    ops_in = _prepare(inp, normalized)
-    sim, conf, score = inp.backend.scores(*ops_in)
-    return inp.squeeze(sim, conf, score)
+    qs, cs = _operands(q, c, w, q_mask, c_mask, q_pooled, c_pooled, normalized, check)
+    grad = torch.is_grad_enabled() and (qs.requires_grad or cs.requires_grad)
+    be = _backend(backend, qs, cs, grad)
+    if qs.b == 0 or cs.n == 0:
+        z = torch.zeros((qs.b, cs.n), dtype=qs.dtype, device=cs.device)
+        return _squeeze(qs, z, z.clone(), z.clone())
+    if grad:
+        cs = _prepared(cs)  # differentiable torch normalisation; the op's backward needs unit operands
+    sim, conf, score = library.scores(*library.operand_args(qs, cs), be.name)
+    return _squeeze(qs, sim, conf, score)
 
 
 def pecm_topk(
-    q,
-    c,
-    w,
-    k: int,
+    q: Union[ArrayLike, Queries],
+    c: Union[ArrayLike, Candidates],
+    w: Optional[ArrayLike] = None,
+    k: int = 10,
     *,
-    q_mask=None,
-    c_mask=None,
-    q_pooled=None,
-    c_pooled=None,
-    by: str = "score",
+    q_mask: Optional[ArrayLike] = None,
+    c_mask: Optional[ArrayLike] = None,
+    q_pooled: Optional[ArrayLike] = None,
+    c_pooled: Optional[ArrayLike] = None,
+    by: Union[str, By] = "score",
     chunk_size: Optional[int] = None,
     backend: str = "auto",
     normalized: bool = False,
@@ -307,30 +325,33 @@ def pecm_topk(
     Sorted descending by ``by`` ("score" | "sim" | "conf"); when k > N the tail is (-inf, -1).
     """
     k = _check_int(k, "k")
-    by = _check_by(by)
+    by = By.parse(by)
     if chunk_size is not None:
         chunk_size = _check_int(chunk_size, "chunk_size")
-    inp = _Inputs(q, c, w, q_mask, c_mask, q_pooled, c_pooled, check, backend)
-    if inp.b == 0 or inp.n == 0:
-        return inp.squeeze(*_empty_topk(inp.b, k, inp.device))
     with torch.no_grad():
-        ops_in = _prepare(inp, normalized)
-        vals, ids = inp.backend.topk(*ops_in, k, by, chunk_size)
-    return inp.squeeze(vals, ids)
+        qs, cs = _operands(q, c, w, q_mask, c_mask, q_pooled, c_pooled, normalized, check)
+        be = _backend(backend, qs, cs, False)
+        if qs.b == 0 or cs.n == 0:
+            return _squeeze(qs, *empty_topk(qs.b, k, cs.device))
+        if _compiling():
+            vals, ids = library.topk(*library.operand_args(qs, cs), k, int(by), chunk_size or 0, be.name)
+        else:
+            vals, ids = library.topk_impl(qs, cs, k, by, chunk_size, be.name)
+    return _squeeze(qs, vals, ids)
 
 
 def pecm_rerank(
-    q,
-    c,
-    candidates,
-    w,
-    k: int,
+    q: Union[ArrayLike, Queries],
+    c: Union[ArrayLike, Candidates],
+    candidates: ArrayLike,
+    w: Optional[ArrayLike] = None,
+    k: int = 10,
     *,
-    q_mask=None,
-    c_mask=None,
-    q_pooled=None,
-    c_pooled=None,
-    by: str = "score",
+    q_mask: Optional[ArrayLike] = None,
+    c_mask: Optional[ArrayLike] = None,
+    q_pooled: Optional[ArrayLike] = None,
+    c_pooled: Optional[ArrayLike] = None,
+    by: Union[str, By] = "score",
     backend: str = "auto",
     normalized: bool = False,
     check: bool = False,
@@ -341,46 +362,24 @@ def pecm_rerank(
     tail when a query has fewer than k valid candidates.
     """
     k = _check_int(k, "k")
-    by = _check_by(by)
-    inp = _Inputs(q, c, w, q_mask, c_mask, q_pooled, c_pooled, check, backend)
-    cand = _as_tensor(candidates, "candidates", inp.device)
-    if inp.single and cand.ndim == 1:
-        cand = cand.unsqueeze(0)
-    if cand.dtype.is_floating_point or cand.dtype == torch.bool or cand.is_complex():
-        raise TypeError(f"candidates: expected an integer tensor (int64), got dtype {cand.dtype}")
-    if cand.ndim != 2 or cand.shape[0] != inp.b:
-        raise ValueError(f"candidates: expected shape [B={inp.b}, M], got {list(cand.shape)}")
-    cand = cand.to(torch.int64).contiguous()
-    if cand.numel():
-        lo, hi = (int(x) for x in torch.aminmax(cand))
-        if lo < -1 or hi >= inp.n:
-            bad = lo if lo < -1 else hi
-            raise ValueError(f"candidates: ids must be in [-1, N={inp.n}) (-1 = padding), got {bad}")
-    if inp.b == 0 or inp.n == 0 or cand.shape[1] == 0:
-        return inp.squeeze(*_empty_topk(inp.b, k, inp.device))
+    by = By.parse(by)
     with torch.no_grad():
-        rows = None
-        if not (normalized and inp.c_pooled is not None):
-            # preparation (normalising rows, pooling) would touch all N rows: do it for the candidates only
-            rows, cand = _restrict_to_candidates(inp, cand)
-            if inp.n == 0:  # padding only
-                return inp.squeeze(*_empty_topk(inp.b, k, inp.device))
-        ops_in = _prepare(inp, normalized)
-        vals, ids = inp.backend.rerank(*ops_in, cand, k, by)
-        if rows is not None:
-            ids = torch.where(ids >= 0, rows[ids.clamp_min(0)], ids)
-    return inp.squeeze(vals, ids)
-
-
-def _restrict_to_candidates(inp: _Inputs, cand: Tensor) -> Tuple[Tensor, Tensor]:
-    """Replace inp's candidate rows by the distinct ids of ``cand`` (sorted, so the row order and hence
-    tie order is kept); returns (rows, cand in local row numbers, -1 kept)."""
-    valid = cand >= 0
-    rows = torch.unique(cand[valid])  # sorted ascending
-    local = torch.searchsorted(rows, cand.clamp_min(0))
-    local = torch.where(valid, local, torch.full_like(local, -1))
-    inp.c = inp.c[rows]
-    inp.c_mask = None if inp.c_mask is None else inp.c_mask[rows]
-    inp.c_pooled = None if inp.c_pooled is None else inp.c_pooled[rows]
-    inp.n = int(rows.numel())
-    return rows, local.contiguous()
+        qs, cs = _operands(q, c, w, q_mask, c_mask, q_pooled, c_pooled, normalized, check)
+        cand = as_tensor(candidates, "candidates", cs.device)
+        if qs.single and cand.ndim == 1:
+            cand = cand.unsqueeze(0)
+        if cand.dtype.is_floating_point or cand.dtype == torch.bool or cand.is_complex():
+            raise TypeError(f"candidates: expected an integer tensor (int64), got dtype {cand.dtype}")
+        if cand.ndim != 2 or cand.shape[0] != qs.b:
+            raise ValueError(f"candidates: expected shape [B={qs.b}, M], got {list(cand.shape)}")
+        cand = cand.to(torch.int64).contiguous()
+        be = _backend(backend, qs, cs, False)
+        if qs.b == 0 or cs.n == 0 or cand.shape[1] == 0:
+            if cs.n == 0:
+                library.check_candidate_ids(cand, 0)
+            return _squeeze(qs, *empty_topk(qs.b, k, cs.device))
+        if _compiling():
+            vals, ids = library.rerank(*library.operand_args(qs, cs), cand, k, int(by), be.name)
+        else:
+            vals, ids = library.rerank_impl(qs, cs, cand, k, by, be.name)
+    return _squeeze(qs, vals, ids)

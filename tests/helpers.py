@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pecm import reference
+from pecm import ops, reference
+from pecm.operands import Candidates
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2, torch.float64: 1e-9}
 
@@ -59,3 +60,42 @@ def assert_topk_matches(values, ids, ref_values, k, tol):
         assert len(set(row.tolist())) == m, "duplicate ids"
         np.testing.assert_allclose(ref_values[i, row], values[i, :m], atol=tol, rtol=0)
         assert np.all(np.diff(values[i, :m]) <= 1e-6), "not sorted descending"
+
+
+def unit_masked(c, cm):
+    """Unit prototypes with masked-out ones zero (what an index stores), in c's dtype."""
+    u = torch.nn.functional.normalize(c.float(), dim=-1, eps=1e-12)
+    if cm is not None:
+        u = u * cm.unsqueeze(-1)
+    return u.to(c.dtype)
+
+
+def candidate_modes(c, w, cm, seed=0):
+    """(name, kwargs for the ops, pooled vectors the reference should use or None)."""
+    g = torch.Generator().manual_seed(seed)
+    n, _, d = c.shape
+    raw_pooled = torch.randn(n, d, generator=g) * (torch.rand(n, 1, generator=g) * 3 + 0.1)
+    raw_pooled[0] = 0.0  # a zero pooled vector: sim 0
+    u = unit_masked(c, cm)
+    unit_pooled = torch.nn.functional.normalize(raw_pooled, dim=-1, eps=1e-12)
+    return [
+        ("raw", dict(c=c, c_mask=cm), None),
+        ("raw+pooled", dict(c=c, c_mask=cm, c_pooled=raw_pooled.to(c.dtype)), raw_pooled.to(c.dtype)),
+        ("unit", dict(c=u, c_mask=cm, normalized=True), None),
+        ("unit+pooled", dict(c=u, c_mask=cm, c_pooled=unit_pooled.to(c.dtype), normalized=True), unit_pooled),
+        ("prepared", dict(c=ops.prepare_candidates(c, w, c_mask=cm)), None),
+        ("prepared+pooled", dict(c=ops.prepare_candidates(c, w, c_mask=cm, c_pooled=raw_pooled)), raw_pooled),
+    ]
+
+
+def call_op(op, q, mode_kw, w, qm, **kw):
+    """Call ops.pecm_<op> with one of `candidate_modes`' kwargs (w omitted for a Candidates)."""
+    mode_kw = dict(mode_kw)
+    c = mode_kw.pop("c")
+    wa = None if isinstance(c, Candidates) else w
+    if op == "scores":
+        return ops.pecm_scores(q, c, wa, q_mask=qm, **mode_kw, **kw)
+    if op == "topk":
+        return ops.pecm_topk(q, c, wa, kw.pop("k"), q_mask=qm, **mode_kw, **kw)
+    cand = kw.pop("cand")
+    return ops.pecm_rerank(q, c, cand, wa, kw.pop("k"), q_mask=qm, **mode_kw, **kw)

@@ -24,6 +24,7 @@ _C = pytest.importorskip("pecm._C", reason="pecm._C is not built (pip install -e
 
 from pecm import ops  # noqa: E402
 from pecm import reference as R  # noqa: E402
+from pecm.operands import fold_queries  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -259,41 +260,62 @@ def test_cpp_refuses_gradients_and_float64():
         ops.pecm_scores(q.detach().double(), c.double(), w, backend="cpp")
 
 
-def _operands(b=2, n=5, k=3, d=4):
+def _ext_args(b=2, n=5, k=3, d=4):
     rng = np.random.default_rng(0)
     f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
-    return f(b, k * d), np.abs(f(b, k)), f(b, d), f(n, k * d), None, f(n, d)
+    qa = {"qw": f(b, k * d), "qden": np.abs(f(b, k)), "qp": f(b, d)}
+    ca = {"c": f(n, k, d), "dtype": "float32", "w": np.ones(k, np.float32), "mask": None, "pooled": f(n, d)}
+    return qa, ca
 
 
 @pytest.mark.parametrize(
-    "mutate,match",
+    "which,mutate,match",
     [
-        (lambda a: a.__setitem__(0, a[0][:, :-1]), "qw: expected shape"),
-        (lambda a: a.__setitem__(3, np.ascontiguousarray(a[3][:, :-1])), "c: expected shape"),
-        (lambda a: a.__setitem__(5, a[5][:-1]), "cp: expected shape"),
-        (lambda a: a.__setitem__(4, np.ones((5, 2), np.float32)), "cm: expected shape"),
-        (lambda a: a.__setitem__(3, a[3].astype(np.float16)), "c: dtype"),
-        (lambda a: a.__setitem__(3, np.asfortranarray(a[3])), "c: expected a C-contiguous"),
-        (lambda a: a.__setitem__(6, "float8"), "dtype: expected"),
+        ("q", lambda a: a.update(qw=a["qw"][:, :-1]), "qw: expected shape"),
+        ("q", lambda a: a.update(qden=a["qden"][0]), "qden: expected shape"),
+        ("q", lambda a: a.update(qp=a["qp"][:, :-1]), "qw: expected shape"),
+        ("c", lambda a: a.update(c=a["c"].reshape(5, -1)), r"c: expected shape \[N, K, D\]"),
+        ("c", lambda a: a.update(c=a["c"].astype(np.float16)), "c: dtype"),
+        ("c", lambda a: a.update(c=np.asfortranarray(a["c"])), "c: expected a C-contiguous"),
+        ("c", lambda a: a.update(dtype="float8"), "dtype: expected"),
+        ("c", lambda a: a.update(pooled=a["pooled"][:-1]), "c_pooled: expected shape"),
+        ("c", lambda a: a.update(pooled=a["pooled"].astype(np.float64)), "c_pooled: dtype"),
+        ("c", lambda a: a.update(mask=np.ones((5, 2), bool)), "c_mask: expected shape"),
+        ("c", lambda a: a.update(mask=np.ones((5, 3), np.float32)), "c_mask: expected a C-contiguous bool"),
+        ("c", lambda a: a.update(w=np.ones(4, np.float32)), "w: expected"),
+        ("c", lambda a: a.update(pooled=None, pooled_normalized=True), "pooled_normalized"),
+        ("c", lambda a: a.update(eps=0.0), "eps"),
     ],
 )
-def test_extension_argument_checks_raise_value_error(mutate, match):
-    args = list(_operands()) + ["float32"]
-    mutate(args)
+def test_extension_argument_checks_raise_value_error(which, mutate, match):
+    """_C.Queries / _C.Candidates check what memory safety needs and name the argument."""
+    qa, ca = _ext_args()
+    mutate(qa if which == "q" else ca)
     with pytest.raises(ValueError, match=match):
-        _C.scores(*args)
+        _C.scores(_C.Queries(**qa), _C.Candidates(**ca))
 
 
 def test_extension_k_by_and_candidate_checks():
-    args = list(_operands()) + ["float32"]
+    qa, ca = _ext_args()
+    qs, cs = _C.Queries(**qa), _C.Candidates(**ca)
     with pytest.raises(ValueError, match="k: expected"):
-        _C.topk(*args, 0, "score")
-    with pytest.raises(ValueError, match="by: expected"):
-        _C.topk(*args, 1, "nope")
-    with pytest.raises(ValueError, match="cand: ids"):
-        _C.rerank(*args, np.array([[0, 5], [1, 2]]), 1, "score")
-    with pytest.raises(ValueError, match="cand: expected shape"):
-        _C.rerank(*args, np.array([0, 1]), 1, "score")
+        _C.topk(qs, cs, 0, _C.By.SCORE)
+    with pytest.raises(TypeError):
+        _C.topk(qs, cs, 1, "nope")  # the binding takes the enum
+    with pytest.raises(ValueError, match="candidates: ids"):
+        _C.rerank(qs, cs, np.array([[0, 5], [1, 2]]), 1, _C.By.SCORE)
+    with pytest.raises(ValueError, match="candidates: expected shape"):
+        _C.rerank(qs, cs, np.array([0, 1]), 1, _C.By.SCORE)
+    qa2, _ = _ext_args(k=4)
+    with pytest.raises(ValueError, match="queries: K=4"):
+        _C.scores(_C.Queries(**qa2), cs)
+
+
+def test_extension_operand_objects_report_their_promises():
+    qa, ca = _ext_args()
+    cs = _C.Candidates(**ca, normalized=True, pooled_normalized=True)
+    assert (cs.N, cs.K, cs.D, cs.normalized, cs.pooled_normalized) == (5, 3, 4, True, True)
+    assert (_C.Queries(**qa).B, _C.Queries(**qa).K) == (2, 3)
 
 
 def test_set_simd_rejects_unknown_and_unsupported_levels():
@@ -359,7 +381,7 @@ def _prep64(q, w, qm, qp):
 @pytest.mark.parametrize("mask", [False, True])
 @pytest.mark.parametrize("pooled", [False, True])
 def test_prepare_query_matches_float64_and_torch_prep(dt, mask, pooled):
-    """The C++ query prep (used by every "cpp" op call) equals float64 math and `ops.prepare_query`."""
+    """The C++ query prep (used by `ops.prepare_queries` on the CPU) equals float64 math and the torch fold."""
     from pecm.backends import get_backend
 
     be = get_backend("cpp", torch.device("cpu"), DTYPES[dt])
@@ -370,9 +392,9 @@ def test_prepare_query_matches_float64_and_torch_prep(dt, mask, pooled):
     qp = torch.randn(4, 24).to(DTYPES[dt]) if pooled else None
     if pooled:
         qp[3] = 0
-    got = be.prepare_query(q, w, qm, qp, ops.EPS)
+    got = be.prepare_queries(q, w, qm, qp, ops.EPS)
     want = _prep64(q, w, qm, qp)
-    torch_prep = ops.prepare_query(q, w, qm, qp)
+    torch_prep = fold_queries(q, w, qm, qp)
     for g, r, t in zip(got, want, torch_prep):
         assert g.dtype == torch.float32 and g.shape == r.shape
         torch.testing.assert_close(g.double(), r, rtol=1e-6, atol=1e-6)
@@ -407,3 +429,40 @@ def test_prepare_query_argument_checks(kw, match):
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         _C.prepare_query(**args)
+
+
+# ------------------------------------------------------------------------------- on-the-fly modes
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("masks", [False, True])
+@pytest.mark.parametrize("b,d", [(1, 24), (5, 64), (16, 24), (70, 40)])
+def test_on_the_fly_normalisation_every_path(simd, dt, masks, b, d):
+    """Raw c (with / without raw pooled vectors), unit c without pooled and prepared c, on the
+    dot-product (B < 12), GEMM (B >= 12) and gather (rerank) paths of this SIMD level, D not a
+    multiple of the vector width: all equal the float64 reference."""
+    from helpers import call_op, candidate_modes, make_inputs
+
+    q, c, w, qm, cm = make_inputs(b, 61, 5, d, dtype=DTYPES[dt], masks=masks, seed=b + d, ties=True)
+    cand = torch.from_numpy(np.random.default_rng(d).integers(-1, 61, size=(b, 300)))
+    for name, kw, ref_pooled in candidate_modes(c, w, cm, seed=d):
+        ref = np.stack(R.scores(q.double(), c.double(), w.double(), qm, cm, None, ref_pooled))
+        got = call_op("scores", q, kw, w, qm, backend="cpp")
+        for i in range(3):
+            np.testing.assert_allclose(got[i].numpy(), ref[i], atol=tol(dt), rtol=0, err_msg=name)
+        for by in ("score", "sim"):
+            vals, ids = call_op("topk", q, kw, w, qm, k=9, by=by, backend="cpp")
+            check_topk(vals, ids, ref[BY_INDEX[by]], 9, tol(dt))
+        vals, ids = call_op("rerank", q, kw, w, qm, k=12, cand=cand, backend="cpp")
+        check_topk(vals, ids, ref[2], 12, tol(dt), cand=cand.numpy())
+
+
+def test_masked_prototypes_are_not_read(simd):
+    """A prototype masked out in every row is skipped, so NaN stored there cannot leak into scores."""
+    q, c, w, _, _ = make_case(3, 20, 4, 32, "f32")
+    cm = torch.ones(20, 4, dtype=torch.bool)
+    cm[:, 2] = False
+    bad = c.clone()
+    bad[:, 2] = float("nan")
+    got = ops.pecm_scores(q, bad, w, c_mask=cm, backend="cpp")
+    ref = np.stack(R.scores(q, c, w, c_mask=cm))
+    for i in range(3):
+        np.testing.assert_allclose(got[i].numpy(), ref[i], atol=1e-5, rtol=0)

@@ -1,10 +1,11 @@
 """Backend registry: "torch" (always), "cpp" (when `pecm._C` is built), "triton" (when Triton imports).
 
-`get_backend(name, device, dtype)` resolves ``"auto"``: triton for CUDA tensors, else cpp when
-built, else torch. The environment variable ``PECM_BACKEND`` (torch | cpp | triton | auto)
-overrides what ``"auto"`` picks; an unknown or unavailable value raises a ValueError that lists the
-available backends. Loading is lazy and a backend that fails to import records why
-(`backend_errors()`), so the package always imports.
+`get_backend(name, device, dtype, grad=False)` resolves ``"auto"``: triton for CUDA tensors, else cpp
+when built, else torch; with ``grad=True`` (gradients are needed) a differentiable backend: triton for
+CUDA tensors, else torch. The environment variable ``PECM_BACKEND`` (torch | cpp | triton | auto)
+overrides what ``"auto"`` picks (not with ``grad=True`` when it names a backend without gradients);
+an unknown or unavailable value raises a ValueError that lists the available backends. Loading is
+lazy and a backend that fails to import records why (`backend_errors()`), so the package always imports.
 """
 
 from __future__ import annotations
@@ -73,7 +74,16 @@ def triton_usable(device: torch.device) -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def get_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
+def get_backend_by_name(name: str) -> Backend:
+    """The loaded backend ``name`` (already resolved and checked by `get_backend`)."""
+    be = _CACHE.get(name)
+    return be if be is not None else get_backend(name, torch.device("cpu"), torch.float32)
+
+
+_DIFFERENTIABLE = ("torch", "triton")
+
+
+def get_backend(name: str, device: torch.device, dtype: torch.dtype, grad: bool = False) -> Backend:
     if not isinstance(name, str):
         raise TypeError(f"backend: expected a str, got {type(name).__name__}")
     chosen = name
@@ -82,10 +92,13 @@ def get_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
         if env and env != "auto":
             if env not in KNOWN:
                 raise ValueError(f"PECM_BACKEND: expected one of {('auto',) + KNOWN}, got {env!r}")
+        if env and env != "auto" and not (grad and env not in _DIFFERENTIABLE):
             chosen = env
+        elif dtype == torch.float64:  # float64 (e.g. gradcheck) accumulates in float64: torch only
+            chosen = "torch"
         elif device.type == "cuda" and _try("triton") is not None:
             chosen = "triton"
-        elif device.type == "cpu" and _try("cpp") is not None:
+        elif device.type == "cpu" and not grad and _try("cpp") is not None:
             chosen = "cpp"
         else:
             chosen = "torch"
@@ -98,5 +111,9 @@ def get_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
             f"available: {available_backends()}"
         )
     if not be.supports(device, dtype):
+        if dtype == torch.float64:
+            raise TypeError(f"c: float64 inputs are supported by backend='torch' only, not {chosen!r}")
         raise ValueError(f"backend: {chosen!r} does not support device={device.type} dtype={dtype}")
+    if grad and not be.differentiable:
+        raise ValueError(f"backend: {chosen!r} is not differentiable; use backend='torch' or 'triton'")
     return be

@@ -1,49 +1,37 @@
-"""The contract every scoring backend implements.
+"""The contract every scoring backend implements: it consumes `Queries` and `Candidates`.
 
-`pecm.ops` validates and *prepares* the user's inputs, then hands every backend the same
-canonical, already-folded operands. A backend therefore never normalises, never pools and never
-looks at user masks in their raw form; it only computes three dot products per pair and an epilogue.
+`pecm.ops` validates the user's inputs once, folds the query side into a `pecm.operands.Queries`
+(qw [B, K*D] = w_k mq_k q̂_k, qden [B, K] = w_k mq_k, qp [B, D] unit pooled query, float32) and
+wraps the candidate side as a `pecm.operands.Candidates` (prototypes [N, K, D] in the storage dtype,
+bool mask or None, pooled vectors or None, weights, and the promises ``normalized`` /
+``pooled_normalized``). Backends never validate again.
 
-Canonical operands (all torch tensors on one device, contiguous):
+Per pair (b, n), accumulated in float32, with ĉ the unit candidate prototypes (masked-out ones
+zero) and ĉp the unit pooled candidate vector (Eq. 4 with the weights and mask when absent)::
 
-=========  ==============  =========================================================================
-name       shape / dtype   meaning
-=========  ==============  =========================================================================
-``qw``     [B, K*D] f32    ``w_k * mq_k * q̂_k`` flattened: weights and the query mask folded into the
-                           unit query prototypes (q̂ = q / max(||q||, eps)).
-``qden``   [B, K]   f32    ``w_k * mq_k``: the query side of the confidence denominator.
-``qp``     [B, D]   f32    unit pooled query embedding (Eq. 4, or the user's ``q_pooled``).
-``c``      [N, K*D] T      unit candidate prototypes, **masked-out prototypes are exactly zero**.
-                           T is the storage dtype: float32, float16 or bfloat16.
-``cm``     [N, K] T or     candidate mask as 0/1 values in dtype T, or ``None`` = all ones.
-           None
-``cp``     [N, D]   T      unit pooled candidate embedding (Eq. 4, or the user's ``c_pooled``).
-=========  ==============  =========================================================================
+    sim   = qp[b] · ĉp[n]                                     (Eq. 3)
+    num   = qw[b] · ĉ[n]            = Σ_k w_k mq_k mc_k s_k    (Eq. 1 folded)
+    den   = qden[b] · mc[n]         = Σ_k w_k mq_k mc_k        (= Σ_k qden[b, k] without a mask)
+    conf  = num / den  if den > 0 else 0                       (Eq. 6; fully masked pair -> 0)
+    score = sim * conf                                         (Eq. 7)
 
-Per pair (b, n), accumulated in float32::
+A prepared `Candidates` (``.prepared``) holds ĉ and ĉp already. Otherwise a backend computes them
+on the fly, block by block, in the same read of the rows it scores: no pass over all N rows first.
 
-    sim   = qp[b] · cp[n]                                   (Eq. 3)
-    num   = qw[b] · c[n]            = Σ_k w_k mq_k mc_k s_k  (masked c rows are zero)
-    den   = qden[b] · cm[n]         = Σ_k w_k mq_k mc_k      (= Σ_k qden[b, k] when cm is None)
-    conf  = num / den  if den > 0 else 0                     (Eq. 6; fully masked pair -> 0)
-    score = sim * conf                                       (Eq. 7)
+Methods (``by`` is a `pecm.operands.By`):
 
-Methods a backend provides (see `TorchBackend` for the reference implementation):
+- ``scores(qs, cs) -> (sim, conf, score)``: float32 [B, N] each. A backend with
+  ``differentiable = True`` also provides ``scores_backward`` (see `pecm.library`), called only
+  with prepared candidates.
+- ``topk(qs, cs, k, by, chunk_size) -> (values f32 [B, k], ids int64 [B, k])``: sorted descending;
+  when k > N the tail is (-inf, -1). ``chunk_size`` is a hint (candidates per block) or ``None``.
+- ``rerank(qs, cs, cand, k, by) -> (values, ids)``: ``cand`` int64 [B, M] rows of ``cs``
+  (-1 = padding, never returned); ids already checked (-1 <= id < N); duplicates are scored once
+  per occurrence.
+- optional ``prepare_queries(q, w, q_mask, q_pooled, eps) -> (qw, qden, qp)``: the float32 query
+  operands from raw q [B, K, D] in one call (same math as `pecm.operands.fold_queries`).
 
-- ``scores(qw, qden, qp, c, cm, cp) -> (sim, conf, score)``: float32 [B, N] each. Backends with
-  ``differentiable = True`` must support autograd w.r.t. qw, qden, qp, c and cp.
-- ``topk(qw, qden, qp, c, cm, cp, k, by, chunk_size) -> (values f32 [B, k], ids int64 [B, k])``:
-  values of the ``by`` quantity ("score" | "sim" | "conf"), sorted descending; when k > N the tail
-  is (-inf, -1). ``chunk_size`` is a hint (candidates per block) that may be ``None``.
-- ``rerank(qw, qden, qp, c, cm, cp, cand, k, by) -> (values, ids)``: ``cand`` int64 [B, M] indexes
-  rows of ``c``; -1 is padding and never returned; ids are rows of ``c``. Ids are already validated
-  (-1 <= id < N). Duplicated ids are scored (and may be returned) once per occurrence.
-
-- optional ``prepare_query(q, w, q_mask, q_pooled, eps) -> (qw, qden, qp)``: float32 query operands
-  straight from raw q [B, K, D] (same math as `pecm.ops.prepare_query`); `pecm.ops` uses it only for
-  non-differentiable backends with float32 accumulation, to skip a dozen small torch ops per call.
-
-``ops`` guarantees: B >= 1, N >= 1, 1 <= k (k may exceed N or M), ``by`` valid.
+The ops layer guarantees B >= 1, N >= 1, k >= 1 (k may exceed N or M).
 """
 
 from __future__ import annotations
@@ -52,8 +40,9 @@ from typing import Optional, Protocol, Tuple
 
 import torch
 
+from ..operands import BY_CHOICES, By, Candidates, Queries  # noqa: F401
+
 Tensor = torch.Tensor
-BY_CHOICES = ("score", "sim", "conf")
 
 
 class Backend(Protocol):
@@ -62,68 +51,25 @@ class Backend(Protocol):
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool: ...
 
-    def scores(
-        self, qw: Tensor, qden: Tensor, qp: Tensor, c: Tensor, cm: Optional[Tensor], cp: Tensor
-    ) -> Tuple[Tensor, Tensor, Tensor]: ...
+    def scores(self, qs: Queries, cs: Candidates) -> Tuple[Tensor, Tensor, Tensor]: ...
 
-    def topk(
-        self,
-        qw: Tensor,
-        qden: Tensor,
-        qp: Tensor,
-        c: Tensor,
-        cm: Optional[Tensor],
-        cp: Tensor,
-        k: int,
-        by: str,
-        chunk_size: Optional[int],
-    ) -> Tuple[Tensor, Tensor]: ...
+    def topk(self, qs: Queries, cs: Candidates, k: int, by: By, chunk_size: Optional[int]) -> Tuple[Tensor, Tensor]: ...
 
-    def rerank(
-        self,
-        qw: Tensor,
-        qden: Tensor,
-        qp: Tensor,
-        c: Tensor,
-        cm: Optional[Tensor],
-        cp: Tensor,
-        cand: Tensor,
-        k: int,
-        by: str,
-    ) -> Tuple[Tensor, Tensor]: ...
+    def rerank(self, qs: Queries, cs: Candidates, cand: Tensor, k: int, by: By) -> Tuple[Tensor, Tensor]: ...
 
 
-def combine(sim: Tensor, num: Tensor, den: Tensor, by: str = "all"):
-    """Shared float32 epilogue: conf = num/den (0 where den <= 0), score = sim*conf.
+def combine(sim: Tensor, num: Tensor, den: Tensor, by: Optional[By] = None):
+    """Shared epilogue: conf = num/den (0 where den <= 0), score = sim*conf.
 
-    Returns (sim, conf, score) for by="all", else only the requested quantity.
+    Returns (sim, conf, score) when ``by`` is None, else only the ranked quantity.
     """
     safe = torch.where(den > 0, den, torch.ones_like(den))
     conf = torch.where(den > 0, num / safe, torch.zeros_like(num))
-    if by == "sim":
+    if by == By.SIM:
         return sim
-    if by == "conf":
+    if by == By.CONF:
         return conf
     score = sim * conf
-    if by == "score":
+    if by == By.SCORE:
         return score
     return sim, conf, score
-
-
-def pad_topk(values: Tensor, ids: Tensor, k: int) -> Tuple[Tensor, Tensor]:
-    """Pad [B, k'] results (k' <= k) to [B, k] with the FAISS sentinels (-inf, -1)."""
-    b, kk = values.shape
-    if kk >= k:
-        return values[:, :k], ids[:, :k]
-    pv = torch.full((b, k - kk), float("-inf"), dtype=values.dtype, device=values.device)
-    pi = torch.full((b, k - kk), -1, dtype=torch.int64, device=ids.device)
-    return torch.cat([values, pv], 1), torch.cat([ids, pi], 1)
-
-
-def merge_topk(values: Tensor, ids: Tensor, new_values: Tensor, new_ids: Tensor, k: int) -> Tuple[Tensor, Tensor]:
-    """Exact merge of two sorted-or-not [B, *] candidate lists into the best k (descending)."""
-    v = torch.cat([values, new_values], 1)
-    i = torch.cat([ids, new_ids], 1)
-    kk = min(k, v.shape[1])
-    top, pos = torch.topk(v, kk, dim=1, largest=True, sorted=True)
-    return top, torch.gather(i, 1, pos)

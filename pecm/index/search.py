@@ -2,9 +2,11 @@
 
 Exhaustive: the committed rows are read in chunks of ``chunk_size`` items with positioned reads
 into two reused buffers (the next chunk is read by a helper thread while the current one is
-scored), so memory stays bounded by the chunk size whatever the index size. Each chunk goes through
-``pecm.ops.pecm_topk(..., normalized=True, c_pooled=..., c_mask=...)``; the per-chunk results are
-merged exactly with global row numbers, then mapped to global ids. Tombstoned rows are excluded by
+scored), so memory stays bounded by the chunk size whatever the index size. Each chunk is wrapped,
+without a copy or a second validation, as a prepared `pecm.ops.Candidates` (the index stores unit
+prototypes, masked ones zero, and unit pooled vectors) and goes through ``pecm.ops.pecm_topk`` with
+the queries prepared once (`pecm.ops.Queries`); the per-chunk results are merged exactly with global
+row numbers by `pecm.topk.RunningTopK`, then mapped to global ids. Tombstoned rows are excluded by
 asking a chunk for ``k + (its number of tombstones)`` and dropping them.
 
 Two-stage: a streamed GEMM top-M over ``pooled.bin`` (cosine of unit pooled vectors, i.e. ``sim``),
@@ -21,7 +23,8 @@ import numpy as np
 import torch
 
 from .. import ops
-from ..backends.base import merge_topk, pad_topk
+from ..operands import By, Candidates, Queries
+from ..topk import RunningTopK, empty_topk
 
 DEFAULT_CHUNK = 8192
 POOLED_CHUNK = 65536
@@ -108,47 +111,46 @@ def _dead(index, ids: np.ndarray) -> Optional[np.ndarray]:
     return d if d.any() else None
 
 
-def _exhaustive(index, q, qm, k, by, chunk, backend, start, end, device=None):
-    b = q.shape[0]
-    w = torch.from_numpy(index.weights)
-    vals = torch.empty((b, 0), dtype=torch.float32)
-    rows = torch.empty((b, 0), dtype=torch.int64)
+def _chunk_candidates(index, w: torch.Tensor, a: Dict[str, np.ndarray], device=None) -> Candidates:
+    """Rows read from the index as prepared Candidates (views of the read buffers; no validation)."""
+    c = torch.from_numpy(a["prototypes"])
+    if index.dtype == "int8":
+        c = c.float() * torch.from_numpy(a["scales"]).unsqueeze(-1)
+    cp = torch.from_numpy(a["pooled"])
+    cp = cp if cp.dtype == c.dtype else cp.to(c.dtype)
+    masks = a["masks"]
+    cm = None if masks.all() else torch.from_numpy(masks).view(torch.bool)  # stored 0/1 bytes
+    cs = Candidates.trusted(c, w, cm, cp, flags=3)
+    return cs if device is None else cs.to(device)
+
+
+def _exhaustive(index, qs: Queries, k, by, chunk, backend, start, end, device=None):
     if device is not None:
-        q, w = q.to(device), w.to(device)
-        qm = None if qm is None else qm.to(device)
+        qs = qs.to(device)
+    w = qs.weights  # the same tensor for the queries and every chunk: no weight comparison per call
+    best = RunningTopK(qs.b, k)
     names = ["prototypes", "pooled", "masks", "ids"] + (["scales"] if index.dtype == "int8" else [])
     reader = _ChunkReader(index, names, chunk)
     try:
         for s, e, a in reader.stream(start, end):
             n = e - s
-            c = torch.from_numpy(a["prototypes"])
-            if index.dtype == "int8":
-                c = c.float() * torch.from_numpy(a["scales"]).unsqueeze(-1)
-            cp = torch.from_numpy(a["pooled"]).to(c.dtype)
-            cm = None if a["masks"].all() else torch.from_numpy(a["masks"]).bool()
-            if device is not None:  # e.g. a CUDA device: the chunk is scored there (triton under "auto")
-                c, cp = c.to(device), cp.to(device)
-                cm = None if cm is None else cm.to(device)
+            cs = _chunk_candidates(index, w, a, device)  # e.g. a CUDA device: scored there (triton under "auto")
             dead = _dead(index, a["ids"])
             kk = min(n, k + (0 if dead is None else int(dead.sum())))
-            tv, ti = ops.pecm_topk(
-                q, c, w, kk, q_mask=qm, c_mask=cm, c_pooled=cp, by=by, backend=backend, normalized=True
-            )
+            tv, ti = ops.pecm_topk(qs, cs, None, kk, by=by, backend=backend)
             tv, ti = tv.cpu().float(), ti.cpu()
             if dead is not None:
                 bad = torch.from_numpy(dead)[ti.clamp(min=0)] | (ti < 0)
                 tv = tv.masked_fill(bad, float("-inf"))
                 ti = ti.masked_fill(bad, -1)
-            vals, rows = merge_topk(vals, rows, tv, torch.where(ti >= 0, ti + s, ti), k)
+            best.add(tv, torch.where(ti >= 0, ti + s, ti))
     finally:
         reader.close()
-    return pad_topk(vals, rows, k)
+    return best.result()
 
 
 def _pooled_topm(index, qp, m, chunk, start, end):
-    b = qp.shape[0]
-    vals = torch.empty((b, 0), dtype=torch.float32)
-    rows = torch.empty((b, 0), dtype=torch.int64)
+    best = RunningTopK(qp.shape[0], m)
     reader = _ChunkReader(index, ["pooled", "ids"], chunk)
     p32 = torch.empty((min(chunk, end - start), index.D))  # reused: no fresh pages per chunk
     try:
@@ -159,57 +161,41 @@ def _pooled_topm(index, qp, m, chunk, start, end):
             dead = _dead(index, a["ids"])
             if dead is not None:
                 sim[:, torch.from_numpy(dead)] = float("-inf")
-            tv, ti = torch.topk(sim, min(m, e - s), dim=1)
-            ti = torch.where(torch.isfinite(tv), ti + s, torch.full_like(ti, -1))
-            vals, rows = merge_topk(vals, rows, tv, ti, m)
+            best.add(sim, offset=s)
     finally:
         reader.close()
-    return rows
+    return best.result()[1]
 
 
-def _rerank_group(index, q, qm, w, cand, k, by, backend, device=None):
-    b = q.shape[0]
+def _rerank_group(index, qs: Queries, cand, k, by, backend, device=None):
     valid = cand >= 0
     uniq = np.unique(cand[valid])
     if uniq.size == 0:
-        return pad_topk(torch.empty((b, 0)), torch.empty((b, 0), dtype=torch.int64), k)
+        return empty_topk(qs.b, k)
     local = np.where(valid, np.searchsorted(uniq, np.where(valid, cand, 0)), -1)
-    c = torch.from_numpy(np.ascontiguousarray(index.dequantize(uniq)))
-    cp = torch.from_numpy(index.read_rows("pooled", uniq)).to(c.dtype)
-    masks = index.read_rows("masks", uniq)
-    cm = None if masks.all() else torch.from_numpy(masks).bool()
+    if device is not None:
+        qs = qs.to(device)
+    rows = {"prototypes": index.read_rows("prototypes", uniq), "pooled": index.read_rows("pooled", uniq)}
+    rows["masks"] = index.read_rows("masks", uniq)
+    if index.dtype == "int8":
+        rows["scales"] = index.read_rows("scales", uniq)
+    cs = _chunk_candidates(index, qs.weights, rows, device)
     local = torch.from_numpy(local)
     if device is not None:
-        q, w, c, cp, local = q.to(device), w.to(device), c.to(device), cp.to(device), local.to(device)
-        qm = None if qm is None else qm.to(device)
-        cm = None if cm is None else cm.to(device)
-    tv, ti = ops.pecm_rerank(
-        q, c, local, w, k, q_mask=qm, c_mask=cm, c_pooled=cp, by=by, backend=backend, normalized=True
-    )
+        local = local.to(device)
+    tv, ti = ops.pecm_rerank(qs, cs, local, None, k, by=by, backend=backend)
     ti = ti.cpu()
     rows = torch.where(ti >= 0, torch.from_numpy(uniq)[ti.clamp(min=0)], ti)
     return tv.cpu().float(), rows
 
 
-def _two_stage(index, q, qm, k, by, m, backend, start, end, chunk, device=None):
-    w = torch.from_numpy(index.weights)
-    _, _, qp = ops.prepare_query(q, w, qm, None)
-    cand = _pooled_topm(index, qp, m, max(chunk, POOLED_CHUNK), start, end).numpy()
+def _two_stage(index, qs: Queries, k, by, m, backend, start, end, chunk, device=None):
+    cand = _pooled_topm(index, qs.qp, m, max(chunk, POOLED_CHUNK), start, end).numpy()
     # gather at most ~chunk candidate rows at a time: queries are reranked in groups
     group = max(1, chunk // max(1, cand.shape[1]))
     outs = [
-        _rerank_group(
-            index,
-            q[g : g + group],
-            None if qm is None else qm[g : g + group],
-            w,
-            cand[g : g + group],
-            k,
-            by,
-            backend,
-            device,
-        )
-        for g in range(0, q.shape[0], group)
+        _rerank_group(index, qs.slice(g, g + group), cand[g : g + group], k, by, backend, device)
+        for g in range(0, qs.b, group)
     ]
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
@@ -242,8 +228,7 @@ def search(
     k = _check_int(k, "k")
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    if by not in ops.BY_CHOICES:
-        raise ValueError(f"by: expected one of {ops.BY_CHOICES}, got {by!r}")
+    by = By.parse(by)
     chunk = DEFAULT_CHUNK if chunk_size is None else _check_int(chunk_size, "chunk_size")
     m = max(10 * k, 100) if shortlist is None else _check_int(shortlist, "shortlist")
     if device is not None:
@@ -255,11 +240,13 @@ def search(
     b = q.shape[0]
     start, end = (0, index.count) if rows is None else (max(0, int(rows[0])), min(index.count, int(rows[1])))
     if b == 0 or end <= start:
-        vals, r = pad_topk(torch.empty((b, 0)), torch.empty((b, 0), dtype=torch.int64), k)
-    elif mode == "exhaustive":
-        vals, r = _exhaustive(index, q, qm, k, by, chunk, backend, start, end, device)
+        vals, r = empty_topk(b, k)
     else:
-        vals, r = _two_stage(index, q, qm, k, by, max(m, k), backend, start, end, chunk, device)
+        qs = ops.prepare_queries(q, torch.from_numpy(index.weights), q_mask=qm)  # once for every chunk
+        if mode == "exhaustive":
+            vals, r = _exhaustive(index, qs, k, by, chunk, backend, start, end, device)
+        else:
+            vals, r = _two_stage(index, qs, k, by, max(m, k), backend, start, end, chunk, device)
     r = r.numpy()
     ids = np.full(r.shape, -1, dtype=np.int64)
     if (r >= 0).any():
