@@ -21,9 +21,11 @@ import glob
 import json
 import os
 import tempfile
-from typing import Optional
+from typing import Optional, Union
 
 from .pairs import PAIRS_FILE, PairSet, load_pairs
+
+PathLike = Union[str, "os.PathLike[str]"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # The attributed 320-pair sample is package data (pecm/data/roco_sample/, in the wheel too): found next to this
@@ -55,11 +57,11 @@ def default_data_dir() -> str:
     raise FileNotFoundError(f"data: the shipped sample {SAMPLE_ROCO} lacks {PAIRS_FILE} (incomplete install?)")
 
 
-def load_roco(root=None, limit: Optional[int] = None, verify_images: bool = True) -> PairSet:
+def load_roco(root: Optional[PathLike] = None, limit: Optional[int] = None, verify_images: bool = True) -> PairSet:
     return load_pairs(root or default_data_dir(), limit=limit, verify_images=verify_images)
 
 
-def load_mimic(root, limit: Optional[int] = None, verify_images: bool = True) -> PairSet:
+def load_mimic(root: PathLike, limit: Optional[int] = None, verify_images: bool = True) -> PairSet:
     """MIMIC-CXR: ``pairs.jsonl`` if present, else the ``files/pXX/pNNN/sNNN`` layout (see module doc)."""
     root = os.path.abspath(os.fspath(root))
     if os.path.isfile(os.path.join(root, PAIRS_FILE)):
@@ -87,7 +89,9 @@ def load_mimic(root, limit: Optional[int] = None, verify_images: bool = True) ->
     return ps
 
 
-def load_dataset(root=None, layout: str = "auto", limit: Optional[int] = None, verify_images: bool = True) -> PairSet:
+def load_dataset(
+    root: Optional[PathLike] = None, layout: str = "auto", limit: Optional[int] = None, verify_images: bool = True
+) -> PairSet:
     """``layout`` in {"auto", "pairs", "roco", "mimic"}; "auto" reads pairs.jsonl, else tries MIMIC-CXR."""
     if layout not in ("auto", "pairs", "roco", "mimic"):
         raise ValueError(f"layout: expected one of auto/pairs/roco/mimic, got {layout!r}")

