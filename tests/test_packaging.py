@@ -14,7 +14,7 @@ One module fixture builds everything from scratch (nothing is cached between run
 The tests then run, with the venv's interpreter and from a working directory outside the repository:
 ``import pecm, pecm._C`` (both from the venv, same version), every op on the cpp and torch backends against
 `pecm.reference`, ``pecm demo --quick`` and ``pecm bench index``. A failed build is a test failure, never a skip.
-About 1.5-2.5 minutes on the 2-core CPU machine (most of it the C++ build and the demo).
+About 35-80 s on the 2-core CPU machine, depending on its load (half of it the sdist + C++ wheel build).
 """
 
 from __future__ import annotations
@@ -161,6 +161,8 @@ def test_import_resolves_to_the_wheel_and_versions_agree(built):
             "pecm": pecm.__file__, "C": pecm._C.__file__, "kernels": __import__("pecm.kernels").kernels.__file__,
             "version": pecm.__version__, "C_version": getattr(pecm._C, "__version__", None),
             "dist_version": importlib.metadata.version("pecm"),
+            "dist_files": str(importlib.metadata.distribution("pecm").locate_file("pecm/__init__.py")),
+            "direct_url": importlib.metadata.distribution("pecm").read_text("direct_url.json"),
             "typed": os.path.isfile(os.path.join(os.path.dirname(pecm.__file__), "py.typed")),
             "sample": layouts.SAMPLE_ROCO, "default_data": layouts.default_data_dir(),
             "repo_root": layouts.REPO_ROOT, "backends": pecm.ops.available_backends(),
@@ -169,9 +171,11 @@ def test_import_resolves_to_the_wheel_and_versions_agree(built):
     ).stdout
     info = json.loads(out.strip().splitlines()[-1])
     venv = str(built.venv.resolve())
-    for key in ("pecm", "C", "kernels", "sample"):
+    for key in ("pecm", "C", "kernels", "sample", "dist_files"):
         assert os.path.realpath(info[key]).startswith(venv + os.sep), f"{key} resolved to {info[key]}, not the venv"
     assert info["version"] == info["C_version"] == info["dist_version"], info
+    direct = json.loads(info["direct_url"] or "{}")  # the metadata is the wheel's, not the dev venv's editable one
+    assert direct.get("url", "").endswith(".whl") and not direct.get("dir_info", {}).get("editable"), direct
     assert info["typed"] and info["repo_root"] is None and info["default_data"] == info["sample"]
     assert "cpp" in info["backends"] and "torch" in info["backends"]
 
