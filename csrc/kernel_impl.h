@@ -10,11 +10,12 @@
 //    once and reused by every query of the block, broadcast-FMA micro-tiles).
 //
 // Candidates that are not prepared (Candidates in kernels.h) are normalised on the fly, in the read
-// of the rows the tile scores: prep_rows computes each row's per-prototype scales
-// inv_k = m_k / max(||c_k||, eps) (and, without pooled vectors, the unit Eq. 4 pooled vector in fp32)
-// just before the row group's dot products, which then multiply every loaded candidate vector by
-// its prototype's scale (few queries) or fold the scale into the fp32 conversion (GEMM path). Groups
-// are RB_MAX rows (dot paths) or the tile's 48 rows (GEMM path), so the second read of a row hits
+// of the rows the tile scores: each row's per-prototype scales inv_k = m_k / max(||c_k||, eps) come
+// from the first query's dot products in the same read (micro_norm; GEMM path: prep_norms first) and
+// the other queries multiply every loaded candidate vector by its prototype's scale (SCALED micro) or
+// fold the scale into the fp32 conversion (GEMM path); without pooled vectors, prep_pool accumulates
+// h = sum_k w_k inv_k c_k in fp32 from the cache-resident rows and sim is scaled by 1/||h||. Groups
+// are RB_MAX rows (dot paths) or the tile's 48 rows (GEMM path), so every read after the first hits
 // the cache. Prototypes masked out in every row of a group are not read at all.
 #pragma once
 #include <cmath>
@@ -27,13 +28,30 @@ namespace PECM_NS {
 
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
+constexpr int64_t kMaxPrepK = 64;  // prototypes pooled per register pass (K above it: a scalar remainder pass)
+
 // ------------------------------------------------------------------------------------------------
 // On-the-fly row preparation (candidates that are not prepared).
+
+// Prefetch, for the elements [j, j + 2*VL) of the current row just consumed, the same elements of
+// another row (pf; null: none): a steady one-row-ahead stream for gathered rows.
 template <typename T>
-static float sumsq(const T* x, int64_t n) {
+static inline void prefetch_step(const T* pf, int64_t j) {
+    constexpr int64_t line = 64 / (int64_t)sizeof(T);
+    if (!pf) return;
+    if constexpr (2 * VL >= line) {
+        for (int64_t o = 0; o < 2 * VL; o += line) __builtin_prefetch(pf + j + o, 0, 2);
+    } else if (j % line == 0) {
+        __builtin_prefetch(pf + j, 0, 2);
+    }
+}
+
+template <typename T>
+static float sumsq(const T* x, int64_t n, const T* pf) {
     V s0 = vzero(), s1 = vzero();
     int64_t j = 0;
     for (; j + 2 * VL <= n; j += 2 * VL) {
+        prefetch_step(pf, j);
         const V a = vload(x + j), b = vload(x + j + VL);
         s0 = vfma(a, a, s0);
         s1 = vfma(b, b, s1);
@@ -55,47 +73,158 @@ static inline float inv_norm(float ss, float eps) {
     return (float)(1.0 / (n > (double)eps ? n : (double)eps));
 }
 
-// For rows cr[0..nr) ([K*D] each), masks mr[r] ([K] bytes; mr null = all valid) and pooled rows
-// pr[r] ([D]; pr null = pool on the fly):
-//   inv[r*K + t] = m_rt / max(||c_rt||, eps)           (m_rt when the prototypes are unit)
-//   hp[r*D + d]  = normalize(sum_t w_t inv_rt c_rt)     (pooled on the fly; fp32)
-//   pinv[r]      = 1 / max(||cp_r||, eps)               (pooled given; 1 when they are unit)
-// This is pecm.operands.normalize_block in float32, without rounding ĉ to the storage dtype.
+// h[0..D) = sum_t a[t] * x[t*D ..] (fp32); returns ||h||^2. CH vector accumulators stay in registers
+// across the K prototypes (the row is L1-resident after the norm pass), so h is stored once.
 template <typename T>
-static void prep_rows(const Problem& p, const T* const* cr, const T* const* pr, const uint8_t* const* mr, int nr,
-                      float* inv, float* hp, float* pinv) {
+static float pool_row(const T* x, const float* a, int64_t K, int64_t D, float* h) {
+    constexpr int CH = 8;
+    V ss = vzero();
+    int64_t d0 = 0;
+    for (; d0 + CH * VL <= D; d0 += CH * VL) {
+        V acc[CH];
+        for (int j = 0; j < CH; j++) acc[j] = vzero();
+        for (int64_t t = 0; t < K; t++) {
+            if (a[t] == 0.f) continue;
+            const V av = vset1(a[t]);
+            const T* xt = x + t * D + d0;
+            for (int j = 0; j < CH; j++) acc[j] = vfma(vload(xt + j * VL), av, acc[j]);
+        }
+        for (int j = 0; j < CH; j++) {
+            vstore(h + d0 + j * VL, acc[j]);
+            ss = vfma(acc[j], acc[j], ss);
+        }
+    }
+    float r = vsum(ss);
+    for (int64_t d = d0; d < D; d++) {
+        float v = 0.f;
+        for (int64_t t = 0; t < K; t++)
+            if (a[t] != 0.f) v += to_f32(x + t * D + d) * a[t];
+        h[d] = v;
+        r += v * v;
+    }
+    return r;
+}
+
+// inv[r*K + t] = m_rt / max(||c_rt||, eps) (m_rt when the prototypes are unit) for rows cr[0..nr)
+// ([K*D] each) with masks mr[r] ([K] bytes; mr null = all valid). nx[0..nnx): the next group's rows,
+// prefetched line by line as the current rows are read (gathered rows; contiguous rows leave it to
+// the hardware prefetcher). The dot-product paths fuse this into the first query's dots (micro_norm).
+template <typename T>
+static void prep_norms(const Problem& p, const T* const* cr, const uint8_t* const* mr, int nr, const T* const* nx,
+                       int nnx, float* inv) {
     const int64_t K = p.K, D = p.D;
-    const Candidates& cs = p.c;
     for (int r = 0; r < nr; r++) {
         float* iv = inv + r * K;
+        const T* pf = r < nnx ? nx[r] : nullptr;
         for (int64_t t = 0; t < K; t++) {
             if (mr && !mr[r][t])
                 iv[t] = 0.f;
-            else if (cs.unit)
+            else if (p.c.unit)
                 iv[t] = 1.f;
             else
-                iv[t] = inv_norm(sumsq(cr[r] + t * D, D), cs.eps);
+                iv[t] = inv_norm(sumsq(cr[r] + t * D, D, pf ? pf + t * D : nullptr), p.c.eps);
         }
-        if (!pr) {
-            float* h = hp + r * D;
-            for (int64_t d = 0; d < D; d++) h[d] = 0.f;
-            for (int64_t t = 0; t < K; t++) {
-                const float a = cs.w[t] * iv[t];
-                if (a == 0.f) continue;
-                const T* x = cr[r] + t * D;
-                const V av = vset1(a);
-                int64_t d = 0;
-                for (; d + VL <= D; d += VL) vstore(h + d, vfma(vload(x + d), av, vload(h + d)));
-                for (; d < D; d++) h[d] += to_f32(x + d) * a;
+    }
+}
+
+// The pooled side of rows whose inv is known (pr[r]: given pooled rows [D]; pr null = pool on the fly):
+//   hp[r*D + d] = sum_t w_t inv_rt c_rt     (fp32, not normalised)
+//   pinv[r]     = 1 / max(||hp_r||, eps), or 1 / max(||cp_r||, eps) for given pooled vectors (1 when unit)
+// so sim = (qp . hp_r or cp_r) * pinv[r]. With prep_norms / micro_norm this is
+// pecm.operands.normalize_block in float32, without rounding ĉ to the storage dtype.
+template <typename T>
+static void prep_pool(const Problem& p, const T* const* cr, const T* const* pr, int nr, const float* inv, float* hp,
+                      float* pinv) {
+    const int64_t K = p.K, D = p.D;
+    const Candidates& cs = p.c;
+    float a[kMaxPrepK];
+    for (int r = 0; r < nr; r++) {
+        if (pr) {
+            pinv[r] = cs.pooled_unit ? 1.f : inv_norm(sumsq(pr[r], D, (const T*)nullptr), cs.eps);
+            continue;
+        }
+        const float* iv = inv + r * K;
+        float* h = hp + r * D;
+        for (int64_t t0 = 0; t0 < K; t0 += kMaxPrepK) {  // h in slices of kMaxPrepK prototypes
+            const int64_t kk = imin(kMaxPrepK, K - t0);
+            for (int64_t t = 0; t < kk; t++) a[t] = cs.w[t0 + t] * iv[t0 + t];
+            if (t0 == 0) {
+                pinv[r] = inv_norm(pool_row(cr[r], a, kk, D, h), cs.eps);
+            } else {  // K > kMaxPrepK (rare): add the slice; the norm is taken below
+                for (int64_t d = 0; d < D; d++)
+                    for (int64_t t = 0; t < kk; t++) h[d] += to_f32(cr[r] + (t0 + t) * D + d) * a[t];
             }
-            const float s = inv_norm(sumsq(h, D), cs.eps);
-            const V sv = vset1(s);
-            int64_t d = 0;
-            for (; d + VL <= D; d += VL) vstore(h + d, vmul(vload(h + d), sv));
-            for (; d < D; d++) h[d] *= s;
-        } else {
-            pinv[r] = cs.pooled_unit ? 1.f : inv_norm(sumsq(pr[r], D), cs.eps);
         }
+        if (K > kMaxPrepK) pinv[r] = inv_norm(sumsq(h, D, (const float*)nullptr), cs.eps);
+    }
+}
+
+// One query x RB rows of raw prototypes, norms fused with the dots in one read of the rows:
+// inv[r*K + t] = m_rt / max(||c_rt||, eps) and acc[r] += sum_t inv_rt (q_t . c_rt). Prototypes masked
+// in every row are not read. nx[0..nnx): the next group's rows, prefetched line by line (gathered rows).
+template <int RB, typename T>
+static void micro_norm(const float* q, const T* const* cr, const uint8_t* const* mr, const T* const* nx, int nnx,
+                       int64_t K, int64_t D, float eps, float* inv, float* acc) {
+    V tot[RB];
+    float tl[RB];
+    for (int r = 0; r < RB; r++) {
+        tot[r] = vzero();
+        tl[r] = 0.f;
+    }
+    for (int64_t t = 0; t < K; t++) {
+        bool live[RB], any = false;
+        for (int r = 0; r < RB; r++) {
+            live[r] = !mr || mr[r][t];
+            any = any || live[r];
+        }
+        if (!any) {
+            for (int r = 0; r < RB; r++) inv[r * K + t] = 0.f;
+            continue;
+        }
+        V a[RB], n[RB];
+        float ta[RB], tn[RB];
+        for (int r = 0; r < RB; r++) {
+            a[r] = n[r] = vzero();
+            ta[r] = tn[r] = 0.f;
+        }
+        const int64_t b0 = t * D, e = b0 + D;
+        int64_t j = b0;
+        for (; j + 2 * VL <= e; j += 2 * VL) {
+            for (int r = 0; r < nnx; r++) prefetch_step(nx[r], j);
+            const V q0 = vload(q + j), q1 = vload(q + j + VL);
+            for (int r = 0; r < RB; r++) {
+                const V c0 = vload(cr[r] + j), c1 = vload(cr[r] + j + VL);
+                a[r] = vfma(q1, c1, vfma(q0, c0, a[r]));
+                n[r] = vfma(c1, c1, vfma(c0, c0, n[r]));
+            }
+        }
+        for (; j < e; j++)
+            for (int r = 0; r < RB; r++) {
+                const float cv = to_f32(cr[r] + j);
+                ta[r] += q[j] * cv;
+                tn[r] += cv * cv;
+            }
+        for (int r = 0; r < RB; r++) {
+            const float iv = live[r] ? inv_norm(vsum(n[r]) + tn[r], eps) : 0.f;
+            inv[r * K + t] = iv;
+            tot[r] = vfma(a[r], vset1(iv), tot[r]);
+            tl[r] += ta[r] * iv;
+        }
+    }
+    for (int r = 0; r < RB; r++) acc[r] += vsum(tot[r]) + tl[r];
+}
+
+template <typename T>
+using NormFn = void (*)(const float*, const T* const*, const uint8_t* const*, const T* const*, int, int64_t, int64_t,
+                        float, float*, float*);
+
+template <typename T>
+static NormFn<T> pick_norm(int rb) {
+    switch (rb) {
+        case 1: return &micro_norm<1, T>;
+        case 2: return &micro_norm<(RB_MAX >= 2 ? 2 : 1), T>;
+        case 3: return &micro_norm<(RB_MAX >= 3 ? 3 : 1), T>;
+        default: return &micro_norm<RB_MAX, T>;
     }
 }
 
@@ -259,7 +388,8 @@ static void dot_group(const float* q, int64_t qs, int64_t nq, const T* const* rp
     }
 }
 
-// The dot-product paths over a tile: RB_MAX rows at a time, prepared on the fly first when needed.
+// The dot-product paths over a tile: RB_MAX rows at a time. Raw prototypes: the first query's dots
+// compute the rows' inv in the same read (micro_norm); the other queries and the pooled side reuse it.
 // accn / accs [nq][nr]. crow / prow / mrow: per-row pointers (prow null: pooled on the fly into hp).
 template <typename T>
 static void dot_tile(const Problem& p, const float* qw, const float* qp, int64_t nq, const T* const* crow,
@@ -275,19 +405,28 @@ static void dot_tile(const Problem& p, const float* qw, const float* qp, int64_t
     for (int r0 = 0; r0 < nr; r0 += RB_MAX) {
         const int rb = (int)imin(RB_MAX, nr - r0);
         const int nnx = gathered ? (int)imin(RB_MAX, imin(nr, r0 + 2 * RB_MAX) - (r0 + RB_MAX)) : 0;
-        if (prep) prep_rows<T>(p, crow + r0, prow ? prow + r0 : nullptr, mrow ? mrow + r0 : nullptr, rb, s.inv, s.hp,
-                               s.pinv + r0);
         const T* const* cnx = nnx > 0 ? crow + r0 + RB_MAX : nullptr;  // the next group's rows (prefetch)
-        if (need_num) {
-            if (scaled)
-                dot_group<T, true>(qw, KD, nq, crow + r0, rb, cnx, nnx, gathered, K, D, s.inv, accn + r0, nr);
-            else
-                dot_group<T, false>(qw, KD, nq, crow + r0, rb, cnx, nnx, gathered, 1, KD, nullptr, accn + r0, nr);
+        const uint8_t* const* mg = mrow ? mrow + r0 : nullptr;
+        bool cold = true;  // whether this group's rows are still to be read (the read that prefetches the next)
+        if (scaled && need_num) {
+            pick_norm<T>(rb)(qw, crow + r0, mg, cnx, nnx, K, D, p.c.eps, s.inv, accn + r0);
+            cold = false;
+            if (nq > 1)
+                dot_group<T, true>(qw + KD, KD, nq - 1, crow + r0, rb, nullptr, 0, gathered, K, D, s.inv, accn + nr + r0,
+                                   nr);
+        } else if (prep && (need_num || !prow)) {  // inv for the unscaled dots' mask or for pooling
+            prep_norms<T>(p, crow + r0, mg, rb, scaled ? cnx : nullptr, scaled ? nnx : 0, s.inv);
+            cold = !scaled;
         }
+        if (need_num && !scaled)
+            dot_group<T, false>(qw, KD, nq, crow + r0, rb, cnx, nnx, gathered, 1, KD, nullptr, accn + r0, nr);
+        if (need_num) cold = false;
+        if (prep && need_sim) prep_pool<T>(p, crow + r0, prow ? prow + r0 : nullptr, rb, s.inv, s.hp, s.pinv + r0);
         if (need_sim) {
             if (prow) {
-                dot_group<T, false>(qp, D, nq, prow + r0, rb, nnx > 0 ? prow + r0 + RB_MAX : nullptr, nnx, gathered, 1,
-                                    D, nullptr, accs + r0, nr);
+                const bool pf = cold && nnx > 0;
+                dot_group<T, false>(qp, D, nq, prow + r0, rb, pf ? prow + r0 + RB_MAX : nullptr, pf ? nnx : 0,
+                                    gathered, 1, D, nullptr, accs + r0, nr);
             } else {
                 const float* hr[RB_MAX];
                 for (int r = 0; r < rb; r++) hr[r] = s.hp + r * D;
@@ -449,7 +588,10 @@ static void tile_t(const Problem& p, int64_t q0, int64_t q1, const int64_t* rows
     const bool gemm = p.q.qpk && p.q.qlanes == VL && nq >= kGemmMinQ && q0 % VL == 0 && nr <= kRowBlock;
     int64_t si = nr, sr = 1;
     if (gemm) {
-        if (!cs.prepared) prep_rows<T>(p, crow, prow, mrow, nr, s.inv, s.hp, s.pinv);
+        if (!cs.prepared) {
+            prep_norms<T>(p, crow, mrow, nr, nullptr, 0, s.inv);
+            if (need_sim) prep_pool<T>(p, crow, prow, nr, s.inv, s.hp, s.pinv);
+        }
         gemm_accumulate<T>(p, q0, nq, crow, prow, nr, need_num, need_sim, accn, accs, s);
         si = 1;
         sr = kQueryBlock;
@@ -458,7 +600,7 @@ static void tile_t(const Problem& p, int64_t q0, int64_t q1, const int64_t* rows
         dot_tile<T>(p, p.q.qw + q0 * KD, p.q.qp + q0 * D, nq, crow, prow, mrow, nr, rows != nullptr, need_num,
                     need_sim, accn, accs, s);
     }
-    const bool pscale = cs.pooled && !cs.pooled_unit;  // then prep_rows wrote pinv for every row
+    const bool pscale = need_sim && !(cs.pooled && cs.pooled_unit);  // then prep_pool wrote pinv for every row
     for (int64_t i = 0; i < nq; i++) {
         const int64_t b = q0 + i;
         const float* qd = p.q.qden + b * K;

@@ -88,6 +88,7 @@ static inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 static inline V vbcast(const float* p) { return _mm512_set1_ps(*p); }
 static inline float vsum(V v) { return _mm512_reduce_add_ps(v); }
 static inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
+static inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
 static inline V vset1(float x) { return _mm512_set1_ps(x); }
 static inline void vstore(F16* p, V v) {
     _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -112,6 +113,7 @@ static inline float vsum(V v) {
     return _mm_cvtss_f32(s);
 }
 static inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
+static inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
 static inline V vset1(float x) { return _mm256_set1_ps(x); }
 static inline void vstore(F16* p, V v) { _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT)); }
 #else
@@ -127,6 +129,7 @@ static inline V vfma(V a, V b, V c) { return a * b + c; }
 static inline V vbcast(const float* p) { return *p; }
 static inline float vsum(V v) { return v; }
 static inline V vmul(V a, V b) { return a * b; }
+static inline V vadd(V a, V b) { return a + b; }
 static inline V vset1(float x) { return x; }
 static inline void vstore(F16* p, V v) { p->v = float_to_half(v); }
 #endif
