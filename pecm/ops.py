@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from . import library
-from .backends import available_backends, get_backend  # noqa: F401
+from .backends import available_backends, get_backend, resolve_backend  # noqa: F401
 from .operands import (
     BY_CHOICES,  # noqa: F401
     EPS,
@@ -263,9 +263,11 @@ def _operands(q, c, w, q_mask, c_mask, q_pooled, c_pooled, normalized: bool, che
     return qs, cs
 
 
-def _backend(backend: str, qs: Queries, cs: Candidates, grad: bool):
+def _backend(backend: str, qs: Queries, cs: Candidates, grad: bool) -> str:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
     wide = torch.float64 in (qs.dtype, cs.dtype)
-    return get_backend(backend, cs.device, torch.float64 if wide else cs.dtype, grad=grad)
+    return resolve_backend(backend, cs.device.type, torch.float64 if wide else cs.dtype, grad)
 
 
 def _squeeze(qs: Queries, *ts):
@@ -300,7 +302,7 @@ def pecm_scores(
         return _squeeze(qs, z, z.clone(), z.clone())
     if grad:
         cs = _prepared(cs)  # differentiable torch normalisation; the op's backward needs unit operands
-    sim, conf, score = library.scores(*library.operand_args(qs, cs), be.name)
+    sim, conf, score = library.scores(*library.operand_args(qs, cs), be)
     return _squeeze(qs, sim, conf, score)
 
 
@@ -334,9 +336,9 @@ def pecm_topk(
         if qs.b == 0 or cs.n == 0:
             return _squeeze(qs, *empty_topk(qs.b, k, cs.device))
         if _compiling():
-            vals, ids = library.topk(*library.operand_args(qs, cs), k, int(by), chunk_size or 0, be.name)
+            vals, ids = library.topk(*library.operand_args(qs, cs), k, int(by), chunk_size or 0, be)
         else:
-            vals, ids = library.topk_impl(qs, cs, k, by, chunk_size, be.name)
+            vals, ids = library.topk_impl(qs, cs, k, by, chunk_size, be)
     return _squeeze(qs, vals, ids)
 
 
@@ -379,7 +381,7 @@ def pecm_rerank(
                 library.check_candidate_ids(cand, 0)
             return _squeeze(qs, *empty_topk(qs.b, k, cs.device))
         if _compiling():
-            vals, ids = library.rerank(*library.operand_args(qs, cs), cand, k, int(by), be.name)
+            vals, ids = library.rerank(*library.operand_args(qs, cs), cand, k, int(by), be)
         else:
-            vals, ids = library.rerank_impl(qs, cs, cand, k, by, be.name)
+            vals, ids = library.rerank_impl(qs, cs, cand, k, by, be)
     return _squeeze(qs, vals, ids)

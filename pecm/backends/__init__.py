@@ -83,6 +83,16 @@ def get_backend_by_name(name: str) -> Backend:
 _DIFFERENTIABLE = ("torch", "triton")
 
 
+@torch.compiler.assume_constant_result
+def resolve_backend(name: str, device_type: str, dtype: torch.dtype, grad: bool) -> str:
+    """The name `get_backend` resolves to (loads and checks the backend; raises like it).
+
+    Under torch.compile the result is a constant of the compiled graph (the backend is chosen, and
+    ``PECM_BACKEND`` read, when the function is compiled).
+    """
+    return get_backend(name, torch.device(device_type), dtype, grad).name
+
+
 def get_backend(name: str, device: torch.device, dtype: torch.dtype, grad: bool = False) -> Backend:
     if not isinstance(name, str):
         raise TypeError(f"backend: expected a str, got {type(name).__name__}")
