@@ -466,3 +466,21 @@ def test_masked_prototypes_are_not_read(simd):
     ref = np.stack(R.scores(q, c, w, c_mask=cm))
     for i in range(3):
         np.testing.assert_allclose(got[i].numpy(), ref[i], atol=1e-5, rtol=0)
+
+
+def test_stale_extension_is_refused_with_a_clear_error():
+    """A _C built for another pecm version is not used: the registry reports why (rebuild)."""
+    import pecm
+
+    assert _C.__version__ == pecm.__version__
+    code = (
+        "import pecm; pecm.__version__ = '0.0.0-other'\n"
+        "from pecm import backends\n"
+        "print(backends.available_backends()); print(backends.backend_errors()['cpp'])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    first, second = r.stdout.strip().splitlines()
+    assert "cpp" not in first
+    assert "stale" in second and "0.0.0-other" in second and "make build" in second

@@ -107,6 +107,27 @@ def _version(mod: str) -> str:
         return "not installed"
 
 
+def cpu_simd() -> Dict[str, object]:
+    """The CPU's vector extensions that matter here and the SIMD path `pecm._C` uses."""
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    try:
+        from .. import _C
+
+        level = _C.simd_level()
+    except Exception as e:  # not built / stale: recorded, never fatal
+        level = f"unavailable ({type(e).__name__})"
+    wanted = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16"}
+    return {"cpp_simd": level, "cpu_flags": sorted(flags & wanted)}
+
+
 def environment(device: str) -> Dict[str, object]:
     """What a reader needs to judge a number: hardware, software versions, commit, load."""
     dev_name = cpu_model()
@@ -120,6 +141,7 @@ def environment(device: str) -> Dict[str, object]:
         "device": device,
         "device_name": dev_name,
         "cpu_model": cpu_model(),
+        **cpu_simd(),
         "cpu_count": os.cpu_count() or 0,
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
