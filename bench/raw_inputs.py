@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 
@@ -26,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from pecm.bench import input_forms, runner  # noqa: E402
+from pecm.bench.report import replace_marked_block  # noqa: E402
 from pecm.bench.schema import validate  # noqa: E402
 
 README = os.path.join(ROOT, "bench", "README.md")
@@ -123,14 +123,7 @@ def main(argv=None) -> int:
     print(table(bundle))
     print(f"# wrote {out}")
     if args.readme:
-        text = open(README).read()
-        block = table(bundle)
-        if BEGIN in text and END in text:
-            text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-        else:
-            text = text.rstrip() + "\n\n## Raw vs prepared candidates (issue 11)\n\n" + block + "\n"
-        with open(README, "w") as f:
-            f.write(text)
+        replace_marked_block(README, BEGIN, END, table(bundle), "## Raw vs prepared candidates (issue 11)")
     return 0
 
 

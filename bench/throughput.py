@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 
@@ -33,7 +32,7 @@ sys.path.insert(0, ROOT)
 
 from pecm.bench import runner  # noqa: E402
 from pecm.bench.plots import all_plots  # noqa: E402
-from pecm.bench.report import load_bundle  # noqa: E402
+from pecm.bench.report import load_bundle, replace_marked_block  # noqa: E402
 from pecm.bench.schema import validate  # noqa: E402
 
 README = os.path.join(ROOT, "bench", "README.md")
@@ -150,16 +149,8 @@ def readme_block(bundle) -> str:
 
 
 def update_readme(bundle, path=None) -> None:
-    path = path or README
-    text = open(path).read() if os.path.exists(path) else ""
-    block = readme_block(bundle)
     begin, end = markers(bundle["runs"][0]["environment"]["device"])
-    if begin in text and end in text:
-        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    with open(path, "w") as f:
-        f.write(text)
+    replace_marked_block(path or README, begin, end, readme_block(bundle))
 
 
 def main(argv=None) -> int:

@@ -231,6 +231,18 @@ static NormFn<T> pick_norm(int rb) {
 // ------------------------------------------------------------------------------------------------
 // Dot-product paths. Rows are K segments of D values; SCALED multiplies segment t of row r by
 // inv[r*K + t] (unscaled callers pass K = 1, D = the row length).
+
+// sv[r] = inv[r*K + t] broadcast; false when every row's scale is 0 (the segment need not be read).
+template <int RB>
+static inline bool segment_scales(const float* inv, int64_t K, int64_t t, V* sv) {
+    bool any = false;
+    for (int r = 0; r < RB; r++) {
+        const float x = inv[r * K + t];
+        sv[r] = vset1(x);
+        any = any || x != 0.f;
+    }
+    return any;
+}
 template <int QB, int RB, typename T, bool SCALED>
 static void micro(const float* q, int64_t qs, const T* const* cr, int64_t K, int64_t D, const float* inv, float* acc,
                   int64_t accld) {
@@ -244,13 +256,7 @@ static void micro(const float* q, int64_t qs, const T* const* cr, int64_t K, int
     for (int64_t t = 0; t < K; t++) {
         V sv[RB];
         if constexpr (SCALED) {
-            bool any = false;
-            for (int r = 0; r < RB; r++) {
-                const float x = inv[r * K + t];
-                sv[r] = vset1(x);
-                any = any || x != 0.f;
-            }
-            if (!any) continue;  // masked in every row of the group: not read
+            if (!segment_scales<RB>(inv, K, t, sv)) continue;  // masked in every row of the group: not read
         }
         const int64_t b0 = t * D;
         int64_t j = b0;
@@ -294,13 +300,7 @@ static void micro_gather(const float* q, const T* const* cr, const T* const* nx,
     for (int64_t t = 0; t < K; t++) {
         V sv[RB];
         if constexpr (SCALED) {
-            bool any = false;
-            for (int r = 0; r < RB; r++) {
-                const float x = inv[r * K + t];
-                sv[r] = vset1(x);
-                any = any || x != 0.f;
-            }
-            if (!any) continue;
+            if (!segment_scales<RB>(inv, K, t, sv)) continue;  // masked in every row of the group: not read
         }
         const int64_t b0 = t * D, e = b0 + D;
         int64_t j = b0;

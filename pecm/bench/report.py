@@ -109,3 +109,18 @@ def make_report(paths: List[str], out_dir: str) -> str:
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(text)
     return text
+
+
+def replace_marked_block(path: str, begin: str, end: str, block: str, heading: str = "") -> None:
+    """Replace the text between the markers ``begin`` ... ``end`` (included) of a Markdown file by
+    ``block`` (which carries the markers), or append ``heading`` + ``block`` when they are absent."""
+    import os
+    import re
+
+    text = open(path).read() if os.path.exists(path) else ""
+    if begin in text and end in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + (heading + "\n\n" if heading else "") + block + "\n"
+    with open(path, "w") as f:
+        f.write(text)
