@@ -201,6 +201,14 @@ class Candidates:
         set_("normalized", bool(self.normalized))
         set_("pooled_normalized", bool(self.pooled_normalized))
 
+    def __getstate__(self):  # the backends' cached views (e.g. a pybind11 handle) are not pickled
+        return {k: v for k, v in self.__dict__.items() if k != "_cache"}
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+        object.__setattr__(self, "_cache", {})
+
     # shape / placement
     @property
     def n(self) -> int:
@@ -314,6 +322,9 @@ class Queries:
             raise ValueError(f"qw: expected [B={b}, K*D={k * d}], got {list(qw.shape)}")
         if len({qw.device, qden.device, qp.device}) != 1:
             raise ValueError("qw, qden, qp: must share one device")
+
+    __getstate__ = Candidates.__getstate__
+    __setstate__ = Candidates.__setstate__
 
     @property
     def b(self) -> int:

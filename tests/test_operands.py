@@ -156,3 +156,15 @@ def test_by_is_one_encoding():
 
     common = importlib.import_module("pecm.kernels.common")
     assert (common.BY_SCORE, common.BY_SIM, common.BY_CONF) == (By.SCORE, By.SIM, By.CONF)
+
+
+def test_operands_pickle_without_backend_caches():
+    import pickle
+
+    q, c, w, qm, cm = make_inputs(2, 12, 4, 8, dtype=torch.float16, masks=True, seed=9)
+    cs, qs = ops.prepare_candidates(c, w, c_mask=cm), ops.prepare_queries(q, w, q_mask=qm)
+    before = ops.pecm_topk(qs, cs, None, 4)  # fills the backend caches (cpp: a pybind11 handle)
+    cs2, qs2 = pickle.loads(pickle.dumps(cs)), pickle.loads(pickle.dumps(qs))
+    assert cs2._cache == {} and cs2.prepared and torch.equal(cs2.prototypes, cs.prototypes)
+    after = ops.pecm_topk(qs2, cs2, None, 4)
+    assert torch.equal(before[1], after[1]) and torch.equal(before[0], after[0])
