@@ -1,11 +1,36 @@
 # Shared pieces of the PECM Triton kernels (installed as `pecm.kernels.common`).
 #
-# Math of one (query b, candidate n) pair on the canonical operands of `pecm.backends.base`:
+# Operands (duck-typed: kernels/ imports only torch, triton and itself, never `pecm`). The launchers
+# `pecm_scores_fwd(qs, cs)`, `pecm_topk(qs, cs, k, by, chunk_size)` and `pecm_rerank(qs, cs, cand, k, by)`
+# read exactly these attributes (`pecm.operands.Queries` / `Candidates` have them):
 #
-#     num[b, n] = qw[b, :] . c[n, :]      (K*D long: confidence numerator)
-#     den[b, n] = qden[b, :] . cm[n, :]   (K long; = sum_k qden[b, k] when cm is None)
-#     sim[b, n] = qp[b, :] . cp[n, :]     (D long: pooled cosine)
+#     qs.qw    float32 [B, K*D]  w_k mq_k q̂_k (the query prototypes with weights and mask folded in)
+#     qs.qden  float32 [B, K]    w_k mq_k
+#     qs.qp    float32 [B, D]    unit pooled query
+#     cs.prototypes  [N, K, D]   storage dtype T (float32 / float16 / bfloat16)
+#     cs.mask        bool [N, K] or None (all valid); read as bytes (a zero-copy uint8 view)
+#     cs.pooled      [N, D] in T or None (then Eq. 4 is pooled on the fly)
+#     cs.weights     float32 [K] (read only when the pooled vectors are pooled on the fly)
+#     cs.normalized         bool: prototypes are unit and masked-out prototypes exactly zero
+#     cs.pooled_normalized  bool: pooled vectors are unit
+#     cs.dtype              T
+#
+# `cand_operands(cs)` turns them into the kernel arguments and the constexpr flags
+#     HAS_CM  a mask is given (else cm_ptr is None and qsum_ptr carries sum_k qden per query)
+#     NORM    prototypes are raw: per-prototype inverse norms on the fly (not cs.normalized)
+#     POOL    0 pooled given and unit, 1 pooled given but raw (scaled by 1/max(||cp||, eps)),
+#             2 pooled absent: h = normalize(sum_k w_k inv_k c_k) pooled on the fly (w_ptr set)
+# Prepared candidates (NORM = 0, POOL = 0) take exactly the code they took before on-the-fly
+# normalisation existed (no extra loads, no extra arithmetic); see docs/triton.md.
+#
+# Math of one (query b, candidate n) pair, with inv_k = m_k / max(||c_k||, eps) (1 for unit prototypes):
+#
+#     num[b, n] = sum_k inv_k (qw[b, k] . c[n, k])   (K*D long: confidence numerator)
+#     den[b, n] = qden[b, :] . cm[n, :]              (K long; = sum_k qden[b, k] when cm is None)
+#     sim[b, n] = qp[b, :] . ĉp[n, :]                (D long: pooled cosine)
 #     conf = num / den if den > 0 else 0,  score = sim * conf
+#
+# This is `pecm.operands.normalize_block` + `pecm.backends.base` in float32 (eps = 1e-12, the EPS below).
 #
 # Precision of the dots (`dot_mode`): the query operands are float32, the candidate operands are in
 # the storage dtype T. MODE 0 casts the T tile up to float32 and uses an IEEE float32 `tl.dot`
@@ -14,7 +39,8 @@
 # hi.c + lo.c in float32. The candidate tile is exact in T, so only the residual rounding of lo is
 # lost (~2^-22 relative for float16, ~2^-16 for bfloat16) -- far below the half-type tolerance and
 # far better than casting q to T once. Under TRITON_INTERPRET=1 bfloat16 uses MODE 0, because the
-# Triton interpreter's bfloat16 `tl.dot` returns garbage (seen with Triton 3.8).
+# Triton interpreter's bfloat16 `tl.dot` returns garbage (seen with Triton 3.8). Raw prototypes are
+# never rounded: the per-prototype partial dot of the stored c_k is scaled by inv_k in float32.
 #
 # Top-k keys (`_pack_keys` / `decode_keys`): a float32 value and a 32-bit candidate id are packed
 # into one int64 whose signed order is the order of the value (ties: larger id first). Sorting,
@@ -24,12 +50,20 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 MAX_KT = 1024  # largest per-program top-k list (power of two) the fused top-k/rerank kernels keep
+EPS = tl.constexpr(1e-12)  # = pecm.operands.EPS: x / max(||x||, EPS)
+# Register budgets (float32 elements per program) of the Eq. 4 pooled vector h when it is pooled on the
+# fly: h^T [D_PAD, BLOCK_N] stays in registers when D_PAD * BLOCK_N <= H_ELEMS (tl.dot kernels) or
+# D_PAD * SUB <= H_ELEMS_GATHER (re-rank, which also holds the gathered [SUB, D_PAD] rows); above,
+# the two-step scheme. Module attributes read at launch (tests lower them to reach every scheme).
+H_ELEMS = 16384
+H_ELEMS_GATHER = 8192
 
 
 def interpret() -> bool:
@@ -78,41 +112,79 @@ def target_programs(device: torch.device) -> int:
     return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def configs(gpu, interp):
-    """Autotune config list: the GPU set, or the single interpreter config under TRITON_INTERPRET=1.
+def configs(gpu, interp, raw=()):
+    """Autotune config list: the GPU set (+ the `raw` configs, marked ``pecm_raw`` and tried only for
+    candidates that are not prepared, see `prune_configs`), or the single interpreter config under
+    TRITON_INTERPRET=1.
 
     Each entry is (meta-parameter dict, num_warps, num_stages).
     """
-    chosen = [interp] if interpret() else gpu
-    return [triton.Config(dict(meta), num_warps=w, num_stages=s) for meta, w, s in chosen]
+    mk = lambda entries: [triton.Config(dict(meta), num_warps=w, num_stages=s) for meta, w, s in entries]
+    if interpret():
+        return mk([interp])
+    extra = mk(raw)
+    for cfg in extra:
+        cfg.pecm_raw = True
+    return mk(gpu) + extra
+
+
+def _is_raw(cfg) -> bool:
+    return bool(getattr(cfg, "pecm_raw", False))
 
 
 SMEM_BUDGET = 160 * 1024  # bytes of shared memory a pipelined config may plan for (H100: 227 KB max)
 REG_TILE_BUDGET = 64 * 1024  # elements of the per-program register tiles (accumulator / gathered chunk)
+H_PER_THREAD = 64  # float32 registers per thread the h tile may take (tl.dot kernels; measured, aot_check)
 
 
-def prune_configs(rows: str, cols: str, f32_budget: int, half_budget: int):
+def h_budget(elt: int, budget: Optional[int] = None) -> int:
+    """Elements of h in registers for a storage element size `elt`: H_ELEMS for half types, half of it for
+    float32 (the float32 FMA dots need more registers: D = 256 with 64-wide tiles spills, aot_check)."""
+    budget = H_ELEMS if budget is None else int(budget)
+    return budget if elt <= 2 else budget // 2
+
+
+def prune_configs(rows: str, cols: str, f32_budget: int, half_budget: int, h_per_thread: int = H_PER_THREAD):
     """`early_config_prune` for autotune: drop configs whose tiles cannot fit (shared memory for the
     pipelined dot operands, register tiles), keeping at least the smallest config.
 
     `rows` / `cols` name the meta-parameters (or kernel kwargs, e.g. "KT") of the output tile. The
     budgets bound rows * cols * BLOCK_KD / threads (MODE 0 = float32 FMA dot, else tensor cores):
     above them the sm_90 compile spills registers (measured with kernels/aot_check.py, Triton 3.8).
+
+    Prepared candidates (NORM 0, POOL 0) see exactly the configs they saw before on-the-fly
+    normalisation (the `raw` configs of `configs` are dropped); raw candidates try the raw configs
+    when there are any. Eq. 4 pooled on the fly (POOL 2): configs whose h tile fits in registers
+    (D_PAD * cols <= H_ELEMS and at most `h_per_thread` registers of it per thread) are preferred;
+    the others would run the two-step scheme.
     """
+
+    def fits(cfg, allargs, elt):
+        meta = {**allargs, **cfg.kwargs}
+        r, n, kd = int(meta[rows]), int(meta[cols]), int(meta["BLOCK_KD"])
+        smem = cfg.num_stages * (r * kd * 4 + kd * n * elt)
+        work = r * n * kd // (32 * cfg.num_warps)
+        budget = f32_budget if int(allargs.get("MODE", 0)) == 0 else half_budget
+        return smem <= SMEM_BUDGET and r * n <= REG_TILE_BUDGET // 2 and n * kd <= REG_TILE_BUDGET and work <= budget
+
+    def h_fit(cfg, allargs):
+        meta = {**allargs, **cfg.kwargs}
+        h = int(meta.get("D_PAD", 0)) * int(meta[cols])
+        return h <= int(meta.get("H_ELEMS", H_ELEMS)) and h <= h_per_thread * 32 * cfg.num_warps
 
     def prune(cfgs, named_args, **kwargs):
         allargs = {**named_args, **kwargs}
         c = allargs.get("c_ptr")
         elt = c.element_size() if hasattr(c, "element_size") else 4
-        kept = []
-        for cfg in cfgs:
-            meta = {**allargs, **cfg.kwargs}
-            r, n, kd = int(meta[rows]), int(meta[cols]), int(meta["BLOCK_KD"])
-            smem = cfg.num_stages * (r * kd * 4 + kd * n * elt)
-            work = r * n * kd // (32 * cfg.num_warps)
-            budget = f32_budget if int(allargs.get("MODE", 0)) == 0 else half_budget
-            if smem <= SMEM_BUDGET and r * n <= REG_TILE_BUDGET // 2 and n * kd <= REG_TILE_BUDGET and work <= budget:
-                kept.append(cfg)
+        raw = bool(allargs.get("NORM", False)) or int(allargs.get("POOL", 0)) != 0
+        raw_cfgs = [cfg for cfg in cfgs if _is_raw(cfg)]
+        if raw and raw_cfgs:
+            cfgs = raw_cfgs
+        elif not raw:
+            cfgs = [cfg for cfg in cfgs if not _is_raw(cfg)] or cfgs
+        if int(allargs.get("POOL", 0)) == 2:
+            cfgs = [cfg for cfg in cfgs if h_fit(cfg, allargs)] or cfgs
+        kept = [cfg for cfg in cfgs if fits(cfg, allargs, elt)]
         if not kept:
             kept = [min(cfgs, key=lambda cfg: sum(int(v) for v in cfg.kwargs.values()) * cfg.num_stages)]
         if int(allargs.get("KT", 0)) >= 512:
@@ -139,40 +211,205 @@ def _dot_acc(acc, a, b, MODE: tl.constexpr):
 
 @triton.jit
 def _pecm_tile(
-    qw_ptr, qden_ptr, qsum_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, offs_b, offs_n, B, N, K, D,
-    HAS_CM: tl.constexpr, MODE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_KD: tl.constexpr, BLOCK_K: tl.constexpr,
+    qw_ptr, qden_ptr, qsum_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, w_ptr, offs_b, offs_n, B, N, K, D,
+    HAS_CM: tl.constexpr, NORM: tl.constexpr, POOL: tl.constexpr, MODE: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_KD: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr,
+    H_ELEMS: tl.constexpr,
 ):  # fmt: skip
-    """(sim, num, den) float32 [BLOCK_B, BLOCK_N] for query rows offs_b and candidate rows offs_n."""
+    """(sim, num, den) float32 [BLOCK_B, BLOCK_N] for query rows offs_b and candidate rows offs_n.
+
+    Prepared candidates (NORM = 0, POOL = 0): one flat K*D loop of tl.dot chunks for num, one D loop
+    for sim. Otherwise see `_proto_dot` (raw prototypes), `_proto_h` (Eq. 4 pooled in registers,
+    D_PAD * BLOCK_N <= H_ELEMS) and `_pool_two_step` (Eq. 4 pooled, larger tiles).
+    """
     mb = offs_b < B
     mn = offs_n < N
     rb = offs_b.to(tl.int64)
     rn = offs_n.to(tl.int64)  # N * K * D may exceed 2**31
     kd_total = K * D
-    num = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    for s in range(0, kd_total, BLOCK_KD):
-        kk = s + tl.arange(0, BLOCK_KD)
-        mk = kk < kd_total
-        a = tl.load(qw_ptr + rb[:, None] * kd_total + kk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
-        bt = tl.load(c_ptr + rn[None, :] * kd_total + kk[:, None], mask=mk[:, None] & mn[None, :], other=0.0)
-        num = _dot_acc(num, a, bt, MODE)
+    # per-prototype chunk of D (no wasted lanes when D < BLOCK_KD)
+    BD: tl.constexpr = BLOCK_KD if BLOCK_KD < D_PAD else D_PAD
+    if POOL == 2 and D_PAD * BLOCK_N <= H_ELEMS:
+        num, sim = _proto_h(
+            qw_ptr, qp_ptr, c_ptr, cm_ptr, w_ptr, rb, rn, mb, mn, K, D,
+            HAS_CM, NORM, MODE, BLOCK_B, BLOCK_N, BD, D_PAD,
+        )  # fmt: skip
+    elif NORM or POOL == 2:
+        num = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        if POOL == 2:
+            kq = tl.arange(0, BLOCK_K)
+            a2d = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # w_t inv_nt, for the second step
+        for t in range(0, K):
+            part, inv = _proto_dot(
+                qw_ptr, c_ptr, cm_ptr, t, rb, rn, mb, mn, K, D, HAS_CM, NORM, MODE, BLOCK_B, BLOCK_N, BD
+            )
+            num += part * inv[None, :]
+            if POOL == 2:
+                a2d = tl.where(kq[None, :] == t, (tl.load(w_ptr + t) * inv)[:, None], a2d)
+        if POOL == 2:
+            sim = _pool_two_step(qp_ptr, c_ptr, a2d, rb, rn, mb, mn, K, D, BLOCK_B, BLOCK_N, BD, BLOCK_K)
+        else:
+            sim = _pooled_sim(qp_ptr, cp_ptr, rb, rn, mb, mn, D, POOL, MODE, BLOCK_B, BLOCK_N, BLOCK_KD)
+    else:
+        num = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        for s in range(0, kd_total, BLOCK_KD):
+            kk = s + tl.arange(0, BLOCK_KD)
+            mk = kk < kd_total
+            a = tl.load(qw_ptr + rb[:, None] * kd_total + kk[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
+            bt = tl.load(c_ptr + rn[None, :] * kd_total + kk[:, None], mask=mk[:, None] & mn[None, :], other=0.0)
+            num = _dot_acc(num, a, bt, MODE)
+        sim = _pooled_sim(qp_ptr, cp_ptr, rb, rn, mb, mn, D, POOL, MODE, BLOCK_B, BLOCK_N, BLOCK_KD)
+    if HAS_CM:
+        kq = tl.arange(0, BLOCK_K)
+        mk = kq < K
+        a = tl.load(qden_ptr + rb[:, None] * K + kq[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
+        bt = tl.load(cm_ptr + rn[None, :] * K + kq[:, None], mask=mk[:, None] & mn[None, :], other=0)
+        if MODE == 0:  # mask bytes -> 0/1 in the dot's operand type (exact)
+            bt = bt.to(tl.float32)
+        else:
+            bt = bt.to(c_ptr.dtype.element_ty)
+        den = _dot_acc(tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32), a, bt, MODE)
+    else:
+        qs = tl.load(qsum_ptr + offs_b, mask=mb, other=0.0)
+        den = qs[:, None] + tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    return sim, num, den
+
+
+@triton.jit
+def _pooled_sim(
+    qp_ptr, cp_ptr, rb, rn, mb, mn, D,
+    POOL: tl.constexpr, MODE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KD: tl.constexpr,
+):  # fmt: skip
+    """sim = qp . cp from given pooled vectors; POOL 1 scales by 1/max(||cp||, eps) (sums of squares of the
+    same loaded tiles)."""
     sim = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    if POOL == 1:
+        ss = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for s in range(0, D, BLOCK_KD):
         dd = s + tl.arange(0, BLOCK_KD)
         md = dd < D
         a = tl.load(qp_ptr + rb[:, None] * D + dd[None, :], mask=mb[:, None] & md[None, :], other=0.0)
         bt = tl.load(cp_ptr + rn[None, :] * D + dd[:, None], mask=md[:, None] & mn[None, :], other=0.0)
         sim = _dot_acc(sim, a, bt, MODE)
+        if POOL == 1:
+            bf = bt.to(tl.float32)
+            ss += tl.sum(bf * bf, axis=0)
+    if POOL == 1:
+        sim = sim * (1.0 / tl.maximum(tl.sqrt(ss), EPS))[None, :]
+    return sim
+
+
+@triton.jit
+def _proto_mask(cm_ptr, rn, mn, K, t, HAS_CM: tl.constexpr):
+    """Rows of the tile whose prototype t is read: valid rows, and m_nt != 0 with a mask (masked-out
+    prototypes are never loaded)."""
     if HAS_CM:
-        kq = tl.arange(0, BLOCK_K)
-        mk = kq < K
-        a = tl.load(qden_ptr + rb[:, None] * K + kq[None, :], mask=mb[:, None] & mk[None, :], other=0.0)
-        bt = tl.load(cm_ptr + rn[None, :] * K + kq[:, None], mask=mk[:, None] & mn[None, :], other=0.0)
-        den = _dot_acc(tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32), a, bt, MODE)
+        return mn & (tl.load(cm_ptr + rn * K + t, mask=mn, other=0) != 0)
     else:
-        qs = tl.load(qsum_ptr + offs_b, mask=mb, other=0.0)
-        den = qs[:, None] + tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    return sim, num, den
+        return mn
+
+
+@triton.jit
+def _inv_norm(ss, live, NORM: tl.constexpr):
+    """inv_t = m_t / max(sqrt(ss), eps) (m_t = live); m_t when the prototypes are unit."""
+    if NORM:
+        return tl.where(live, 1.0 / tl.maximum(tl.sqrt(ss), EPS), 0.0)
+    else:
+        return tl.where(live, 1.0, 0.0)
+
+
+@triton.jit
+def _proto_dot(
+    qw_ptr, c_ptr, cm_ptr, t, rb, rn, mb, mn, K, D,
+    HAS_CM: tl.constexpr, NORM: tl.constexpr, MODE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    BD: tl.constexpr,
+):  # fmt: skip
+    """(qw_t . c_t [BLOCK_B, BLOCK_N], inv_t [BLOCK_N]) for prototype t, over D in BD chunks: the partial dot
+    of the stored prototype and the sum of squares of the same loaded tiles (one read)."""
+    kd_total = K * D
+    live = _proto_mask(cm_ptr, rn, mn, K, t, HAS_CM)
+    part = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    ss = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for s in range(0, D, BD):
+        dd = s + tl.arange(0, BD)
+        md = dd < D
+        a = tl.load(qw_ptr + rb[:, None] * kd_total + t * D + dd[None, :], mask=mb[:, None] & md[None, :], other=0.0)
+        bt = tl.load(c_ptr + rn[None, :] * kd_total + t * D + dd[:, None], mask=md[:, None] & live[None, :], other=0.0)
+        part = _dot_acc(part, a, bt, MODE)
+        if NORM:
+            bf = bt.to(tl.float32)
+            ss += tl.sum(bf * bf, axis=0)
+    return part, _inv_norm(ss, live, NORM)
+
+
+@triton.jit
+def _proto_h(
+    qw_ptr, qp_ptr, c_ptr, cm_ptr, w_ptr, rb, rn, mb, mn, K, D,
+    HAS_CM: tl.constexpr, NORM: tl.constexpr, MODE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    BD: tl.constexpr, D_PAD: tl.constexpr,
+):  # fmt: skip
+    """(num, sim) with Eq. 4 pooled on the fly, h^T float32 kept in registers as [D_PAD / BD, BD, BLOCK_N].
+
+    Per prototype t: `_proto_dot` (BD-wide chunks: partial dot and sum of squares -> inv_t), then
+    h += w_t inv_t c_t from a second load of the same prototype tile, which the chunks have just
+    brought into L1/L2 (a whole-prototype tl.dot operand instead spills at D = 256, docs/triton.md).
+    At the end sim = sum_j qp_j . round_T(h_j / max(||h||, eps)) over the BD-wide chunks j of h: the
+    pooled vector rounded to T like a prepared one, in tl.dot chunks of the same shape as num's.
+    """
+    NCH: tl.constexpr = D_PAD // BD
+    kd_total = K * D
+    jj = tl.arange(0, NCH)
+    dd = tl.arange(0, BD)
+    d3 = jj[:, None, None] * BD + dd[None, :, None]  # [NCH, BD, 1] position in D
+    md3 = d3 < D
+    num = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    h = tl.zeros((NCH, BD, BLOCK_N), dtype=tl.float32)
+    for t in range(0, K):
+        part, inv = _proto_dot(qw_ptr, c_ptr, cm_ptr, t, rb, rn, mb, mn, K, D, HAS_CM, NORM, MODE, BLOCK_B, BLOCK_N, BD)
+        num += part * inv[None, :]
+        a = tl.load(w_ptr + t) * inv
+        lm = md3 & (mn & (a != 0.0))[None, None, :]
+        bt = tl.load(c_ptr + rn[None, None, :] * kd_total + t * D + d3, mask=lm, other=0.0)
+        h += bt.to(tl.float32) * a[None, None, :]
+    ih = 1.0 / tl.maximum(tl.sqrt(tl.sum(tl.sum(h * h, axis=0), axis=0)), EPS)
+    sim = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    for j in tl.static_range(NCH):
+        hj = tl.sum(tl.where((jj == j)[:, None, None], h, 0.0), axis=0)
+        dj = j * BD + dd
+        qp = tl.load(qp_ptr + rb[:, None] * D + dj[None, :], mask=mb[:, None] & (dj < D)[None, :], other=0.0)
+        sim = _dot_acc(sim, qp, (hj * ih[None, :]).to(c_ptr.dtype.element_ty), MODE)
+    return num, sim
+
+
+@triton.jit
+def _pool_two_step(
+    qp_ptr, c_ptr, a2d, rb, rn, mb, mn, K, D,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """sim with Eq. 4 pooled on the fly when h does not fit in registers: the second step of a tile.
+
+    a2d [BLOCK_N, BLOCK_K] holds a_nt = w_t inv_nt from the first step (`_proto_dot` over the tile).
+    D-chunk outer, prototype inner: h_chunk = sum_t a_t c_t[chunk] is complete per chunk, so
+    ||h||^2 and qp . h accumulate chunk by chunk (IEEE float32 dot of the float32 h chunk). This step
+    re-reads the tile's rows (prototypes with a_nt = 0 are skipped) right after the first step read them.
+    """
+    kd_total = K * D
+    kq = tl.arange(0, BLOCK_K)
+    sim = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    hh = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for s in range(0, D, BD):
+        dd = s + tl.arange(0, BD)
+        md = dd < D
+        hc = tl.zeros((BD, BLOCK_N), dtype=tl.float32)
+        for t in range(0, K):
+            at = tl.sum(tl.where(kq[None, :] == t, a2d, 0.0), axis=1)
+            lm = md[:, None] & (mn & (at != 0.0))[None, :]
+            bt = tl.load(c_ptr + rn[None, :] * kd_total + t * D + dd[:, None], mask=lm, other=0.0)
+            hc += bt.to(tl.float32) * at[None, :]
+        hh += tl.sum(hc * hc, axis=0)
+        a = tl.load(qp_ptr + rb[:, None] * D + dd[None, :], mask=mb[:, None] & md[None, :], other=0.0)
+        sim = _dot_acc(sim, a, hc, 0)
+    return sim * (1.0 / tl.maximum(tl.sqrt(hh), EPS))[None, :]
 
 
 @triton.jit
@@ -212,6 +449,90 @@ def decode_keys(keys: torch.Tensor):
     return vals, ids
 
 
-def prepare_qsum(qden: torch.Tensor, cm) -> torch.Tensor:
-    """Per-query denominator when cm is None (sum_k qden), else a placeholder pointer."""
-    return qden.sum(1).contiguous() if cm is None else qden
+@triton.jit
+def _merge_topk(best, key, BLOCK_B: tl.constexpr, KT: tl.constexpr, SUB: tl.constexpr):
+    """best [BLOCK_B, KT] sorted descending, key [BLOCK_B, SUB] a scored tile: the new best (exact).
+
+    Skips tiles that cannot enter any row's list. SUB == KT: best = sort(max(best, sort(key))) (the
+    bitonic-merge step). SUB < KT (narrower raw tiles): the ascending tile padded in front with -inf
+    to KT entries only meets the last SUB entries of best, so only that group (a reshape to
+    [BLOCK_B, KT / SUB, SUB]) takes the elementwise max before the sort.
+    """
+    if tl.max(tl.max(key, 1), 0) > tl.min(tl.min(best, 1), 0):
+        key = tl.sort(key, dim=1)
+        if SUB == KT:
+            best = tl.sort(tl.maximum(best, key), dim=1, descending=True)
+        else:
+            G: tl.constexpr = KT // SUB
+            b3 = tl.reshape(best, (BLOCK_B, G, SUB))
+            g = tl.arange(0, G)
+            b3 = tl.where((g == G - 1)[None, :, None], tl.maximum(b3, key[:, None, :]), b3)
+            best = tl.sort(tl.reshape(b3, (BLOCK_B, KT)), dim=1, descending=True)
+    return best
+
+
+@triton.jit
+def _merge_topk1(best, key, KT: tl.constexpr, SUB: tl.constexpr):
+    """`_merge_topk` for one query: best [KT], key [SUB]."""
+    if tl.max(key, 0) > tl.min(best, 0):
+        key = tl.sort(key)
+        if SUB == KT:
+            best = tl.sort(tl.maximum(best, key), descending=True)
+        else:
+            G: tl.constexpr = KT // SUB
+            b2 = tl.reshape(best, (G, SUB))
+            g = tl.arange(0, G)
+            b2 = tl.where((g == G - 1)[:, None], tl.maximum(b2, key[None, :]), b2)
+            best = tl.sort(tl.reshape(b2, (KT,)), descending=True)
+    return best
+
+
+def prepare_qsum(qden: torch.Tensor, cm) -> Optional[torch.Tensor]:
+    """Per-query denominator when there is no candidate mask (sum_k qden), else None."""
+    return qden.sum(1).contiguous() if cm is None else None
+
+
+def query_operands(qs):
+    """(qw, qden, qp) contiguous float32 of a duck-typed `Queries`."""
+    return tuple(t.contiguous() for t in (qs.qw, qs.qden, qs.qp))
+
+
+def cand_operands(cs):
+    """Kernel arguments of a duck-typed `Candidates` (attributes: see the top of this file).
+
+    Returns (c [N, K*D] in T, cm uint8 [N, K] or None, cp [N, D] or None, w float32 [K] or None, flags)
+    with flags = dict(HAS_CM, NORM, POOL): all views of the stored tensors (the bool mask is viewed as
+    bytes, not converted); w only when Eq. 4 is pooled on the fly.
+    """
+    c = cs.prototypes
+    n = c.shape[0]
+    c = c.contiguous().view(n, -1)
+    mask = cs.mask
+    cm = None if mask is None else mask.contiguous().view(torch.uint8)
+    cp = cs.pooled
+    if cp is None:
+        pool, w = 2, cs.weights.to(torch.float32).contiguous()
+    else:
+        pool, w, cp = (0 if cs.pooled_normalized else 1), None, cp.contiguous()
+    flags = dict(HAS_CM=cm is not None, NORM=not cs.normalized, POOL=pool)
+    return c, cm, cp, w, flags
+
+
+def d_pad(d: int) -> int:
+    """Width of a whole-prototype tile: next power of two >= D, at least 16 (the tl.dot minimum)."""
+    return max(16, next_pow2(d))
+
+
+def raw_sub(kt: int, d: int, flags, budget: int) -> int:
+    """Candidates per scored tile of the top-k / re-rank kernels (a power of two dividing kt).
+
+    kt itself, except when Eq. 4 is pooled on the fly (POOL 2): then the widest tile whose float32
+    h [D_PAD, SUB] stays within `budget` elements (h in registers, `_proto_h`), at least 16; when even
+    16 does not fit, kt (the two-step scheme, `_pool_two_step`, has no h tile).
+    """
+    if flags["POOL"] != 2:
+        return kt
+    sub, dp = kt, d_pad(d)
+    while sub > 16 and sub * dp > budget:
+        sub //= 2
+    return sub if sub * dp <= budget else kt

@@ -15,11 +15,17 @@
 # the same packed-key bitonic merge as `pecm_topk` (see there). Partials [B, S, KT] int64 keys are
 # merged exactly with torch.topk. Duplicate ids are scored once per occurrence (the contract).
 #
+# Raw rows (not prepared) are normalised on the fly as they are gathered (`_gather_raw`): per prototype
+# the partial GEMV and the sum of squares of the same gathered chunks; Eq. 4 pooled on the fly with h
+# [SUB, D_PAD] in registers (SUB <= KT ids per scored tile, merged into the list like `pecm_topk`) or in
+# two steps. Prepared rows take the flat K*D loop as before.
+#
 # k > MAX_KT (1024): every program gets a slice of exactly MAX_KT ids and keeps all of them, so the
 # partials hold every candidate's key ([B, M] int64, the size of `cand` itself) and the torch.topk
 # merge is exact. A list of M ids with k >= M is simply fully sorted.
 #
-# Autotune: BLOCK_KD and warps keyed on (K, D, KT) + dtypes; one config under the interpreter.
+# Autotune: BLOCK_KD and warps keyed on (K, D, KT, HAS_CM, NORM, POOL) + dtypes; one config under the
+# interpreter.
 
 from __future__ import annotations
 
@@ -27,15 +33,23 @@ import torch
 import triton
 import triton.language as tl
 
+from . import common
 from .common import (
+    EPS,
     MAX_KT,
     _epilogue,
+    _inv_norm,
+    _merge_topk1,
     _pack_keys,
+    cand_operands,
     configs,
+    d_pad,
     decode_keys,
     kt_floor,
     next_pow2,
     prepare_qsum,
+    query_operands,
+    raw_sub,
     target_programs,
 )
 
@@ -50,79 +64,195 @@ _INTERP_CONFIG = ({"BLOCK_KD": 64}, 4, 1)
 
 
 GATHER_PER_THREAD = 16  # gathered elements per thread; above it the sm_90 compile spills (kernels/aot_check.py)
+H_PER_THREAD = 32  # float32 registers per thread of the h tile [SUB, D_PAD] (Eq. 4 pooled on the fly; aot_check)
 
 
 def _prune_gather(cfgs, named_args, **kwargs):
-    """Keep configs whose gathered [KT, BLOCK_KD] chunk fits in registers (>= one config)."""
-    kt = int(kwargs.get("KT", named_args.get("KT", 16)))
-    kept = [cfg for cfg in cfgs if kt * cfg.kwargs["BLOCK_KD"] <= GATHER_PER_THREAD * 32 * cfg.num_warps]
+    """Keep configs whose gathered [SUB, BLOCK_KD] chunk (and, for Eq. 4 pooled on the fly in registers,
+    the h tile [SUB, D_PAD]) fits in registers (>= one config)."""
+    allargs = {**named_args, **kwargs}
+    kt = int(allargs.get("SUB", allargs.get("KT", 16)))
+    h = kt * int(allargs.get("D_PAD", 0)) if int(allargs.get("POOL", 0)) == 2 else 0
+    if h > int(allargs.get("H_ELEMS", common.H_ELEMS_GATHER)):
+        h = 0  # two-step scheme: no h tile
+    kept = [
+        cfg
+        for cfg in cfgs
+        if kt * cfg.kwargs["BLOCK_KD"] <= GATHER_PER_THREAD * 32 * cfg.num_warps
+        and h <= H_PER_THREAD * 32 * cfg.num_warps
+    ]
     return kept or [min(cfgs, key=lambda cfg: (cfg.kwargs["BLOCK_KD"], -cfg.num_warps))]
+
+
+@triton.jit
+def _gather_sim(
+    b, rid, valid, qp_ptr, cp_ptr, D, POOL: tl.constexpr, SUB: tl.constexpr, BLOCK_KD: tl.constexpr
+):  # fmt: skip
+    """sim [SUB] from given pooled rows; POOL 1 scales by 1/max(||cp||, eps)."""
+    sim = tl.zeros((SUB,), dtype=tl.float32)
+    if POOL == 1:
+        ss = tl.zeros((SUB,), dtype=tl.float32)
+    for t in range(0, D, BLOCK_KD):
+        dd = t + tl.arange(0, BLOCK_KD)
+        md = dd < D
+        qv = tl.load(qp_ptr + b * D + dd, mask=md, other=0.0)
+        cv = tl.load(cp_ptr + rid[:, None] * D + dd[None, :], mask=valid[:, None] & md[None, :], other=0.0)
+        cf = cv.to(tl.float32)
+        sim += tl.sum(cf * qv[None, :], axis=1)
+        if POOL == 1:
+            ss += tl.sum(cf * cf, axis=1)
+    if POOL == 1:
+        sim = sim * (1.0 / tl.maximum(tl.sqrt(ss), EPS))
+    return sim
+
+
+@triton.jit
+def _gather_live(cm_ptr, rid, valid, K, t, HAS_CM: tl.constexpr):
+    if HAS_CM:
+        return valid & (tl.load(cm_ptr + rid * K + t, mask=valid, other=0) != 0)
+    else:
+        return valid
+
+
+@triton.jit
+def _gather_raw(
+    b, rid, valid, qw_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, w_ptr, K, D,
+    HAS_CM: tl.constexpr, NORM: tl.constexpr, POOL: tl.constexpr, SUB: tl.constexpr, BLOCK_KD: tl.constexpr,
+    BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, H_ELEMS: tl.constexpr,
+):  # fmt: skip
+    """(num, sim) [SUB] of gathered rows that are not prepared, normalised on the fly (GEMV form of
+    `common._pecm_tile`): per prototype t the partial dot and the sum of squares of the same gathered
+    BD-wide chunks, num += inv_t * partial. Pooled on the fly (POOL 2): with h [SUB, D_PAD] float32 in
+    registers when D_PAD * SUB <= H_ELEMS (h += w_t inv_t c_t from a second gather of prototype t,
+    which its chunks have just brought into L1/L2), else in two steps (a2d = w_t inv_t, then a second
+    gather of the rows with the prototype loop inner, as `common._pool_two_step`)."""
+    kd_total = K * D
+    BD: tl.constexpr = BLOCK_KD if BLOCK_KD < D_PAD else D_PAD
+    H_REGS: tl.constexpr = POOL == 2 and D_PAD * SUB <= H_ELEMS
+    num = tl.zeros((SUB,), dtype=tl.float32)
+    if H_REGS:
+        dh = tl.arange(0, D_PAD)
+        mh = dh < D
+        h = tl.zeros((SUB, D_PAD), dtype=tl.float32)
+    elif POOL == 2:
+        kq = tl.arange(0, BLOCK_K)
+        a2d = tl.zeros((SUB, BLOCK_K), dtype=tl.float32)
+    for t in range(0, K):
+        live = _gather_live(cm_ptr, rid, valid, K, t, HAS_CM)
+        part = tl.zeros((SUB,), dtype=tl.float32)
+        ss = tl.zeros((SUB,), dtype=tl.float32)
+        for s in range(0, D, BD):
+            dd = s + tl.arange(0, BD)
+            md = dd < D
+            qv = tl.load(qw_ptr + b * kd_total + t * D + dd, mask=md, other=0.0)
+            cv = tl.load(
+                c_ptr + rid[:, None] * kd_total + t * D + dd[None, :], mask=live[:, None] & md[None, :], other=0.0
+            )
+            cf = cv.to(tl.float32)
+            part += tl.sum(cf * qv[None, :], axis=1)
+            if NORM:
+                ss += tl.sum(cf * cf, axis=1)
+        inv = _inv_norm(ss, live, NORM)
+        num += part * inv
+        if H_REGS:
+            a = tl.load(w_ptr + t) * inv
+            lm = (valid & (a != 0.0))[:, None] & mh[None, :]
+            cv = tl.load(c_ptr + rid[:, None] * kd_total + t * D + dh[None, :], mask=lm, other=0.0)
+            h += cv.to(tl.float32) * a[:, None]
+        elif POOL == 2:
+            a2d = tl.where(kq[None, :] == t, (tl.load(w_ptr + t) * inv)[:, None], a2d)
+    if H_REGS:
+        qv = tl.load(qp_ptr + b * D + dh, mask=mh, other=0.0)
+        sim = tl.sum(h * qv[None, :], axis=1) / tl.maximum(tl.sqrt(tl.sum(h * h, axis=1)), EPS)
+    elif POOL == 2:
+        sim = tl.zeros((SUB,), dtype=tl.float32)
+        hh = tl.zeros((SUB,), dtype=tl.float32)
+        for s in range(0, D, BD):
+            dd = s + tl.arange(0, BD)
+            md = dd < D
+            hc = tl.zeros((SUB, BD), dtype=tl.float32)
+            for t in range(0, K):
+                at = tl.sum(tl.where(kq[None, :] == t, a2d, 0.0), axis=1)
+                lm = (valid & (at != 0.0))[:, None] & md[None, :]
+                cv = tl.load(c_ptr + rid[:, None] * kd_total + t * D + dd[None, :], mask=lm, other=0.0)
+                hc += cv.to(tl.float32) * at[:, None]
+            hh += tl.sum(hc * hc, axis=1)
+            qv = tl.load(qp_ptr + b * D + dd, mask=md, other=0.0)
+            sim += tl.sum(hc * qv[None, :], axis=1)
+        sim = sim / tl.maximum(tl.sqrt(hh), EPS)
+    else:
+        sim = _gather_sim(b, rid, valid, qp_ptr, cp_ptr, D, POOL, SUB, BLOCK_KD)
+    return num, sim
 
 
 @triton.autotune(
     configs=configs(_GPU_CONFIGS, _INTERP_CONFIG),
-    key=["K", "D", "KT", "HAS_CM"],
+    key=["K", "D", "KT", "HAS_CM", "NORM", "POOL"],
     prune_configs_by={"early_config_prune": _prune_gather},
 )
 @triton.jit
 def _pecm_rerank_kernel(
-    qw_ptr, qden_ptr, qsum_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, cand_ptr, part_ptr,
+    qw_ptr, qden_ptr, qsum_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, w_ptr, cand_ptr, part_ptr,
     M, K, D, per_prog,
-    HAS_CM: tl.constexpr, BY: tl.constexpr, BLOCK_K: tl.constexpr, KT: tl.constexpr, BLOCK_KD: tl.constexpr,
+    HAS_CM: tl.constexpr, NORM: tl.constexpr, POOL: tl.constexpr, BY: tl.constexpr, BLOCK_K: tl.constexpr,
+    KT: tl.constexpr, SUB: tl.constexpr, D_PAD: tl.constexpr, H_ELEMS: tl.constexpr, BLOCK_KD: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
     cols = tl.arange(0, KT)
+    sub = tl.arange(0, SUB)
     start = pid_s * per_prog
     end = tl.minimum(start + per_prog, M)
     kd_total = K * D
     best = _pack_keys(tl.full((KT,), float("-inf"), dtype=tl.float32), cols)
-    for s in range(start, end, KT):
-        pos = s + cols
+    for s in range(start, end, SUB):
+        pos = s + sub
         ids = tl.load(cand_ptr + b * M + pos, mask=pos < end, other=-1)
         valid = ids >= 0
         rid = tl.where(valid, ids, 0).to(tl.int64)
-        num = tl.zeros((KT,), dtype=tl.float32)
-        for t in range(0, kd_total, BLOCK_KD):
-            kk = t + tl.arange(0, BLOCK_KD)
-            mk = kk < kd_total
-            qv = tl.load(qw_ptr + b * kd_total + kk, mask=mk, other=0.0)
-            cv = tl.load(c_ptr + rid[:, None] * kd_total + kk[None, :], mask=valid[:, None] & mk[None, :], other=0.0)
-            num += tl.sum(cv.to(tl.float32) * qv[None, :], axis=1)
-        sim = tl.zeros((KT,), dtype=tl.float32)
-        for t in range(0, D, BLOCK_KD):
-            dd = t + tl.arange(0, BLOCK_KD)
-            md = dd < D
-            qv = tl.load(qp_ptr + b * D + dd, mask=md, other=0.0)
-            cv = tl.load(cp_ptr + rid[:, None] * D + dd[None, :], mask=valid[:, None] & md[None, :], other=0.0)
-            sim += tl.sum(cv.to(tl.float32) * qv[None, :], axis=1)
+        if NORM or POOL == 2:
+            num, sim = _gather_raw(
+                b, rid, valid, qw_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, w_ptr, K, D,
+                HAS_CM, NORM, POOL, SUB, BLOCK_KD, BLOCK_K, D_PAD, H_ELEMS,
+            )  # fmt: skip
+        else:
+            num = tl.zeros((SUB,), dtype=tl.float32)
+            for t in range(0, kd_total, BLOCK_KD):
+                kk = t + tl.arange(0, BLOCK_KD)
+                mk = kk < kd_total
+                qv = tl.load(qw_ptr + b * kd_total + kk, mask=mk, other=0.0)
+                cv = tl.load(
+                    c_ptr + rid[:, None] * kd_total + kk[None, :], mask=valid[:, None] & mk[None, :], other=0.0
+                )
+                num += tl.sum(cv.to(tl.float32) * qv[None, :], axis=1)
+            sim = _gather_sim(b, rid, valid, qp_ptr, cp_ptr, D, POOL, SUB, BLOCK_KD)
         if HAS_CM:
             kq = tl.arange(0, BLOCK_K)
             mk = kq < K
             qv = tl.load(qden_ptr + b * K + kq, mask=mk, other=0.0)
-            cv = tl.load(cm_ptr + rid[:, None] * K + kq[None, :], mask=valid[:, None] & mk[None, :], other=0.0)
+            cv = tl.load(cm_ptr + rid[:, None] * K + kq[None, :], mask=valid[:, None] & mk[None, :], other=0)
             den = tl.sum(cv.to(tl.float32) * qv[None, :], axis=1)
         else:
-            den = tl.load(qsum_ptr + b) + tl.zeros((KT,), dtype=tl.float32)
+            den = tl.load(qsum_ptr + b) + tl.zeros((SUB,), dtype=tl.float32)
         val = _epilogue(sim, num, den, BY)
         val = tl.where(valid, val, float("-inf"))
         key = _pack_keys(val, rid.to(tl.int32))
-        if tl.max(key, 0) > tl.min(best, 0):
-            key = tl.sort(key)
-            best = tl.sort(tl.maximum(best, key), descending=True)
+        best = _merge_topk1(best, key, KT, SUB)
     tl.store(part_ptr + (b * n_split + pid_s) * KT + cols, best)
 
 
-def pecm_rerank(qw, qden, qp, c, cm, cp, cand, k: int, by: int = 0):
+def pecm_rerank(qs, cs, cand, k: int, by: int = 0):
     """Best k of each query's candidate ids by `by` (0 score, 1 sim, 2 conf): (values f32 [B, k'], ids
     int64 [B, k']) with k' = min(k, kept keys), sorted descending, -inf/-1 for padding; the caller pads
-    to k. Arguments are the validated canonical operands (ids in [-1, N)); no checks here.
+    to k. `qs` / `cs`: duck-typed `Queries` / `Candidates` (kernels/common.py); raw rows are normalised
+    (and pooled) on the fly as they are gathered. Ids are trusted (in [-1, N)); no checks here.
     """
-    qw, qden, qp, c, cp, cand = (t.contiguous() for t in (qw, qden, qp, c, cp, cand))
-    cm = None if cm is None else cm.contiguous()
+    qw, qden, qp = query_operands(qs)
+    c, cm, cp, w, flags = cand_operands(cs)
+    cand = cand.contiguous()
     b, kq = qden.shape
-    n, d = cp.shape
+    n, _, d = cs.prototypes.shape
     m = cand.shape[1]
     if n >= 2**31:
         raise ValueError(f"c: at most {2**31 - 1} rows for rerank (int32 ids in the keys), got N={n}")
@@ -134,10 +264,12 @@ def pecm_rerank(qw, qden, qp, c, cm, cp, cand, k: int, by: int = 0):
         per_prog = triton.cdiv(triton.cdiv(m, n_split), kt) * kt
     n_split = triton.cdiv(m, per_prog)
     part = torch.empty((b, n_split, kt), dtype=torch.int64, device=qw.device)
+    budget = common.H_ELEMS_GATHER
     _pecm_rerank_kernel[(b, n_split)](
-        qw, qden, prepare_qsum(qden, cm), qp, c, qden if cm is None else cm, cp, cand, part,
+        qw, qden, prepare_qsum(qden, cm), qp, c, cm, cp, w, cand, part,
         m, kq, d, per_prog,
-        HAS_CM=cm is not None, BY=int(by), BLOCK_K=next_pow2(kq), KT=kt,
+        BY=int(by), BLOCK_K=next_pow2(kq), KT=kt, SUB=raw_sub(kt, d, flags, budget), D_PAD=d_pad(d), H_ELEMS=budget,
+        **flags,
     )  # fmt: skip
     keys = torch.topk(part.view(b, -1), min(k, n_split * kt), dim=1, largest=True, sorted=True).values
     return decode_keys(keys)

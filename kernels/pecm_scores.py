@@ -1,31 +1,49 @@
-# Fused all-pairs PECM scores: (sim, conf, score) float32 [B, N] from the canonical operands.
+# Fused all-pairs PECM scores: (sim, conf, score) float32 [B, N] from `Queries` / `Candidates` operands.
 #
 # Math (see `pecm.backends.base`), per query b and candidate n, float32 accumulation:
 #
-#     num  = qw[b] . c[n]          K*D-long dot  -> tiled over BLOCK_KD chunks with tl.dot
+#     num  = qw[b] . ĉ[n]          K*D-long dot  -> tiled over BLOCK_KD chunks with tl.dot
 #     den  = qden[b] . cm[n]       K-long dot    (one BLOCK_K >= K chunk; sum_k qden[b] when cm is None)
-#     sim  = qp[b] . cp[n]         D-long dot    (BLOCK_KD chunks)
+#     sim  = qp[b] . ĉp[n]         D-long dot    (BLOCK_KD chunks)
 #     conf = num / den if den > 0 else 0;   score = sim * conf
 #
 # Tiling: one program owns a [BLOCK_B queries x BLOCK_N candidates] tile and keeps the three float32
 # accumulators in registers; the epilogue writes sim, conf and score once. The query operands stay
 # float32; half-type candidate tiles are multiplied with a hi/lo split of the query tile (see
-# `common.dot_mode`), float32 candidates use an IEEE float32 dot.
+# `common.dot_mode`), float32 candidates use an IEEE float32 dot. Candidates that are not prepared are
+# normalised (and Eq. 4 pooled) on the fly inside the same tile loop (`common._pecm_tile`, flags
+# NORM / POOL): per-prototype partial dots scaled by inv_k = m_k / max(||c_k||, eps), from the sums of
+# squares of the same loaded tiles.
 #
-# Autotune: a small config set keyed on (K, D, B bucket) plus the argument dtypes (Triton adds the
-# dtype of every tensor argument to the key); one config under TRITON_INTERPRET=1.
+# Autotune: a small config set keyed on (K, D, B bucket, HAS_CM, NORM, POOL, MODE) plus the argument
+# dtypes (Triton adds the dtype of every tensor argument to the key); raw candidates try their own
+# configs (`_RAW_GPU_CONFIGS`); one config under TRITON_INTERPRET=1.
 #
-# Backward: `PecmScoresFn` saves (sim, conf) and calls `pecm_scores_bwd.pecm_scores_backward`.
+# Backward: `PecmScoresFn` (prepared tensors only) saves (sim, conf) and calls
+# `pecm_scores_bwd.pecm_scores_backward`; `pecm.library` uses the backend's `scores_backward` instead.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import _epilogue, _pecm_tile, b_bucket, configs, dot_mode, next_pow2, prepare_qsum, prune_configs
+from .common import (
+    _epilogue,
+    _pecm_tile,
+    b_bucket,
+    cand_operands,
+    configs,
+    d_pad,
+    dot_mode,
+    h_budget,
+    next_pow2,
+    prepare_qsum,
+    prune_configs,
+    query_operands,
+)
 
 _GPU_CONFIGS = [
     ({"BLOCK_B": 16, "BLOCK_N": 64, "BLOCK_KD": 64}, 4, 3),
@@ -35,19 +53,28 @@ _GPU_CONFIGS = [
     ({"BLOCK_B": 128, "BLOCK_N": 64, "BLOCK_KD": 32}, 8, 3),
     ({"BLOCK_B": 128, "BLOCK_N": 128, "BLOCK_KD": 32}, 8, 3),
 ]
+# tried only for raw candidates (normalised on the fly): 8 warps, narrower candidate tiles (the h tile
+# of Eq. 4 pooled on the fly, D_PAD x BLOCK_N float32, must stay in registers; aot_check figures in
+# docs/triton.md)
+_RAW_GPU_CONFIGS = [
+    ({"BLOCK_B": 16, "BLOCK_N": 32, "BLOCK_KD": 64}, 8, 2),
+    ({"BLOCK_B": 16, "BLOCK_N": 64, "BLOCK_KD": 32}, 8, 2),
+    ({"BLOCK_B": 64, "BLOCK_N": 64, "BLOCK_KD": 32}, 8, 2),
+]
 _INTERP_CONFIG = ({"BLOCK_B": 16, "BLOCK_N": 32, "BLOCK_KD": 64}, 4, 1)
 
 
 @triton.autotune(
-    configs=configs(_GPU_CONFIGS, _INTERP_CONFIG),
-    key=["K", "D", "B_BUCKET", "HAS_CM", "MODE"],
+    configs=configs(_GPU_CONFIGS, _INTERP_CONFIG, _RAW_GPU_CONFIGS),
+    key=["K", "D", "B_BUCKET", "HAS_CM", "NORM", "POOL", "MODE"],
     prune_configs_by={"early_config_prune": prune_configs("BLOCK_B", "BLOCK_N", f32_budget=1024, half_budget=1024)},
 )
 @triton.jit
 def _pecm_scores_kernel(
-    qw_ptr, qden_ptr, qsum_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, sim_ptr, conf_ptr, score_ptr,
+    qw_ptr, qden_ptr, qsum_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, w_ptr, sim_ptr, conf_ptr, score_ptr,
     B, N, K, D, B_BUCKET,
-    HAS_CM: tl.constexpr, MODE: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_CM: tl.constexpr, NORM: tl.constexpr, POOL: tl.constexpr, MODE: tl.constexpr, BLOCK_K: tl.constexpr,
+    D_PAD: tl.constexpr, H_ELEMS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KD: tl.constexpr,
 ):  # fmt: skip
     pid_b = tl.program_id(0)
@@ -55,8 +82,8 @@ def _pecm_scores_kernel(
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     sim, num, den = _pecm_tile(
-        qw_ptr, qden_ptr, qsum_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, offs_b, offs_n, B, N, K, D,
-        HAS_CM, MODE, BLOCK_B, BLOCK_N, BLOCK_KD, BLOCK_K,
+        qw_ptr, qden_ptr, qsum_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, w_ptr, offs_b, offs_n, B, N, K, D,
+        HAS_CM, NORM, POOL, MODE, BLOCK_B, BLOCK_N, BLOCK_KD, BLOCK_K, D_PAD, H_ELEMS,
     )  # fmt: skip
     conf = _epilogue(sim, num, den, 2)
     score = sim * conf
@@ -67,30 +94,43 @@ def _pecm_scores_kernel(
     tl.store(score_ptr + out, score, mask=m)
 
 
-def _contig(*ts):
-    return tuple(None if t is None else t.contiguous() for t in ts)
-
-
-def pecm_scores_fwd(qw, qden, qp, c, cm: Optional[torch.Tensor], cp) -> Tuple[torch.Tensor, ...]:
-    """Launch the fused forward: (sim, conf, score) float32 [B, N]. No autograd."""
-    qw, qden, qp, c, cm, cp = _contig(qw, qden, qp, c, cm, cp)
+def pecm_scores_fwd(qs, cs) -> Tuple[torch.Tensor, ...]:
+    """Launch the fused forward on duck-typed `Queries` / `Candidates` (see kernels/common.py):
+    (sim, conf, score) float32 [B, N]. No autograd. Raw candidates are normalised (and pooled) on the fly."""
+    qw, qden, qp = query_operands(qs)
+    c, cm, cp, w, flags = cand_operands(cs)
     b, k = qden.shape
-    n = c.shape[0]
-    d = qp.shape[1]
-    if qw.shape != (b, k * d) or c.shape != (n, k * d) or cp.shape != (n, d):
-        shapes = f"qw={list(qw.shape)} qp={list(qp.shape)} c={list(c.shape)} cp={list(cp.shape)}"
-        raise ValueError(f"pecm_scores_fwd: inconsistent operand shapes {shapes}")
+    n, _, d = cs.prototypes.shape
     sim = torch.empty((b, n), dtype=torch.float32, device=qw.device)
     conf = torch.empty_like(sim)
     score = torch.empty_like(sim)
-    qsum = prepare_qsum(qden, cm)
     grid = lambda meta: (triton.cdiv(b, meta["BLOCK_B"]), triton.cdiv(n, meta["BLOCK_N"]))
     _pecm_scores_kernel[grid](
-        qw, qden, qsum, qp, c, qden if cm is None else cm, cp, sim, conf, score,
+        qw, qden, prepare_qsum(qden, cm), qp, c, cm, cp, w, sim, conf, score,
         b, n, k, d, b_bucket(b),
-        HAS_CM=cm is not None, MODE=dot_mode(c.dtype), BLOCK_K=max(16, next_pow2(k)),
+        MODE=dot_mode(c.dtype), BLOCK_K=max(16, next_pow2(k)), D_PAD=d_pad(d), H_ELEMS=h_budget(c.element_size()),
+        **flags,
     )  # fmt: skip
     return sim, conf, score
+
+
+class _Prepared:
+    """Prepared candidates from loose tensors (c [N, K*D] unit, masked rows zero; cm bool or None; cp unit)."""
+
+    normalized = pooled_normalized = True
+
+    def __init__(self, c, cm, cp):
+        n, d = cp.shape
+        self.prototypes = c.reshape(n, -1, d)
+        self.mask = None if cm is None else cm != 0
+        self.pooled = cp
+        self.weights = None
+        self.dtype = c.dtype
+
+
+class _Q:
+    def __init__(self, qw, qden, qp):
+        self.qw, self.qden, self.qp = qw, qden, qp
 
 
 class PecmScoresFn(torch.autograd.Function):
@@ -98,7 +138,7 @@ class PecmScoresFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qw, qden, qp, c, cm, cp):
-        sim, conf, score = pecm_scores_fwd(qw, qden, qp, c, cm, cp)
+        sim, conf, score = pecm_scores_fwd(_Q(qw, qden, qp), _Prepared(c, cm, cp))
         ctx.save_for_backward(qw, qden, qp, c, cm, cp, sim, conf)
         return sim, conf, score
 
@@ -117,7 +157,8 @@ class PecmScoresFn(torch.autograd.Function):
 
 
 def pecm_scores(qw, qden, qp, c, cm, cp):
-    """Functional entry point: fused (sim, conf, score), differentiable when an input requires grad."""
+    """Functional entry point on prepared tensors (c [N, K*D] unit with masked-out prototypes zero, cm [N, K]
+    or None, cp [N, D] unit): fused (sim, conf, score), differentiable when an input requires grad."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (qw, qden, qp, c, cp)):
         return PecmScoresFn.apply(qw, qden, qp, c, cm, cp)
-    return pecm_scores_fwd(qw, qden, qp, c, cm, cp)
+    return pecm_scores_fwd(_Q(qw, qden, qp), _Prepared(c, cm, cp))

@@ -6,7 +6,8 @@
 #
 # Algorithm (FAISS block-select, adapted to Triton's block programming model):
 #   grid = (query blocks of BLOCK_B, S candidate splits). Program (i, s) streams its contiguous
-#   candidate range in tiles of KT = max(64, next_pow2(k)) candidates. Each (value, id) is packed into
+#   candidate range in tiles of KT = max(64, next_pow2(k)) candidates (SUB < KT for raw candidates
+#   pooled on the fly, see below). Each (value, id) is packed into
 #   an int64 key ordered like the value (`common._pack_keys`), so one sort moves values and ids.
 #   The program keeps a running list `best` [BLOCK_B, KT] sorted descending. For each tile:
 #       if max(tile) <= min(best)   -> skip (exact: nothing in the tile can enter any row's list)
@@ -16,11 +17,18 @@
 #   The program writes its KT keys to partials [B, S, KT] (S * KT << N), and the exact merge is one
 #   torch.topk over the keys of each query row ([B, S*KT] int64) followed by decoding.
 #
+# Raw candidates (not prepared) are normalised on the fly in the tile (`common._pecm_tile`). When Eq. 4
+# is pooled on the fly the float32 h tile [D_PAD, SUB] must fit in registers, so the scored tile may be
+# narrower than the list: SUB = the widest power of two <= KT with D_PAD * SUB <= the h budget
+# (`common.raw_sub`); each SUB-wide tile is merged into the KT list by `common._merge_topk` (the
+# ascending tile, padded in front with -inf, meets only the last SUB entries of the list).
+#
 # k > MAX_KT (1024) is not handled here: the Triton backend streams `pecm_scores_fwd` chunks through
 # `pecm.topk.RunningTopK` instead (one [B, chunk] float32 tile at a time, bounded memory).
 #
-# Autotune: BLOCK_B, BLOCK_KD and warps keyed on (K, D, KT, B bucket) + dtypes; one config under
-# the interpreter. KT and the split count are chosen by the launcher.
+# Autotune: BLOCK_B, BLOCK_KD and warps keyed on (K, D, KT, B bucket, HAS_CM, NORM, POOL, MODE) + dtypes;
+# raw candidates try `_RAW_GPU_CONFIGS`; one config under the interpreter. KT, SUB and the split count
+# are chosen by the launcher.
 
 from __future__ import annotations
 
@@ -33,16 +41,22 @@ import triton.language as tl
 from .common import (
     MAX_KT,
     _epilogue,
+    _merge_topk,
     _pack_keys,
     _pecm_tile,
     b_bucket,
+    cand_operands,
     configs,
+    d_pad,
     decode_keys,
     dot_mode,
+    h_budget,
     kt_floor,
     next_pow2,
     prepare_qsum,
     prune_configs,
+    query_operands,
+    raw_sub,
     target_programs,
 )
 
@@ -53,21 +67,29 @@ _GPU_CONFIGS = [
     ({"BLOCK_B": 32, "BLOCK_KD": 32}, 8, 2),
     ({"BLOCK_B": 64, "BLOCK_KD": 32}, 8, 2),
 ]
+# tried only for raw candidates (normalised on the fly): 8 warps, small query blocks (aot_check figures in
+# docs/triton.md)
+_RAW_GPU_CONFIGS = [
+    ({"BLOCK_B": 16, "BLOCK_KD": 16}, 8, 2),
+    ({"BLOCK_B": 16, "BLOCK_KD": 32}, 8, 2),
+    ({"BLOCK_B": 32, "BLOCK_KD": 16}, 8, 2),
+]
 # interpreter: BLOCK_B 4 (no tl.dot size limit there; its tl.sort cost grows with the tile size)
 _INTERP_CONFIG = ({"BLOCK_B": 4, "BLOCK_KD": 64}, 4, 1)
 FALLBACK_CHUNK = 8192
 
 
 @triton.autotune(
-    configs=configs(_GPU_CONFIGS, _INTERP_CONFIG),
-    key=["K", "D", "KT", "B_BUCKET", "HAS_CM", "MODE"],
-    prune_configs_by={"early_config_prune": prune_configs("BLOCK_B", "KT", f32_budget=256, half_budget=256)},
+    configs=configs(_GPU_CONFIGS, _INTERP_CONFIG, _RAW_GPU_CONFIGS),
+    key=["K", "D", "KT", "B_BUCKET", "HAS_CM", "NORM", "POOL", "MODE"],
+    prune_configs_by={"early_config_prune": prune_configs("BLOCK_B", "SUB", f32_budget=256, half_budget=256)},
 )
 @triton.jit
 def _pecm_topk_kernel(
-    qw_ptr, qden_ptr, qsum_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, part_ptr,
+    qw_ptr, qden_ptr, qsum_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, w_ptr, part_ptr,
     B, N, K, D, per_prog, B_BUCKET,
-    HAS_CM: tl.constexpr, MODE: tl.constexpr, BY: tl.constexpr, BLOCK_K: tl.constexpr, KT: tl.constexpr,
+    HAS_CM: tl.constexpr, NORM: tl.constexpr, POOL: tl.constexpr, MODE: tl.constexpr, BY: tl.constexpr,
+    BLOCK_K: tl.constexpr, KT: tl.constexpr, SUB: tl.constexpr, D_PAD: tl.constexpr, H_ELEMS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_KD: tl.constexpr,
 ):  # fmt: skip
     pid_b = tl.program_id(0)
@@ -75,22 +97,21 @@ def _pecm_topk_kernel(
     n_split = tl.num_programs(1)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, KT)
+    sub = tl.arange(0, SUB)
     start = pid_s * per_prog
     end = tl.minimum(start + per_prog, N)
     neg = tl.full((BLOCK_B, KT), float("-inf"), dtype=tl.float32)
     best = _pack_keys(neg, cols[None, :] + tl.zeros((BLOCK_B, KT), dtype=tl.int32))
-    for s in range(start, end, KT):
-        offs_n = s + cols
+    for s in range(start, end, SUB):
+        offs_n = s + sub
         sim, num, den = _pecm_tile(
-            qw_ptr, qden_ptr, qsum_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, offs_b, offs_n, B, end, K, D,
-            HAS_CM, MODE, BLOCK_B, KT, BLOCK_KD, BLOCK_K,
+            qw_ptr, qden_ptr, qsum_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, w_ptr, offs_b, offs_n, B, end, K, D,
+            HAS_CM, NORM, POOL, MODE, BLOCK_B, SUB, BLOCK_KD, BLOCK_K, D_PAD, H_ELEMS,
         )  # fmt: skip
         val = _epilogue(sim, num, den, BY)
         val = tl.where((offs_n < end)[None, :], val, float("-inf"))
-        key = _pack_keys(val, offs_n[None, :] + tl.zeros((BLOCK_B, KT), dtype=tl.int32))
-        if tl.max(tl.max(key, 1), 0) > tl.min(tl.min(best, 1), 0):
-            key = tl.sort(key, dim=1)
-            best = tl.sort(tl.maximum(best, key), dim=1, descending=True)
+        key = _pack_keys(val, offs_n[None, :] + tl.zeros((BLOCK_B, SUB), dtype=tl.int32))
+        best = _merge_topk(best, key, BLOCK_B, KT, SUB)
     rows = offs_b.to(tl.int64)[:, None] * n_split + pid_s
     tl.store(part_ptr + rows * KT + cols[None, :], best, mask=(offs_b < B)[:, None])
 
@@ -103,16 +124,17 @@ def _splits(b: int, n: int, kt: int, chunk_size: Optional[int], device: torch.de
     return max(1, min(tiles, want))
 
 
-def pecm_topk(qw, qden, qp, c, cm, cp, k: int, by: int = 0, chunk_size: Optional[int] = None):
+def pecm_topk(qs, cs, k: int, by: int = 0, chunk_size: Optional[int] = None):
     """Exact top-k of the `by` quantity (0 score, 1 sim, 2 conf) over all N candidates, 1 <= k <= MAX_KT.
 
-    Returns (values f32 [B, min(k, N)], ids int64 [B, min(k, N)]) sorted descending; the caller pads
-    to k with (-inf, -1). Arguments are the validated canonical operands (no checks here).
+    `qs` / `cs`: duck-typed `Queries` / `Candidates` (attributes: kernels/common.py); raw candidates are
+    normalised (and pooled) on the fly. Returns (values f32 [B, min(k, N)], ids int64 [B, min(k, N)])
+    sorted descending; the caller pads to k with (-inf, -1). Operands are trusted (no checks here).
     """
-    qw, qden, qp, c, cp = (t.contiguous() for t in (qw, qden, qp, c, cp))
-    cm = None if cm is None else cm.contiguous()
+    qw, qden, qp = query_operands(qs)
+    c, cm, cp, w, flags = cand_operands(cs)
     b, kq = qden.shape
-    n, d = cp.shape
+    n, _, d = cs.prototypes.shape
     if n >= 2**31 - MAX_KT:
         raise ValueError(f"c: at most {2**31 - MAX_KT - 1} candidates per call (int32 ids), got N={n}")
     if k > MAX_KT:
@@ -123,10 +145,12 @@ def pecm_topk(qw, qden, qp, c, cm, cp, k: int, by: int = 0, chunk_size: Optional
     n_split = triton.cdiv(n, per_prog)
     part = torch.empty((b, n_split, kt), dtype=torch.int64, device=qw.device)
     grid = lambda meta: (triton.cdiv(b, meta["BLOCK_B"]), n_split)
+    hb = h_budget(c.element_size())
     _pecm_topk_kernel[grid](
-        qw, qden, prepare_qsum(qden, cm), qp, c, qden if cm is None else cm, cp, part,
+        qw, qden, prepare_qsum(qden, cm), qp, c, cm, cp, w, part,
         b, n, kq, d, per_prog, b_bucket(b),
-        HAS_CM=cm is not None, MODE=dot_mode(c.dtype), BY=int(by), BLOCK_K=max(16, next_pow2(kq)), KT=kt,
+        MODE=dot_mode(c.dtype), BY=int(by), BLOCK_K=max(16, next_pow2(kq)), KT=kt,
+        SUB=raw_sub(kt, d, flags, hb), D_PAD=d_pad(d), H_ELEMS=hb, **flags,
     )  # fmt: skip
     kk = min(k, n)
     keys = torch.topk(part.view(b, -1), kk, dim=1, largest=True, sorted=True).values

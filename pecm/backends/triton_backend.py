@@ -21,12 +21,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..operands import By, Candidates, Queries, normalize_block
-from ..topk import RunningTopK, empty_topk, pad_topk
+from ..operands import By, Candidates, Queries
+from ..topk import RunningTopK, pad_topk
 from .base import Tensor
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-CHUNK = 16384  # candidate rows per block when the rows must be normalised first (or k > MAX_KT)
+CHUNK = 16384  # candidate rows per fused-scores block of the k > MAX_KT top-k (one [B, CHUNK] f32 tile)
 
 
 def _load_kernels():
@@ -62,29 +62,6 @@ def _pad(vals: Tensor, ids: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     return pad_topk(vals, ids, k)
 
 
-def _mask_store(cs: Candidates, mask: Optional[Tensor]) -> Optional[Tensor]:
-    """The kernels read the mask as 0/1 values in the storage dtype (a [n, K] conversion)."""
-    return None if mask is None else mask.to(cs.dtype)
-
-
-def _canon(cs: Candidates, s: int = 0, e: Optional[int] = None):
-    """(c [n, K*D], cm [n, K] or None, cp [n, D]) of rows [s, e) as unit operands in the storage dtype.
-
-    Prepared candidates are views; others are normalised (and pooled) here for those rows only.
-    """
-    e = cs.n if e is None else e
-    part = cs if (s, e) == (0, cs.n) else cs.slice(s, e)
-    n = e - s
-    if part.prepared:
-        c, cp = part.prototypes, part.pooled
-    else:
-        chat, cp = normalize_block(
-            part.prototypes, cs.weights, part.mask, part.pooled, cs.normalized, cs.pooled_normalized, torch.float32
-        )
-        c, cp = chat.to(cs.dtype), cp.to(cs.dtype)
-    return c.reshape(n, -1), _mask_store(cs, part.mask), cp
-
-
 _PICK = {By.SIM: 0, By.CONF: 1, By.SCORE: 2}  # position of the ranked quantity in (sim, conf, score)
 
 
@@ -103,49 +80,31 @@ class TritonBackend:
             return True
         return device.type == "cpu" and _interpret()
 
+    # The kernels take `Queries` / `Candidates` as they are (duck-typed): raw candidates are normalised
+    # and pooled on the fly inside the fused pass, so nothing is normalised here.
     def scores(self, qs: Queries, cs: Candidates) -> Tuple[Tensor, Tensor, Tensor]:
-        if cs.prepared or cs.n <= CHUNK:
-            return kernels.pecm_scores_fwd(qs.qw, qs.qden, qs.qp, *_canon(cs))
-        out = [torch.empty((qs.b, cs.n), dtype=torch.float32, device=qs.device) for _ in range(3)]
-        for s in range(0, cs.n, CHUNK):
-            e = min(cs.n, s + CHUNK)
-            for o, t in zip(out, kernels.pecm_scores_fwd(qs.qw, qs.qden, qs.qp, *_canon(cs, s, e))):
-                o[:, s:e] = t
-        return tuple(out)
+        return kernels.pecm_scores_fwd(qs, cs)
 
     def scores_backward(self, qs: Queries, cs: Candidates, sim, conf, g_sim, g_conf, g_score):
-        c, cm, cp = _canon(cs)
+        # always prepared candidates (pecm.library); the backward GEMMs read the mask as 0/1 values
+        c = cs.prototypes.reshape(cs.n, -1)
+        cm = None if cs.mask is None else cs.mask.to(cs.dtype)
         g_qw, g_qden, g_qp, g_c, g_cp = kernels.pecm_scores_backward(
-            qs.qw, qs.qden, qs.qp, c, cm, cp, sim, conf, g_sim, g_conf, g_score
+            qs.qw, qs.qden, qs.qp, c, cm, cs.pooled, sim, conf, g_sim, g_conf, g_score
         )
         return g_qw, g_qden, g_qp, g_c.view(cs.prototypes.shape), g_cp
 
     def topk(self, qs: Queries, cs: Candidates, k: int, by: By, chunk_size: Optional[int]) -> Tuple[Tensor, Tensor]:
-        if cs.prepared and k <= kernels.MAX_KT:
-            return _pad(*kernels.pecm_topk(qs.qw, qs.qden, qs.qp, *_canon(cs), k, int(by), chunk_size), k)
+        if k <= kernels.MAX_KT:
+            return _pad(*kernels.pecm_topk(qs, cs, k, int(by), chunk_size), k)
+        # k > MAX_KT: the fused list would not fit; stream fused-scores chunks (each normalised on the
+        # fly by the kernel) through the exact running merge
         step = int(chunk_size or CHUNK)
         best = RunningTopK(qs.b, k, qs.device)
         for s in range(0, cs.n, step):
             e = min(cs.n, s + step)
-            ops_in = (qs.qw, qs.qden, qs.qp, *_canon(cs, s, e))
-            if k <= kernels.MAX_KT:
-                vals, ids = kernels.pecm_topk(*ops_in, k, int(by), None)
-                best.add(vals, torch.where(ids >= 0, ids + s, ids))
-            else:
-                best.add(kernels.pecm_scores_fwd(*ops_in)[_PICK[by]], offset=s)
+            best.add(kernels.pecm_scores_fwd(qs, cs.slice(s, e))[_PICK[by]], offset=s)
         return best.result()
 
     def rerank(self, qs: Queries, cs: Candidates, cand: Tensor, k: int, by: By) -> Tuple[Tensor, Tensor]:
-        rows = None
-        if not cs.prepared:  # normalise the distinct candidate rows only (sorted: row order kept)
-            valid = cand >= 0
-            rows = torch.unique(cand[valid])
-            local = torch.searchsorted(rows, cand.clamp_min(0))
-            cand = torch.where(valid, local, torch.full_like(local, -1)).contiguous()
-            if rows.numel() == 0:
-                return _pad(*empty_topk(qs.b, 0, qs.device), k)
-            cs = cs.rows(rows)
-        vals, ids = kernels.pecm_rerank(qs.qw, qs.qden, qs.qp, *_canon(cs), cand, k, int(by))
-        if rows is not None:
-            ids = torch.where(ids >= 0, rows[ids.clamp_min(0)], ids)
-        return _pad(vals, ids, k)
+        return _pad(*kernels.pecm_rerank(qs, cs, cand, k, int(by)), k)
