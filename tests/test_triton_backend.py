@@ -107,9 +107,50 @@ def test_autotune_pruning_keeps_fitting_configs():
     assert kept and all(64 * c.kwargs["BLOCK_KD"] <= 16 * 32 * c.num_warps for c in kept)
 
 
+def test_autotune_pruning_for_raw_candidates():
+    """Prepared candidates never see the raw-only configs; raw ones try only those; with Eq. 4 pooled on
+    the fly the configs whose h tile fits in registers are kept (scores, top-k and re-rank)."""
+    pytest.importorskip("triton")
+    import importlib
+
+    import triton
+
+    from pecm.backends import triton_backend  # noqa: F401
+
+    common, pecm_rerank, pecm_scores, pecm_topk = (
+        importlib.import_module(f"pecm.kernels.{m}") for m in ("common", "pecm_rerank", "pecm_scores", "pecm_topk")
+    )
+
+    def cfg_list(mod):
+        base = [triton.Config(dict(m), num_warps=w, num_stages=s) for m, w, s in mod._GPU_CONFIGS]
+        raw = [triton.Config(dict(m), num_warps=w, num_stages=s) for m, w, s in mod._RAW_GPU_CONFIGS]
+        for c in raw:
+            c.pecm_raw = True
+        return base, raw
+
+    c16 = torch.empty(1, 8, dtype=torch.float16)
+    for mod, cols, kw in ((pecm_scores, "BLOCK_N", {}), (pecm_topk, "SUB", dict(KT=64, SUB=64))):
+        base, raw = cfg_list(mod)
+        prune = common.prune_configs("BLOCK_B", cols, f32_budget=1024, half_budget=1024)
+        prep = prune(base + raw, {"c_ptr": c16}, MODE=1, NORM=False, POOL=0, D_PAD=256, H_ELEMS=16384, **kw)
+        assert prep and not any(getattr(c, "pecm_raw", False) for c in prep)
+        assert prep == prune(base, {"c_ptr": c16}, MODE=1, NORM=False, POOL=0, **kw)  # as before raw configs
+        got = prune(base + raw, {"c_ptr": c16}, MODE=1, NORM=True, POOL=2, D_PAD=256, H_ELEMS=16384, **kw)
+        assert got and all(c.pecm_raw for c in got)
+        for c in got:
+            assert 256 * {**kw, **c.kwargs}[cols] <= min(16384, common.H_PER_THREAD * 32 * c.num_warps)
+    assert common.h_budget(2) == common.H_ELEMS and common.h_budget(4) == common.H_ELEMS // 2
+    assert common.raw_sub(64, 256, dict(POOL=2), 8192) == 32 and common.raw_sub(64, 256, dict(POOL=1), 8192) == 64
+    assert common.raw_sub(64, 4096, dict(POOL=2), 8192) == 64  # h does not fit even 16 wide: two-step, KT wide
+    gcfgs = [triton.Config(dict(m), num_warps=w, num_stages=s) for m, w, s in pecm_rerank._GPU_CONFIGS]
+    kept = pecm_rerank._prune_gather(gcfgs, {}, KT=64, SUB=32, POOL=2, D_PAD=256, H_ELEMS=8192)
+    assert kept and all(32 * 256 <= pecm_rerank.H_PER_THREAD * 32 * c.num_warps for c in kept)
+
+
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_without_a_gpu():
-    """Ahead-of-time compile (Triton front end + ptxas) of every kernel's first config for sm_90."""
+    """Ahead-of-time compile (Triton front end + ptxas) of every kernel's first config for sm_90, for prepared
+    candidates and for raw ones normalised and pooled on the fly (K = 26, D = 256)."""
     pytest.importorskip("triton")
     r = subprocess.run(
         [sys.executable, str(ROOT / "kernels" / "aot_check.py"), "--quick", "--kt", "64"],
@@ -121,4 +162,5 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "all kernels compiled" in r.stdout
-    assert r.stdout.count("ok    ") == 13
+    # per dtype: scores, top-k and re-rank for prepared and raw candidates + the backward GEMM; + the prologue
+    assert r.stdout.count("ok    ") == 3 * 7 + 1

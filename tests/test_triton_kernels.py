@@ -3,6 +3,11 @@
 Without CUDA the kernels run on the CPU under TRITON_INTERPRET=1 (set here before Triton is first
 imported; tests marked ``interpret``, small shapes). With CUDA the same tests run on the GPU
 (marked ``gpu``). Gradients are in test_triton_grad.py.
+
+Every candidate mode (raw prototypes or unit ones x pooled vectors absent / raw / unit, mask or not)
+goes through the kernels as it is: raw candidates are normalised and pooled on the fly inside the
+fused pass (kernels/common.py). The schemes for Eq. 4 pooled on the fly (h in registers, narrower
+sub-tiles merged into the top-k list, two steps) are reached by lowering the register budgets.
 """
 
 from __future__ import annotations
@@ -20,7 +25,11 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # shared helpers, any import mode
+from helpers import assert_topk_matches, candidate_modes, make_inputs, unit_masked  # noqa: E402
+
 from pecm import ops, reference  # noqa: E402
+from pecm.operands import Candidates  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
@@ -288,3 +297,172 @@ def test_degenerate_shapes_k1_d1_n1(device):
     vals, ids = ops.pecm_rerank(q, c, cand.to(device), w, 2, backend="triton")
     check_topk(vals, ids, ref[2], 2, 1e-6, cand=cand.numpy())
     assert ids[1].tolist() == [-1, -1]
+
+
+# ------------------------------------------------------------------------------------------------
+# every candidate mode, normalised on the fly
+# ------------------------------------------------------------------------------------------------
+BYS = ("score", "sim", "conf")
+# (normalized, pooled given, pooled_normalized) -> the kernels' (NORM, POOL) flags
+MODE_FLAGS = {
+    "raw": (True, 2),
+    "raw+pooled": (True, 1),
+    "raw+unitpooled": (True, 0),
+    "unit": (False, 2),
+    "unit+rawpooled": (False, 1),
+    "unit+pooled": (False, 0),
+    "prepared": (False, 0),
+    "prepared+pooled": (False, 0),
+}
+
+
+def all_modes(c, w, cm, seed=0):
+    """`helpers.candidate_modes` plus the two flag combinations the ops never build themselves
+    (unit prototypes with raw pooled vectors, raw prototypes with unit pooled vectors): a Candidates."""
+    modes = candidate_modes(c, w, cm, seed=seed)
+    raw_pooled = modes[1][2]
+    unit_pooled = modes[3][2]
+    u = unit_masked(c, cm)
+    modes.append(("unit+rawpooled", dict(c=Candidates(u, w, cm, raw_pooled, True, False)), raw_pooled))
+    modes.append(("raw+unitpooled", dict(c=Candidates(c, w, cm, unit_pooled, False, True)), unit_pooled))
+    return modes
+
+
+def _on(kw, device):
+    """A mode's kwargs with every tensor / Candidates on `device`."""
+    out = {}
+    for key, v in kw.items():
+        out[key] = v.to(device) if isinstance(v, (torch.Tensor, Candidates)) else v
+    return out
+
+
+def run_modes(device, q, c, w, qm, cm, k, cand, names=None, by_offset=0, tol=None, seed=0):
+    """Scores, top-k and rerank of each candidate mode vs float64; the ranked quantity cycles over
+    the modes (by_offset shifts it, so a parametrised test covers every (mode, by) pair)."""
+    tol = TOL[c.dtype] if tol is None else tol
+    dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+    for i, (name, kw, ref_pooled) in enumerate(all_modes(c, w, cm, seed=seed)):
+        if names is not None and name not in names:
+            continue
+        kw = _on(kw, device)
+        cs = kw.pop("c")
+        wa = None if isinstance(cs, Candidates) else dev(w)
+        ref = reference.scores(q.double(), c.double(), w.double(), qm, cm, None, ref_pooled)
+        got = ops.pecm_scores(dev(q), cs, wa, q_mask=dev(qm), backend="triton", **kw)
+        for g, r, what in zip(got, ref, ("sim", "conf", "score")):
+            np.testing.assert_allclose(g.double().cpu().numpy(), r, atol=tol, rtol=0, err_msg=f"{name} {what}")
+        by = BYS[(i + by_offset) % 3]
+        v, ids = ops.pecm_topk(dev(q), cs, wa, k, q_mask=dev(qm), by=by, backend="triton", **kw)
+        assert_topk_matches(v, ids, ref[BY_INDEX[by]], k, tol)
+        by = BYS[(i + by_offset + 1) % 3]
+        v, ids = ops.pecm_rerank(dev(q), cs, dev(cand), wa, k, q_mask=dev(qm), by=by, backend="triton", **kw)
+        check_topk(v, ids, ref[BY_INDEX[by]], k, tol, cand=cand.numpy())
+
+
+def make_mode_case(b=3, n=37, k=5, d=24, dtype=torch.float32, masks=True, seed=0, m=30):
+    """`helpers.make_inputs` (duplicated rows, a zero prototype, fully masked rows) + rerank ids with
+    -1 padding, a duplicated id and a row of padding only."""
+    q, c, w, qm, cm = make_inputs(b, n, k, d, dtype=dtype, masks=masks, seed=seed, ties=True)
+    g = torch.Generator().manual_seed(seed + 1)
+    cand = torch.randint(-1, n, (b, m), generator=g)
+    cand[0, :4] = torch.tensor([n // 2, n // 2, 0, -1])  # tied rows, a duplicated id, padding
+    cand[-1] = -1  # padding only: (-inf, -1) everywhere
+    return q, c, w, qm, cm, cand
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masks", [False, True])
+def test_every_candidate_mode_matches_reference(device, dtype, masks):
+    """The 8 candidate modes (every NORM x POOL flag combination) x mask / no mask x dtype, all three by."""
+    q, c, w, qm, cm, cand = make_mode_case(dtype=dtype, masks=masks, seed=DTYPES.index(dtype) + 3 * masks)
+    names = None if masks else [n for n in MODE_FLAGS if not n.startswith("prepared")]  # prepared: once per dtype
+    run_modes(device, q, c, w, qm, cm, 7, cand, names=names, by_offset=DTYPES.index(dtype) + masks)
+
+
+def _budget(monkeypatch, h, h_gather, dtype):
+    """Set the h register budgets so that `h` float32 elements are allowed for this storage dtype."""
+    from pecm.backends.triton_backend import kernels
+
+    common = sys.modules[kernels.__name__ + ".common"]
+    monkeypatch.setattr(common, "H_ELEMS", h * (2 if dtype == torch.float32 else 1))
+    monkeypatch.setattr(common, "H_ELEMS_GATHER", h_gather)
+    return common
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "scheme,d,dtype",
+    [
+        ("h-regs", 70, torch.float32),  # D not a power of two over two BLOCK_KD chunks (h as 2 chunks)
+        ("sub-tiles", 24, torch.float16),  # h in registers for 16-wide tiles merged into a 32-wide top-k list
+        ("two-step", 70, torch.bfloat16),  # h does not fit: inverse norms first, then h chunk by chunk
+        ("two-step", 24, torch.float32),
+    ],
+)
+def test_on_the_fly_pooling_schemes(device, monkeypatch, scheme, d, dtype):
+    """Eq. 4 pooled on the fly by each scheme of `common._pecm_tile` / `pecm_rerank._gather_raw`."""
+    h, hg = {"h-regs": (16384, 8192), "sub-tiles": (512, 512), "two-step": (256, 256)}[scheme]
+    common = _budget(monkeypatch, h, hg, dtype)
+    q, c, w, qm, cm, cand = make_mode_case(d=d, dtype=dtype, seed=d)
+    k = 20  # KT = 32 under the interpreter (64 on a GPU)
+    kt = max(common.kt_floor(), common.next_pow2(k))
+    sub = common.raw_sub(kt, d, dict(POOL=2), common.h_budget(c.element_size()))
+    if scheme == "sub-tiles":
+        assert sub < kt
+    elif scheme == "two-step":
+        assert sub == kt and common.d_pad(d) * kt > common.h_budget(c.element_size())
+    run_modes(device, q, c, w, qm, cm, k, cand, names=["raw", "unit", "raw+pooled"], by_offset=d)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_raw_k_larger_than_n_and_all_masked(device):
+    """Raw candidates pooled on the fly with k > N, a zero row and every prototype of a row masked."""
+    q, c, w, qm, cm, cand = make_mode_case(n=12, d=20, seed=9)
+    c[4] = 0.0  # every prototype zero: sim = conf = 0
+    cm[6] = False
+    run_modes(device, q, c, w, qm, cm, 15, cand.clamp_max(11), names=["raw", "unit"])
+
+
+def test_operands_are_views_and_mask_is_bytes():
+    """cand_operands: the prototypes and the mask are zero-copy views (the bool mask as uint8), the flags
+    follow the promises, and only pooling on the fly reads the weights."""
+    from pecm.backends.triton_backend import kernels
+
+    common = sys.modules[kernels.__name__ + ".common"]
+    _, c, w, _, cm = make_inputs(1, 10, 4, 8, masks=True)
+    for name, kw, _ in all_modes(c, w, cm):
+        cs = kw["c"] if isinstance(kw["c"], Candidates) else Candidates(
+            kw["c"], w, kw.get("c_mask"), kw.get("c_pooled"), kw.get("normalized", False),
+            kw.get("normalized", False) and kw.get("c_pooled") is not None,
+        )  # fmt: skip
+        cc, mm, cp, ww, flags = common.cand_operands(cs)
+        assert cc.data_ptr() == cs.prototypes.data_ptr() and cc.shape == (10, 32)
+        assert mm.dtype == torch.uint8 and mm.data_ptr() == cs.mask.data_ptr()
+        assert (flags["NORM"], flags["POOL"]) == MODE_FLAGS[name], name
+        assert (ww is not None) == (flags["POOL"] == 2) and (cp is None) == (flags["POOL"] == 2)
+    assert common.cand_operands(Candidates(c, w))[1] is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_launchers_are_duck_typed(device):
+    """The launchers read attributes only (kernels/ never imports pecm): plain namespaces work."""
+    from types import SimpleNamespace
+
+    from pecm.backends.triton_backend import kernels
+
+    q, c, w, qm, cm, cand = make_mode_case(b=2, n=20, d=16, seed=4)
+    qs = ops.prepare_queries(q, w, q_mask=qm)
+    qs = SimpleNamespace(qw=qs.qw.to(device), qden=qs.qden.to(device), qp=qs.qp.to(device))
+    cs = SimpleNamespace(
+        prototypes=c.to(device), mask=cm.to(device), pooled=None, weights=w.to(device),
+        normalized=False, pooled_normalized=False, dtype=c.dtype,
+    )  # fmt: skip
+    ref = reference.scores(q.double(), c.double(), w.double(), qm, cm)
+    for got, exp in zip(kernels.pecm_scores_fwd(qs, cs), ref):
+        np.testing.assert_allclose(got.double().cpu().numpy(), exp, atol=1e-5, rtol=0)
+    v, i = kernels.pecm_topk(qs, cs, 5, 1)
+    assert_topk_matches(v, i, ref[0], 5, 1e-5)
+    v, i = kernels.pecm_rerank(qs, cs, cand[:, :12].clamp_max(19).to(device), 4, 2)
+    exp_v, _ = reference.rerank(ref[1], cand[:, :12].clamp_max(19).numpy(), 4)
+    np.testing.assert_allclose(v.double().cpu().numpy(), exp_v, atol=1e-5, rtol=0)
