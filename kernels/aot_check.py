@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         for vname in args.variants.split(","):
             flags = VARIANTS[vname]
             nones = _nones(flags)
-            hb = C.h_budget(4 if dt == "fp32" else 2)
+            hb = C.H_ELEMS
             fixed = dict(D_PAD=dp, H_ELEMS=hb, **flags, **nones)
             sig = {**QARGS, **cargs, "sim_ptr": "*fp32", "conf_ptr": "*fp32", "score_ptr": "*fp32"}
             sig.update(B="i32", N="i32", K="i32", D="i32", B_BUCKET="i32")
@@ -124,9 +124,9 @@ def main(argv=None) -> int:
                     ok &= compile_one(T._pecm_topk_kernel, sig, consts, cfg.num_warps, cfg.num_stages, target, label)
             sig = {**QARGS, **cargs, "cand_ptr": "*i64", "part_ptr": "*i64", "M": "i32", "K": "i32", "D": "i32"}
             sig.update(per_prog="i32")
-            gfixed = dict(fixed, H_ELEMS=C.H_ELEMS_GATHER)
+            gfixed = fixed
             for kt in kts if "rerank" in fams else []:
-                sub = C.raw_sub(kt, args.d, flags, C.H_ELEMS_GATHER)
+                sub = C.raw_sub(kt, args.d, flags, hb)
                 cfgs = [triton.Config(dict(m), num_warps=w, num_stages=s) for m, w, s in R._GPU_CONFIGS]
                 for cfg in pick(R._prune_gather(cfgs, {}, KT=kt, SUB=sub, **gfixed)):
                     consts = dict(BY=0, BLOCK_K=block_k, KT=kt, SUB=sub, **gfixed, **cfg.kwargs)

@@ -58,12 +58,12 @@ import triton.language as tl
 
 MAX_KT = 1024  # largest per-program top-k list (power of two) the fused top-k/rerank kernels keep
 EPS = tl.constexpr(1e-12)  # = pecm.operands.EPS: x / max(||x||, EPS)
-# Register budgets (float32 elements per program) of the Eq. 4 pooled vector h when it is pooled on the
-# fly: h^T [D_PAD, BLOCK_N] stays in registers when D_PAD * BLOCK_N <= H_ELEMS (tl.dot kernels) or
-# D_PAD * SUB <= H_ELEMS_GATHER (re-rank, which also holds the gathered [SUB, D_PAD] rows); above,
-# the two-step scheme. Module attributes read at launch (tests lower them to reach every scheme).
-H_ELEMS = 16384
-H_ELEMS_GATHER = 8192
+# Register budget (float32 elements per program) of the Eq. 4 pooled vector h when it is pooled on the
+# fly: h^T [D_PAD, tile width] stays in registers when D_PAD * width <= H_ELEMS (the paper's D = 256:
+# 32-wide tiles), else the two-step scheme. 8192 = 32 registers per thread at 8 warps: 64-wide h tiles at
+# D = 256 spill with Triton 3.6 (aot_check, docs/triton.md). A module attribute read at every launch
+# (tests lower it to reach every scheme).
+H_ELEMS = 8192
 
 
 def interpret() -> bool:
@@ -134,14 +134,7 @@ def _is_raw(cfg) -> bool:
 
 SMEM_BUDGET = 160 * 1024  # bytes of shared memory a pipelined config may plan for (H100: 227 KB max)
 REG_TILE_BUDGET = 64 * 1024  # elements of the per-program register tiles (accumulator / gathered chunk)
-H_PER_THREAD = 64  # float32 registers per thread the h tile may take (tl.dot kernels; measured, aot_check)
-
-
-def h_budget(elt: int, budget: Optional[int] = None) -> int:
-    """Elements of h in registers for a storage element size `elt`: H_ELEMS for half types, half of it for
-    float32 (the float32 FMA dots need more registers: D = 256 with 64-wide tiles spills, aot_check)."""
-    budget = H_ELEMS if budget is None else int(budget)
-    return budget if elt <= 2 else budget // 2
+H_PER_THREAD = 32  # float32 registers per thread the h tile may take (measured with aot_check, Triton 3.6 / 3.8)
 
 
 def prune_configs(rows: str, cols: str, f32_budget: int, half_budget: int, h_per_thread: int = H_PER_THREAD):
@@ -523,7 +516,7 @@ def d_pad(d: int) -> int:
     return max(16, next_pow2(d))
 
 
-def raw_sub(kt: int, d: int, flags, budget: int) -> int:
+def raw_sub(kt: int, d: int, flags, budget: Optional[int] = None) -> int:
     """Candidates per scored tile of the top-k / re-rank kernels (a power of two dividing kt).
 
     kt itself, except when Eq. 4 is pooled on the fly (POOL 2): then the widest tile whose float32
@@ -532,6 +525,7 @@ def raw_sub(kt: int, d: int, flags, budget: int) -> int:
     """
     if flags["POOL"] != 2:
         return kt
+    budget = H_ELEMS if budget is None else int(budget)
     sub, dp = kt, d_pad(d)
     while sub > 16 and sub * dp > budget:
         sub //= 2

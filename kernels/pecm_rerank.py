@@ -64,7 +64,7 @@ _INTERP_CONFIG = ({"BLOCK_KD": 64}, 4, 1)
 
 
 GATHER_PER_THREAD = 16  # gathered elements per thread; above it the sm_90 compile spills (kernels/aot_check.py)
-H_PER_THREAD = 32  # float32 registers per thread of the h tile [SUB, D_PAD] (Eq. 4 pooled on the fly; aot_check)
+GATHER_PER_THREAD_RAW = 4  # the same for raw rows (more live registers: sums of squares, h; Triton 3.6 spills above)
 
 
 def _prune_gather(cfgs, named_args, **kwargs):
@@ -72,14 +72,16 @@ def _prune_gather(cfgs, named_args, **kwargs):
     the h tile [SUB, D_PAD]) fits in registers (>= one config)."""
     allargs = {**named_args, **kwargs}
     kt = int(allargs.get("SUB", allargs.get("KT", 16)))
+    raw = bool(allargs.get("NORM", False)) or int(allargs.get("POOL", 0)) != 0
+    per_thread = GATHER_PER_THREAD_RAW if raw else GATHER_PER_THREAD
     h = kt * int(allargs.get("D_PAD", 0)) if int(allargs.get("POOL", 0)) == 2 else 0
-    if h > int(allargs.get("H_ELEMS", common.H_ELEMS_GATHER)):
+    if h > int(allargs.get("H_ELEMS", common.H_ELEMS)):
         h = 0  # two-step scheme: no h tile
     kept = [
         cfg
         for cfg in cfgs
-        if kt * cfg.kwargs["BLOCK_KD"] <= GATHER_PER_THREAD * 32 * cfg.num_warps
-        and h <= H_PER_THREAD * 32 * cfg.num_warps
+        if kt * cfg.kwargs["BLOCK_KD"] <= per_thread * 32 * cfg.num_warps
+        and h <= common.H_PER_THREAD * 32 * cfg.num_warps
     ]
     return kept or [min(cfgs, key=lambda cfg: (cfg.kwargs["BLOCK_KD"], -cfg.num_warps))]
 
@@ -264,7 +266,7 @@ def pecm_rerank(qs, cs, cand, k: int, by: int = 0):
         per_prog = triton.cdiv(triton.cdiv(m, n_split), kt) * kt
     n_split = triton.cdiv(m, per_prog)
     part = torch.empty((b, n_split, kt), dtype=torch.int64, device=qw.device)
-    budget = common.H_ELEMS_GATHER
+    budget = common.H_ELEMS
     _pecm_rerank_kernel[(b, n_split)](
         qw, qden, prepare_qsum(qden, cm), qp, c, cm, cp, w, cand, part,
         m, kq, d, per_prog,

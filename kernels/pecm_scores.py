@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import common
 from .common import (
     _epilogue,
     _pecm_tile,
@@ -38,7 +39,6 @@ from .common import (
     configs,
     d_pad,
     dot_mode,
-    h_budget,
     next_pow2,
     prepare_qsum,
     prune_configs,
@@ -57,9 +57,11 @@ _GPU_CONFIGS = [
 # of Eq. 4 pooled on the fly, D_PAD x BLOCK_N float32, must stay in registers; aot_check figures in
 # docs/triton.md)
 _RAW_GPU_CONFIGS = [
-    ({"BLOCK_B": 16, "BLOCK_N": 32, "BLOCK_KD": 64}, 8, 2),
-    ({"BLOCK_B": 16, "BLOCK_N": 64, "BLOCK_KD": 32}, 8, 2),
-    ({"BLOCK_B": 64, "BLOCK_N": 64, "BLOCK_KD": 32}, 8, 2),
+    ({"BLOCK_B": 16, "BLOCK_N": 32, "BLOCK_KD": 32}, 8, 2),
+    ({"BLOCK_B": 32, "BLOCK_N": 32, "BLOCK_KD": 32}, 8, 2),
+    ({"BLOCK_B": 64, "BLOCK_N": 32, "BLOCK_KD": 32}, 8, 2),
+    ({"BLOCK_B": 16, "BLOCK_N": 64, "BLOCK_KD": 32}, 8, 2),  # h in registers only for D <= 128
+    ({"BLOCK_B": 16, "BLOCK_N": 16, "BLOCK_KD": 32}, 8, 2),  # h in registers up to D = 512
 ]
 _INTERP_CONFIG = ({"BLOCK_B": 16, "BLOCK_N": 32, "BLOCK_KD": 64}, 4, 1)
 
@@ -108,8 +110,7 @@ def pecm_scores_fwd(qs, cs) -> Tuple[torch.Tensor, ...]:
     _pecm_scores_kernel[grid](
         qw, qden, prepare_qsum(qden, cm), qp, c, cm, cp, w, sim, conf, score,
         b, n, k, d, b_bucket(b),
-        MODE=dot_mode(c.dtype), BLOCK_K=max(16, next_pow2(k)), D_PAD=d_pad(d), H_ELEMS=h_budget(c.element_size()),
-        **flags,
+        MODE=dot_mode(c.dtype), BLOCK_K=max(16, next_pow2(k)), D_PAD=d_pad(d), H_ELEMS=common.H_ELEMS, **flags,
     )  # fmt: skip
     return sim, conf, score
 

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import common
 from .common import (
     MAX_KT,
     _epilogue,
@@ -50,7 +51,6 @@ from .common import (
     d_pad,
     decode_keys,
     dot_mode,
-    h_budget,
     kt_floor,
     next_pow2,
     prepare_qsum,
@@ -145,7 +145,7 @@ def pecm_topk(qs, cs, k: int, by: int = 0, chunk_size: Optional[int] = None):
     n_split = triton.cdiv(n, per_prog)
     part = torch.empty((b, n_split, kt), dtype=torch.int64, device=qw.device)
     grid = lambda meta: (triton.cdiv(b, meta["BLOCK_B"]), n_split)
-    hb = h_budget(c.element_size())
+    hb = common.H_ELEMS
     _pecm_topk_kernel[grid](
         qw, qden, prepare_qsum(qden, cm), qp, c, cm, cp, w, part,
         b, n, kq, d, per_prog, b_bucket(b),

@@ -129,22 +129,22 @@ def test_autotune_pruning_for_raw_candidates():
         return base, raw
 
     c16 = torch.empty(1, 8, dtype=torch.float16)
-    for mod, cols, kw in ((pecm_scores, "BLOCK_N", {}), (pecm_topk, "SUB", dict(KT=64, SUB=64))):
+    for mod, cols, kw in ((pecm_scores, "BLOCK_N", {}), (pecm_topk, "SUB", dict(KT=64, SUB=32))):
         base, raw = cfg_list(mod)
         prune = common.prune_configs("BLOCK_B", cols, f32_budget=1024, half_budget=1024)
-        prep = prune(base + raw, {"c_ptr": c16}, MODE=1, NORM=False, POOL=0, D_PAD=256, H_ELEMS=16384, **kw)
+        prep = prune(base + raw, {"c_ptr": c16}, MODE=1, NORM=False, POOL=0, D_PAD=256, H_ELEMS=8192, **kw)
         assert prep and not any(getattr(c, "pecm_raw", False) for c in prep)
         assert prep == prune(base, {"c_ptr": c16}, MODE=1, NORM=False, POOL=0, **kw)  # as before raw configs
-        got = prune(base + raw, {"c_ptr": c16}, MODE=1, NORM=True, POOL=2, D_PAD=256, H_ELEMS=16384, **kw)
+        got = prune(base + raw, {"c_ptr": c16}, MODE=1, NORM=True, POOL=2, D_PAD=256, H_ELEMS=8192, **kw)
         assert got and all(c.pecm_raw for c in got)
         for c in got:
-            assert 256 * {**kw, **c.kwargs}[cols] <= min(16384, common.H_PER_THREAD * 32 * c.num_warps)
-    assert common.h_budget(2) == common.H_ELEMS and common.h_budget(4) == common.H_ELEMS // 2
+            assert 256 * {**kw, **c.kwargs}[cols] <= min(8192, common.H_PER_THREAD * 32 * c.num_warps)
+    assert common.raw_sub(64, 256, dict(POOL=2)) == 8192 // 256  # the default budget: 32-wide tiles at D = 256
     assert common.raw_sub(64, 256, dict(POOL=2), 8192) == 32 and common.raw_sub(64, 256, dict(POOL=1), 8192) == 64
     assert common.raw_sub(64, 4096, dict(POOL=2), 8192) == 64  # h does not fit even 16 wide: two-step, KT wide
     gcfgs = [triton.Config(dict(m), num_warps=w, num_stages=s) for m, w, s in pecm_rerank._GPU_CONFIGS]
     kept = pecm_rerank._prune_gather(gcfgs, {}, KT=64, SUB=32, POOL=2, D_PAD=256, H_ELEMS=8192)
-    assert kept and all(32 * 256 <= pecm_rerank.H_PER_THREAD * 32 * c.num_warps for c in kept)
+    assert kept and all(32 * 256 <= common.H_PER_THREAD * 32 * c.num_warps for c in kept)
 
 
 @pytest.mark.slow

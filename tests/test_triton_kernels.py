@@ -380,13 +380,12 @@ def test_every_candidate_mode_matches_reference(device, dtype, masks):
     run_modes(device, q, c, w, qm, cm, 7, cand, names=names, by_offset=DTYPES.index(dtype) + masks)
 
 
-def _budget(monkeypatch, h, h_gather, dtype):
-    """Set the h register budgets so that `h` float32 elements are allowed for this storage dtype."""
+def _budget(monkeypatch, h):
+    """Set the register budget of the h tile (float32 elements) for this test."""
     from pecm.backends.triton_backend import kernels
 
     common = sys.modules[kernels.__name__ + ".common"]
-    monkeypatch.setattr(common, "H_ELEMS", h * (2 if dtype == torch.float32 else 1))
-    monkeypatch.setattr(common, "H_ELEMS_GATHER", h_gather)
+    monkeypatch.setattr(common, "H_ELEMS", h)
     return common
 
 
@@ -402,16 +401,15 @@ def _budget(monkeypatch, h, h_gather, dtype):
 )
 def test_on_the_fly_pooling_schemes(device, monkeypatch, scheme, d, dtype):
     """Eq. 4 pooled on the fly by each scheme of `common._pecm_tile` / `pecm_rerank._gather_raw`."""
-    h, hg = {"h-regs": (16384, 8192), "sub-tiles": (512, 512), "two-step": (256, 256)}[scheme]
-    common = _budget(monkeypatch, h, hg, dtype)
+    common = _budget(monkeypatch, {"h-regs": 8192, "sub-tiles": 512, "two-step": 256}[scheme])
     q, c, w, qm, cm, cand = make_mode_case(d=d, dtype=dtype, seed=d)
     k = 20  # KT = 32 under the interpreter (64 on a GPU)
     kt = max(common.kt_floor(), common.next_pow2(k))
-    sub = common.raw_sub(kt, d, dict(POOL=2), common.h_budget(c.element_size()))
+    sub = common.raw_sub(kt, d, dict(POOL=2))
     if scheme == "sub-tiles":
         assert sub < kt
     elif scheme == "two-step":
-        assert sub == kt and common.d_pad(d) * kt > common.h_budget(c.element_size())
+        assert sub == kt and common.d_pad(d) * 16 > common.H_ELEMS
     run_modes(device, q, c, w, qm, cm, k, cand, names=["raw", "unit", "raw+pooled"], by_offset=d)
 
 
