@@ -3,7 +3,10 @@
 Runs CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` (the Triton interpreter; slow, for
 tests). Storage dtypes float32, float16, bfloat16; accumulation float32. ``scores`` is
 differentiable w.r.t. qw, qden, qp, c and cp (Triton backward kernels, see
-``kernels/pecm_scores_bwd.py``). Design notes: docs/triton.md.
+``kernels/pecm_scores_bwd.py``). The launchers take the `Queries` / `Candidates` as they are: raw
+candidates (not prepared) are normalised, and pooled by Eq. 4 when they have no pooled vectors, on
+the fly inside the fused kernels, so a one-shot call has no separate normalisation pass. Design
+notes: docs/triton.md.
 
 The kernels live in the repository's top-level ``kernels/`` directory, which ``setup.py`` installs as
 the subpackage ``pecm.kernels``. In a source checkout (not installed) this module loads that
