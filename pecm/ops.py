@@ -164,10 +164,10 @@ def prepare_candidates(
 ) -> Candidates:
     """Validated candidates with unit prototypes (masked ones zero) and unit pooled vectors.
 
-    One pass over ``c`` (in blocks of rows, bounded temporaries; the float16 CPU case in one C++
-    pass), skipped when ``normalized=True`` and ``c_pooled`` is given (then ``c`` is only wrapped,
-    not copied). Differentiable when c, w or c_pooled require gradients. The result is what an
-    archive index stores: pass it as ``c`` to every op (``w=None``).
+    One pass over ``c`` (float16 on the CPU: the index's one-pass C++ item encoder; otherwise torch in
+    blocks of rows, bounded temporaries), skipped when ``normalized=True`` and ``c_pooled`` is given
+    (then ``c`` is only wrapped, not copied). Differentiable when c, w or c_pooled require gradients.
+    The result is what an archive index stores: pass it as ``c`` to every op (``w=None``).
     """
     cs = Candidates(c, w, c_mask, c_pooled, normalized, normalized and c_pooled is not None)
     if check:
@@ -186,8 +186,19 @@ def _prepared(cs: Candidates) -> Candidates:
         return cs
     n, k, d = cs.prototypes.shape
     store, acc = cs.dtype, acc_dtype(cs.dtype)
+    grad = cs.requires_grad and torch.is_grad_enabled()
+    if not grad and not _compiling() and cs.device.type == "cpu":
+        fast = getattr(get_backend("auto", cs.device, torch.float32), "prepare_candidates", None)
+        got = None if fast is None else fast(cs)  # one C++ pass for float16 (the index's item encoder)
+        if got is not None:
+            unit, pooled = got
+            if pooled is None:  # given pooled vectors: unit already, or normalised here ([N, D], small)
+                given = cs.pooled
+                unit_given = cs.pooled_normalized
+                pooled = given if unit_given else torch.nn.functional.normalize(given.to(acc), dim=-1, eps=EPS)
+            return Candidates.trusted(unit.view(n, k, d), cs.weights, cs.mask, pooled.to(store), 3)
     args = (cs.weights, cs.mask, cs.pooled, cs.normalized, cs.pooled_normalized, acc)
-    if cs.requires_grad and torch.is_grad_enabled() or n <= PREP_CHUNK:
+    if grad or n <= PREP_CHUNK:
         chat, cp = normalize_block(cs.prototypes, *args)
         return Candidates.trusted(chat.to(store), cs.weights, cs.mask, cp.to(store), 3)
     out_c = cs.prototypes if cs.normalized else torch.empty_like(cs.prototypes)

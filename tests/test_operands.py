@@ -168,3 +168,21 @@ def test_operands_pickle_without_backend_caches():
     assert cs2._cache == {} and cs2.prepared and torch.equal(cs2.prototypes, cs.prototypes)
     after = ops.pecm_topk(qs2, cs2, None, 4)
     assert torch.equal(before[1], after[1]) and torch.equal(before[0], after[0])
+
+
+@pytest.mark.parametrize("masks", [False, True])
+def test_prepare_candidates_float16_cpu_encoder_equals_torch_math(masks):
+    """float16 CPU candidates go through the C++ item encoder: the same unit prototypes and pooled
+    vectors as the torch preparation (to float16 rounding); a non-finite norm is refused."""
+    from pecm.operands import normalize_block
+
+    _, c, w, _, cm = make_inputs(1, 300, 6, 40, dtype=torch.float16, masks=masks, seed=10, ties=True)
+    cs = ops.prepare_candidates(c, w, c_mask=cm)
+    chat, cp = normalize_block(c, w.float(), cm, None, False, False, torch.float32)
+    torch.testing.assert_close(cs.prototypes.float(), chat, atol=1e-3, rtol=0)
+    torch.testing.assert_close(cs.pooled.float(), cp, atol=1e-3, rtol=0)
+    bad = c.clone()
+    bad[3, 1, 0] = float("inf")
+    if "cpp" in available_backends():
+        with pytest.raises(ValueError, match="c: a prototype's norm is not finite"):
+            ops.prepare_candidates(bad, w, c_mask=cm)

@@ -105,6 +105,24 @@ class CppBackend:
         qw, qden, qpool = _C.prepare_query(_np(q), _DTYPES[st], _np(w.float()), qm, qp, float(eps))
         return torch.from_numpy(qw), torch.from_numpy(qden), torch.from_numpy(qpool)
 
+    def prepare_candidates(self, cs: Candidates) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+        """(unit prototypes, unit pooled float32 or None) of raw float16 candidates in one C++ pass
+        (`_C.encode_items`, the index's item encoder; no gradients), or None for other inputs.
+
+        The pooled vectors are computed only when cs has none (given ones are left to the caller).
+        """
+        if cs.dtype != torch.float16 or cs.normalized or cs.prototypes.device.type != "cpu":
+            return None
+        x = cs.prototypes.detach().contiguous()
+        n, _, d = x.shape
+        unit = torch.empty_like(x)  # torch's allocator: large buffers fault in faster than numpy's
+        pooled = torch.empty((n, d), dtype=torch.float32) if cs.pooled is None else None
+        mask = None if cs.mask is None else _np(cs.mask)
+        ok = _C.encode_items(x.numpy(), _np(cs.weights.float()), mask, unit.numpy(), _np(pooled), EPS)
+        if not ok:
+            raise ValueError("c: a prototype's norm is not finite (NaN or inf values, or |x| beyond float32)")
+        return unit, pooled
+
     def scores(self, qs: Queries, cs: Candidates) -> Tuple[Tensor, Tensor, Tensor]:
         sim, conf, score = _C.scores(_queries(qs), _candidates(cs))
         return torch.from_numpy(sim), torch.from_numpy(conf), torch.from_numpy(score)
