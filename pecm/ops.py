@@ -172,7 +172,7 @@ def prepare_candidates(
     cs = Candidates(c, w, c_mask, c_pooled, normalized, normalized and c_pooled is not None)
     if check:
         _check_candidates_finite(cs)
-    return _prepared(cs)
+    return _prepared(cs, refuse_nonfinite=True)
 
 
 def _check_candidates_finite(cs: Candidates) -> None:
@@ -180,8 +180,15 @@ def _check_candidates_finite(cs: Candidates) -> None:
         check_finite(t, nm)
 
 
-def _prepared(cs: Candidates) -> Candidates:
-    """cs with unit prototypes and unit pooled vectors (cs itself when it already has them)."""
+_NOT_FINITE = "c: a prototype's norm is not finite (NaN or inf values, or |x| beyond float32)"
+
+
+def _prepared(cs: Candidates, refuse_nonfinite: bool = False) -> Candidates:
+    """cs with unit prototypes and unit pooled vectors (cs itself when it already has them).
+
+    ``refuse_nonfinite``: raise when a unit prototype comes out NaN/inf (`prepare_candidates`; the
+    C++ encoder always refuses them).
+    """
     if cs.prepared:
         return cs
     n, k, d = cs.prototypes.shape
@@ -198,8 +205,11 @@ def _prepared(cs: Candidates) -> Candidates:
                 pooled = given if unit_given else torch.nn.functional.normalize(given.to(acc), dim=-1, eps=EPS)
             return Candidates.trusted(unit.view(n, k, d), cs.weights, cs.mask, pooled.to(store), 3)
     args = (cs.weights, cs.mask, cs.pooled, cs.normalized, cs.pooled_normalized, acc)
+    check = refuse_nonfinite and not grad and not _compiling()
     if grad or n <= PREP_CHUNK:
         chat, cp = normalize_block(cs.prototypes, *args)
+        if check and not bool(torch.isfinite(chat).all()):
+            raise ValueError(_NOT_FINITE)
         return Candidates.trusted(chat.to(store), cs.weights, cs.mask, cp.to(store), 3)
     out_c = cs.prototypes if cs.normalized else torch.empty_like(cs.prototypes)
     out_p = torch.empty((n, d), dtype=store, device=cs.device)
@@ -210,6 +220,8 @@ def _prepared(cs: Candidates) -> Candidates:
             chat, cp = normalize_block(
                 part.prototypes, cs.weights, part.mask, part.pooled, cs.normalized, cs.pooled_normalized, acc
             )
+            if check and not bool(torch.isfinite(chat).all()):
+                raise ValueError(_NOT_FINITE)
             if not cs.normalized:
                 out_c[s:e] = chat
             out_p[s:e] = cp

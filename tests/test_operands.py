@@ -181,8 +181,8 @@ def test_prepare_candidates_float16_cpu_encoder_equals_torch_math(masks):
     chat, cp = normalize_block(c, w.float(), cm, None, False, False, torch.float32)
     torch.testing.assert_close(cs.prototypes.float(), chat, atol=1e-3, rtol=0)
     torch.testing.assert_close(cs.pooled.float(), cp, atol=1e-3, rtol=0)
-    bad = c.clone()
-    bad[3, 1, 0] = float("inf")
-    if "cpp" in available_backends():
+    for dt in (torch.float16, torch.float32, torch.bfloat16):  # the C++ encoder and the torch path alike
+        bad = c.to(dt)
+        bad[3, 1, 0] = float("inf")
         with pytest.raises(ValueError, match="c: a prototype's norm is not finite"):
             ops.prepare_candidates(bad, w, c_mask=cm)
