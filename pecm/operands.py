@@ -131,11 +131,16 @@ def _weights(w, k: int, device, acc: torch.dtype) -> Tensor:
     if t.dtype != acc:
         t = t.to(acc)
     if not _compiling() and t.numel():
-        bad = t.detach()
-        if bool((bad < 0).any()):
-            raise ValueError("w: weights must be non-negative")
-        if not bool(torch.isfinite(bad).all()):
+        v = t.detach()
+        if v.device.type == "cpu":  # K values: numpy is cheaper than two torch ops per call
+            a = v.numpy()
+            finite, nonneg = bool(np.isfinite(a).all()), bool((a >= 0).all())
+        else:
+            finite, nonneg = bool(torch.isfinite(v).all()), bool((v >= 0).all())
+        if not finite:
             raise ValueError("w: contains NaN or inf values")
+        if not nonneg:
+            raise ValueError("w: weights must be non-negative")
     return t
 
 
