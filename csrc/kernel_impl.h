@@ -68,22 +68,27 @@ static float sumsq(const T* x, int64_t n, const T* pf) {
     return r;
 }
 
+// 1 / max(sqrt(ss), eps) in float32 (IEEE sqrt and division; F.normalize divides by the same float32 norm).
 static inline float inv_norm(float ss, float eps) {
-    const double n = std::sqrt((double)ss);
-    return (float)(1.0 / (n > (double)eps ? n : (double)eps));
+    const float n = std::sqrt(ss);
+    return 1.f / (n > eps ? n : eps);
 }
 
 // h[0..D) = sum_t a[t] * x[t*D ..] (fp32); returns ||h||^2. CH vector accumulators stay in registers
-// across the K prototypes (the row is L1-resident after the norm pass), so h is stored once.
+// across the K prototypes (the row is cache-resident after the norm pass), so h is stored once.
 template <typename T>
-static float pool_row(const T* x, const float* a, int64_t K, int64_t D, float* h) {
-    constexpr int CH = 8;
+static float pool_row(const T* x, const float* a, int64_t K, int64_t D, float* h, const T* pf) {
+    // 16 accumulators where the ISA has 32 vector registers (AVX-512: D = 256 in one sequential sweep
+    // over the row), else 8 (AVX2's 16 registers).
+    constexpr int CH = VL == 16 ? 16 : 8;
     V ss = vzero();
     int64_t d0 = 0;
     for (; d0 + CH * VL <= D; d0 += CH * VL) {
         V acc[CH];
         for (int j = 0; j < CH; j++) acc[j] = vzero();
         for (int64_t t = 0; t < K; t++) {
+            if (pf && d0 == 0)  // another row streamed in while this cache-resident one is pooled
+                for (int64_t o = 0; o < D; o += 64 / (int64_t)sizeof(T)) __builtin_prefetch(pf + t * D + o, 0, 2);
             if (a[t] == 0.f) continue;
             const V av = vset1(a[t]);
             const T* xt = x + t * D + d0;
@@ -130,17 +135,20 @@ static void prep_norms(const Problem& p, const T* const* cr, const uint8_t* cons
 // The pooled side of rows whose inv is known (pr[r]: given pooled rows [D]; pr null = pool on the fly):
 //   hp[r*D + d] = sum_t w_t inv_rt c_rt     (fp32, not normalised)
 //   pinv[r]     = 1 / max(||hp_r||, eps), or 1 / max(||cp_r||, eps) for given pooled vectors (1 when unit)
-// so sim = (qp . hp_r or cp_r) * pinv[r]. With prep_norms / micro_norm this is
+// so sim = (qp . hp_r or cp_r) * pinv[r]; pnx[0..npnx): the next group's pooled rows, prefetched while
+// given pooled rows are read; cnx2[0..ncnx2): the rows two groups ahead, prefetched while the current
+// (cache-resident) rows are pooled, so memory stays busy through this compute phase (gathered rows).
+// With prep_norms / micro_norm this is
 // pecm.operands.normalize_block in float32, without rounding ĉ to the storage dtype.
 template <typename T>
-static void prep_pool(const Problem& p, const T* const* cr, const T* const* pr, int nr, const float* inv, float* hp,
-                      float* pinv) {
+static void prep_pool(const Problem& p, const T* const* cr, const T* const* pr, int nr, const T* const* pnx, int npnx,
+                      const T* const* cnx2, int ncnx2, const float* inv, float* hp, float* pinv) {
     const int64_t K = p.K, D = p.D;
     const Candidates& cs = p.c;
     float a[kMaxPrepK];
     for (int r = 0; r < nr; r++) {
-        if (pr) {
-            pinv[r] = cs.pooled_unit ? 1.f : inv_norm(sumsq(pr[r], D, (const T*)nullptr), cs.eps);
+        if (pr) {  // given pooled rows: this is their first read, so it prefetches the next group's (pnx)
+            pinv[r] = cs.pooled_unit ? 1.f : inv_norm(sumsq(pr[r], D, r < npnx ? pnx[r] : nullptr), cs.eps);
             continue;
         }
         const float* iv = inv + r * K;
@@ -149,7 +157,7 @@ static void prep_pool(const Problem& p, const T* const* cr, const T* const* pr, 
             const int64_t kk = imin(kMaxPrepK, K - t0);
             for (int64_t t = 0; t < kk; t++) a[t] = cs.w[t0 + t] * iv[t0 + t];
             if (t0 == 0) {
-                pinv[r] = inv_norm(pool_row(cr[r], a, kk, D, h), cs.eps);
+                pinv[r] = inv_norm(pool_row(cr[r], a, kk, D, h, t0 == 0 && r < ncnx2 ? cnx2[r] : nullptr), cs.eps);
             } else {  // K > kMaxPrepK (rare): add the slice; the norm is taken below
                 for (int64_t d = 0; d < D; d++)
                     for (int64_t t = 0; t < kk; t++) h[d] += to_f32(cr[r] + (t0 + t) * D + d) * a[t];
@@ -165,6 +173,7 @@ static void prep_pool(const Problem& p, const T* const* cr, const T* const* pr, 
 template <int RB, typename T>
 static void micro_norm(const float* q, const T* const* cr, const uint8_t* const* mr, const T* const* nx, int nnx,
                        int64_t K, int64_t D, float eps, float* inv, float* acc) {
+    static_assert(RB >= 1 && RB <= 4, "the norms of a group are reduced 4 at a time");
     V tot[RB];
     float tl[RB];
     for (int r = 0; r < RB; r++) {
@@ -204,11 +213,14 @@ static void micro_norm(const float* q, const T* const* cr, const uint8_t* const*
                 ta[r] += q[j] * cv;
                 tn[r] += cv * cv;
             }
+        float ss[4] = {0.f, 0.f, 0.f, 0.f}, iv[4];
+        for (int r = 0; r < RB; r++) ss[r] = vsum(n[r]) + tn[r];
+        inv_norm4(ss, eps, iv);  // the group's RB norms in one vector sqrt / division
         for (int r = 0; r < RB; r++) {
-            const float iv = live[r] ? inv_norm(vsum(n[r]) + tn[r], eps) : 0.f;
-            inv[r * K + t] = iv;
-            tot[r] = vfma(a[r], vset1(iv), tot[r]);
-            tl[r] += ta[r] * iv;
+            const float x = live[r] ? iv[r] : 0.f;
+            inv[r * K + t] = x;
+            tot[r] = vfma(a[r], vset1(x), tot[r]);
+            tl[r] += ta[r] * x;
         }
     }
     for (int r = 0; r < RB; r++) acc[r] += vsum(tot[r]) + tl[r];
@@ -407,26 +419,30 @@ static void dot_tile(const Problem& p, const float* qw, const float* qp, int64_t
         const int nnx = gathered ? (int)imin(RB_MAX, imin(nr, r0 + 2 * RB_MAX) - (r0 + RB_MAX)) : 0;
         const T* const* cnx = nnx > 0 ? crow + r0 + RB_MAX : nullptr;  // the next group's rows (prefetch)
         const uint8_t* const* mg = mrow ? mrow + r0 : nullptr;
-        bool cold = true;  // whether this group's rows are still to be read (the read that prefetches the next)
         if (scaled && need_num) {
             pick_norm<T>(rb)(qw, crow + r0, mg, cnx, nnx, K, D, p.c.eps, s.inv, accn + r0);
-            cold = false;
             if (nq > 1)
                 dot_group<T, true>(qw + KD, KD, nq - 1, crow + r0, rb, nullptr, 0, gathered, K, D, s.inv, accn + nr + r0,
                                    nr);
         } else if (prep && (need_num || !prow)) {  // inv for the unscaled dots' mask or for pooling
             prep_norms<T>(p, crow + r0, mg, rb, scaled ? cnx : nullptr, scaled ? nnx : 0, s.inv);
-            cold = !scaled;
         }
         if (need_num && !scaled)
             dot_group<T, false>(qw, KD, nq, crow + r0, rb, cnx, nnx, gathered, 1, KD, nullptr, accn + r0, nr);
-        if (need_num) cold = false;
-        if (prep && need_sim) prep_pool<T>(p, crow + r0, prow ? prow + r0 : nullptr, rb, s.inv, s.hp, s.pinv + r0);
+        // The pooled rows' first read prefetches the next group's: prep_pool's norm of raw given rows,
+        // else the sim dots.
+        const T* const* pnx = prow && nnx > 0 ? prow + r0 + RB_MAX : nullptr;
+        const bool pooled_read = prep && prow && !p.c.pooled_unit;
+        const int nnx2 = gathered ? (int)imin(RB_MAX, imin(nr, r0 + 3 * RB_MAX) - (r0 + 2 * RB_MAX)) : 0;
+        const T* const* cnx2 = nnx2 > 0 && scaled ? crow + r0 + 2 * RB_MAX : nullptr;
+        if (prep && need_sim)
+            prep_pool<T>(p, crow + r0, prow ? prow + r0 : nullptr, rb, pooled_read ? pnx : nullptr, nnx, cnx2,
+                         cnx2 ? nnx2 : 0, s.inv, s.hp, s.pinv + r0);
         if (need_sim) {
             if (prow) {
-                const bool pf = cold && nnx > 0;
-                dot_group<T, false>(qp, D, nq, prow + r0, rb, pf ? prow + r0 + RB_MAX : nullptr, pf ? nnx : 0,
-                                    gathered, 1, D, nullptr, accs + r0, nr);
+                const bool pf = !pooled_read && pnx;
+                dot_group<T, false>(qp, D, nq, prow + r0, rb, pf ? pnx : nullptr, pf ? nnx : 0, gathered, 1, D, nullptr,
+                                    accs + r0, nr);
             } else {
                 const float* hr[RB_MAX];
                 for (int r = 0; r < rb; r++) hr[r] = s.hp + r * D;
@@ -590,7 +606,7 @@ static void tile_t(const Problem& p, int64_t q0, int64_t q1, const int64_t* rows
     if (gemm) {
         if (!cs.prepared) {
             prep_norms<T>(p, crow, mrow, nr, nullptr, 0, s.inv);
-            if (need_sim) prep_pool<T>(p, crow, prow, nr, s.inv, s.hp, s.pinv);
+            if (need_sim) prep_pool<T>(p, crow, prow, nr, nullptr, 0, nullptr, 0, s.inv, s.hp, s.pinv);
         }
         gemm_accumulate<T>(p, q0, nq, crow, prow, nr, need_num, need_sim, accn, accs, s);
         si = 1;

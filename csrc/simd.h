@@ -89,6 +89,10 @@ static inline V vbcast(const float* p) { return _mm512_set1_ps(*p); }
 static inline float vsum(V v) { return _mm512_reduce_add_ps(v); }
 static inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
 static inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
+// out[i] = 1 / max(sqrt(ss[i]), eps) for 4 lanes at once (IEEE sqrt and division)
+static inline void inv_norm4(const float* ss, float eps, float* out) {
+    _mm_storeu_ps(out, _mm_div_ps(_mm_set1_ps(1.f), _mm_max_ps(_mm_sqrt_ps(_mm_loadu_ps(ss)), _mm_set1_ps(eps))));
+}
 static inline V vset1(float x) { return _mm512_set1_ps(x); }
 static inline void vstore(F16* p, V v) {
     _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -114,6 +118,9 @@ static inline float vsum(V v) {
 }
 static inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
 static inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
+static inline void inv_norm4(const float* ss, float eps, float* out) {
+    _mm_storeu_ps(out, _mm_div_ps(_mm_set1_ps(1.f), _mm_max_ps(_mm_sqrt_ps(_mm_loadu_ps(ss)), _mm_set1_ps(eps))));
+}
 static inline V vset1(float x) { return _mm256_set1_ps(x); }
 static inline void vstore(F16* p, V v) { _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT)); }
 #else
@@ -130,6 +137,12 @@ static inline V vbcast(const float* p) { return *p; }
 static inline float vsum(V v) { return v; }
 static inline V vmul(V a, V b) { return a * b; }
 static inline V vadd(V a, V b) { return a + b; }
+static inline void inv_norm4(const float* ss, float eps, float* out) {
+    for (int i = 0; i < 4; i++) {
+        const float n = __builtin_sqrtf(ss[i]);
+        out[i] = 1.f / (n > eps ? n : eps);
+    }
+}
 static inline V vset1(float x) { return x; }
 static inline void vstore(F16* p, V v) { p->v = float_to_half(v); }
 #endif
