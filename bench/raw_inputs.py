@@ -8,7 +8,9 @@ For each op (top-k, re-rank) and B, the cpp backend is timed on the same items i
 of `pecm.bench.input_forms` (prepared once / raw / raw + raw pooled / prepare inside every call),
 next to the ``gemm`` peer (the weights folded into one torch GEMM over the prepared prototypes, then
 torch.topk) measured in the same run; every implementation is first checked against
-`pecm.reference`. The target: raw-input calls within 1.3x of the prepared path. Writes one JSON
+`pecm.reference`. Re-rank forms gather another candidate id set on every call (16 sets in turn; the
+gemm peer re-uses one set, so its re-rank rows are partly cache-resident and "x gemm" flatters it).
+The target: raw-input calls within 1.3x of the prepared path. Writes one JSON
 bundle (each run valid against `pecm.bench.schema`, plus a ``ratios`` summary) to
 bench/results/raw_inputs_<device>.json.
 """
