@@ -409,18 +409,22 @@ static void dot_tile(const Problem& p, const float* qw, const float* qp, int64_t
                      bool need_sim, float* accn, float* accs, const TileScratch& s) {
     const int64_t K = p.K, D = p.D, KD = K * D;
     const bool prep = !p.c.prepared, scaled = !p.c.unit;
-    if (gathered) {  // the first group is requested up front; later ones are prefetched a group ahead
+    // Gathered rows: the first groups are requested up front, later ones `ahead` groups ahead of the
+    // read that consumes them: 1 for prepared rows (their dots keep up with memory), 3 for raw rows,
+    // whose first read computes the norms too (1-2 groups left memory idle; 2 threads, Zen 4).
+    const int ahead = gathered && scaled && need_num ? 3 : 1;
+    if (gathered) {
         constexpr int64_t line = 64 / (int64_t)sizeof(T);
-        for (int r = 0; r < (int)imin(RB_MAX, nr); r++)
+        for (int r = 0; r < (int)imin(ahead * RB_MAX, nr); r++)
             for (int64_t j = 0; j < KD; j += line) __builtin_prefetch(crow[r] + j, 0, 2);
     }
     for (int r0 = 0; r0 < nr; r0 += RB_MAX) {
         const int rb = (int)imin(RB_MAX, nr - r0);
-        const int nnx = gathered ? (int)imin(RB_MAX, imin(nr, r0 + 2 * RB_MAX) - (r0 + RB_MAX)) : 0;
-        const T* const* cnx = nnx > 0 ? crow + r0 + RB_MAX : nullptr;  // the next group's rows (prefetch)
+        const int nnx = gathered ? (int)imin(RB_MAX, imin(nr, r0 + (ahead + 1) * RB_MAX) - (r0 + ahead * RB_MAX)) : 0;
+        const T* const* cnx = nnx > 0 ? crow + r0 + ahead * RB_MAX : nullptr;  // the rows to prefetch now
         const uint8_t* const* mg = mrow ? mrow + r0 : nullptr;
         if (scaled && need_num) {
-            pick_norm<T>(rb)(qw, crow + r0, mg, cnx, nnx, K, D, p.c.eps, s.inv, accn + r0);
+            pick_norm<T>(rb)(qw, crow + r0, mg, cnx, nnx > 0 ? nnx : 0, K, D, p.c.eps, s.inv, accn + r0);
             if (nq > 1)
                 dot_group<T, true>(qw + KD, KD, nq - 1, crow + r0, rb, nullptr, 0, gathered, K, D, s.inv, accn + nr + r0,
                                    nr);
@@ -431,17 +435,18 @@ static void dot_tile(const Problem& p, const float* qw, const float* qp, int64_t
             dot_group<T, false>(qw, KD, nq, crow + r0, rb, cnx, nnx, gathered, 1, KD, nullptr, accn + r0, nr);
         // The pooled rows' first read prefetches the next group's: prep_pool's norm of raw given rows,
         // else the sim dots.
-        const T* const* pnx = prow && nnx > 0 ? prow + r0 + RB_MAX : nullptr;
+        const int npx = gathered ? (int)imin(RB_MAX, imin(nr, r0 + 2 * RB_MAX) - (r0 + RB_MAX)) : 0;
+        const T* const* pnx = prow && npx > 0 ? prow + r0 + RB_MAX : nullptr;
         const bool pooled_read = prep && prow && !p.c.pooled_unit;
         const int nnx2 = gathered ? (int)imin(RB_MAX, imin(nr, r0 + 3 * RB_MAX) - (r0 + 2 * RB_MAX)) : 0;
-        const T* const* cnx2 = nnx2 > 0 && scaled ? crow + r0 + 2 * RB_MAX : nullptr;
+        const T* const* cnx2 = nnx2 > 0 && scaled && ahead == 1 ? crow + r0 + 2 * RB_MAX : nullptr;
         if (prep && need_sim)
-            prep_pool<T>(p, crow + r0, prow ? prow + r0 : nullptr, rb, pooled_read ? pnx : nullptr, nnx, cnx2,
+            prep_pool<T>(p, crow + r0, prow ? prow + r0 : nullptr, rb, pooled_read ? pnx : nullptr, npx, cnx2,
                          cnx2 ? nnx2 : 0, s.inv, s.hp, s.pinv + r0);
         if (need_sim) {
             if (prow) {
                 const bool pf = !pooled_read && pnx;
-                dot_group<T, false>(qp, D, nq, prow + r0, rb, pf ? pnx : nullptr, pf ? nnx : 0, gathered, 1, D, nullptr,
+                dot_group<T, false>(qp, D, nq, prow + r0, rb, pf ? pnx : nullptr, pf ? npx : 0, gathered, 1, D, nullptr,
                                     accs + r0, nr);
             } else {
                 const float* hr[RB_MAX];
