@@ -53,6 +53,42 @@ def ratios(runs, backend: str):
     return out
 
 
+def interleaved(n: int, bs, m: int, dtype: str, backend: str, budget_s: float = 20.0):
+    """A/B/C timing robust to drift: the forms take turns call by call (round robin), so a change of
+    load or clock hits them alike. -> [{op, B, form, ms, prepared_ms, ratio, calls}]."""
+    import time as _t
+
+    import numpy as np
+    import torch
+
+    from pecm.bench.workload import make_candidates, make_workload
+
+    cands = make_candidates(n, 26, 256, dtype)
+    out = []
+    for op in ("topk", "rerank"):
+        for b in bs:
+            wl = make_workload(b, n, 26, 256, m=m if op == "rerank" else None, dtype=dtype, candidates=cands)
+            fns = {f: input_forms.make_form(backend, f)(op, wl) for f in ("prepared", "raw", "raw+pooled")}
+            for f in fns.values():
+                f()  # warm-up
+            times = {f: [] for f in fns}
+            t0 = _t.perf_counter()
+            while _t.perf_counter() - t0 < budget_s or min(len(v) for v in times.values()) < 5:
+                for f, fn in fns.items():
+                    s0 = _t.perf_counter()
+                    with torch.no_grad():
+                        fn()
+                    times[f].append(_t.perf_counter() - s0)
+            base = float(np.median(times["prepared"]))
+            for f, v in times.items():
+                if f != "prepared":
+                    med = float(np.median(v))
+                    out.append(
+                        dict(op=op, B=b, form=f, ms=med * 1e3, prepared_ms=base * 1e3, ratio=med / base, calls=len(v))
+                    )
+    return out
+
+
 def table(bundle) -> str:
     lines = ["| op | B | form | ms | prepared ms | x prepared | within 1.3x |", "|---|---|---|---|---|---|---|"]
     for r in bundle["ratios"]:
@@ -65,6 +101,18 @@ def table(bundle) -> str:
             if r["status"] == "ok" and r["impl"].endswith(":raw") and "gemm" in r.get("speedup_vs", {}):
                 gem.append(f"{res['op']} B={r['shape']['B']}: {r['speedup_vs']['gemm']:.2f}x")
     env = bundle["runs"][0]["environment"]
+    ab = ["| op | B | form | ms | prepared ms | x prepared | calls each |", "|---|---|---|---|---|---|---|"]
+    for r in bundle.get("interleaved", []):
+        cells = [
+            r["op"],
+            r["B"],
+            r["form"],
+            f"{r['ms']:.2f}",
+            f"{r['prepared_ms']:.2f}",
+            f"{r['ratio']:.2f}",
+            r["calls"],
+        ]
+        ab.append("| " + " | ".join(str(x) for x in cells) + " |")
     return "\n".join(
         [
             BEGIN,
@@ -72,7 +120,13 @@ def table(bundle) -> str:
             f"`{env.get('cpp_simd', '?')}`), commit `{env['git_commit'][:12]}`, command `{bundle['command']}`; "
             f"1-min load {env['loadavg_1min_start']:.2f} at the start.",
             "",
+            "Runner (each form timed in turn per grid point, median of the repeats):",
+            "",
             *lines,
+            "",
+            "Interleaved (the forms take turns call by call for ~20 s per point, median; drift hits them alike):",
+            "",
+            *ab,
             "",
             "Raw input vs the torch GEMM peer on prepared prototypes (same run, > 1: raw pecm is faster): "
             + ", ".join(gem)
@@ -93,6 +147,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/raw_inputs_<device>.json)")
     ap.add_argument("--readme", action="store_true", help="rewrite the raw-inputs block of bench/README.md")
+    ap.add_argument("--no-interleaved", action="store_true", help="skip the interleaved (round-robin) timing")
     args = ap.parse_args(argv)
     sweep = runner.parse_sweep(f"N={args.n},B={args.b},M={args.m}")
     t0 = time.time()
@@ -118,6 +173,12 @@ def main(argv=None) -> int:
         "runs": runs,
     }
     bundle["ratios"] = ratios(runs, args.backend)
+    if not args.no_interleaved:
+        bs = [int(x) for x in args.b.split(",")]
+        bundle["interleaved"] = interleaved(
+            int(args.n.split(",")[0]), bs, int(args.m.split(",")[0]), args.dtype, args.backend
+        )
+    bundle["wall_s"] = time.time() - t0
     out = args.out or os.path.join(ROOT, "bench", "results", "raw_inputs_cpu.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
