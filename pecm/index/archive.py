@@ -4,15 +4,21 @@ Crash safety (append): (1) truncate every data file to its committed size, (2) w
 at the end and fsync, (3) insert and commit the metadata rows, (4) replace ``manifest.json``
 atomically (temp file, fsync, ``os.replace``, fsync the directory). Only step 4 commits; a crash
 before it leaves the previous index: readers use only the manifest's ``count`` rows, and metadata
-rows with id >= ``next_id`` are invisible and deleted by the next writer.
+rows with id >= ``next_id`` are invisible; the next `add` (same handle or a new writer) deletes
+them in the transaction that inserts its own rows. A failed `add` (e.g. ENOSPC) rolls its bytes
+and rows back before raising, so the handle stays usable and ids are never given twice.
 
 Concurrency: one writer (``mode="a"``) holds an exclusive ``fcntl.flock`` on ``write.lock``; a
-second writer gets `IndexLockedError`. Readers take no lock: they see the manifest they opened
-(call `refresh()` to see later commits).
+second writer gets `IndexLockedError`. Readers take no lock. A handle holds read-only descriptors
+of its generation's data files (a snapshot: a concurrent `compact` that removes them cannot break
+a search under way); `search`, `get`, `len()` and `stats()` of a reader first look at the manifest
+(one ``stat``) and move to the latest commit when it changed, so deleted items are never returned
+after the `delete` committed. `refresh()` does the same explicitly.
 """
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import os
 import shutil
@@ -40,6 +46,62 @@ def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+class _Files:
+    """Read-only descriptors of one generation's data files, closed when the last user drops them."""
+
+    def __init__(self, fds: Dict[str, int]):
+        self.fds = fds
+
+    def close(self) -> None:
+        fds, self.fds = self.fds, {}
+        for fd in fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __del__(self):
+        self.close()
+
+
+def _manifest_stamp(root: str):
+    try:
+        st = os.stat(os.path.join(root, fmt.MANIFEST))
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _id_array(ids) -> np.ndarray:
+    a = np.asarray(ids)
+    if a.dtype.kind not in "iu" and not (a.size == 0 and a.dtype.kind == "f"):
+        raise TypeError(f"ids: expected integer ids, got dtype {a.dtype}")
+    if a.dtype.kind == "u" and a.size and a.max() > np.iinfo(np.int64).max:
+        raise ValueError("ids: out of the int64 range")
+    return a.astype(np.int64).reshape(-1)
+
+
+def _verify_meta(root: str, m: dict, fds: Dict[str, int]) -> None:
+    """Recompute ``meta_crc32`` of every append record (records of indexes written before it existed have
+    none and are skipped); the ids of a record's rows are read through the snapshot's ``ids.bin``."""
+    recs = [r for r in m["checksums"] if "meta_crc32" in r]
+    if not recs:
+        return
+    store = MetaStore(os.path.join(root, fmt.META_DB), writable=False)
+    try:
+        for r in recs:
+            raw = os.pread(fds["ids"], r["count"] * 8, r["start"] * 8)
+            ids = np.frombuffer(raw, dtype=np.int64)
+            got = store.rows_crc(ids.tolist())
+            if got != r["meta_crc32"]:
+                raise IndexCorruptError(
+                    f"index: metadata of rows [{r['start']}, {r['start'] + r['count']}) in {fmt.META_DB} was changed "
+                    f"or lost (crc32 {got:#010x}, manifest {r['meta_crc32']:#010x})"
+                )
+    finally:
+        store.close()
+
+
 def _as_array(x, name: str) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
@@ -49,19 +111,19 @@ def _as_array(x, name: str) -> np.ndarray:
 class ArchiveIndex:
     """An on-disk archive of PECM items; see the module docstring and docs/index.md."""
 
-    def __init__(self, root: str, manifest: dict, mode: str, lock_fd: Optional[int]):
+    def __init__(self, root: str, manifest: dict, mode: str, lock_fd: Optional[int], files: _Files, stamp=None):
         self.root, self.mode, self._lock_fd = root, mode, lock_fd
         self._meta: Optional[MetaStore] = None
-        self._load(manifest)
+        self._load(manifest, files, stamp)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def create(cls, path, K: int, D: int, dtype: str = "float16", weights=None, overwrite: bool = False):
         """Create an empty index at ``path`` and return it open for appending."""
         path = os.fspath(path)
-        for name, v in (("K", K), ("D", D)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        for name, v, hi in (("K", K, fmt.MAX_K), ("D", D, fmt.MAX_D)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= int(v) <= hi:
+                raise ValueError(f"{name}: expected an int in [1, {hi}], got {v!r}")
         if dtype not in fmt.DTYPES:
             raise ValueError(f"dtype: expected one of {fmt.DTYPES}, got {dtype!r}")
         w = np.ones(K, dtype=np.float64) if weights is None else _as_array(weights, "weights").astype(np.float64)
@@ -119,8 +181,8 @@ class ArchiveIndex:
                 os.close(lock_fd)
                 raise IndexLockedError(f"index: {path!r} is open for writing by another process") from None
         try:
-            m = cls._read_consistent(path, verify)
-            idx = cls(path, m, mode, lock_fd)
+            m, files, stamp = cls._read_consistent(path, verify)
+            idx = cls(path, m, mode, lock_fd, files, stamp)
             if mode == "a":
                 idx._recover()
             return idx
@@ -130,21 +192,29 @@ class ArchiveIndex:
             raise
 
     @staticmethod
-    def _read_consistent(path: str, verify: bool) -> dict:
-        for _ in range(20):  # a concurrent compact may swap generations between our reads
+    def _read_consistent(path: str, verify: bool):
+        """(manifest, its data files, manifest stamp) of one generation, retrying while a concurrent
+        `compact` switches generations between our reads."""
+        for _ in range(20):
+            stamp = _manifest_stamp(path)
             m = fmt.read_manifest(path)
+            files = None
             try:
-                fmt.check_sizes(path, m)
+                files = _Files(fmt.open_files(path, m))
+                fmt.check_sizes(m, files.fds)
                 if verify:
-                    fmt.verify_checksums(path, m)
+                    fmt.verify_checksums(m, files.fds)
+                    _verify_meta(path, m, files.fds)
             except IndexCorruptError:
+                if files is not None:
+                    files.close()
                 if fmt.read_manifest(path).get("generation") != m["generation"]:
                     continue
                 raise
-            return m
+            return m, files, stamp
         raise IndexCorruptError(f"index: {path!r} keeps changing generation while opening")
 
-    def _load(self, m: dict) -> None:
+    def _load(self, m: dict, files: _Files, stamp=None) -> None:
         self.manifest = m
         self.K, self.D, self.dtype, self.count = m["K"], m["D"], m["dtype"], m["count"]
         self.weights = np.asarray(m["weights"], dtype=np.float32)
@@ -152,19 +222,28 @@ class ArchiveIndex:
         self.item_bytes = fmt.item_bytes(self.K, self.D, self.dtype)
         self.paths = {k: os.path.join(self.root, v) for k, v in m["files"].items()}
         self.tombstones = np.asarray(sorted(m["tombstones"]), dtype=np.int64)
+        self._files = files
+        self._stamp = stamp
         self._mm: Dict[str, np.memmap] = {}
+
+    def _reload(self, m: dict) -> None:
+        """Writer: switch this handle to a manifest it just committed."""
+        self._load(m, _Files(fmt.open_files(self.root, m)), _manifest_stamp(self.root))
 
     def _recover(self) -> None:
         """Writer only: drop bytes and metadata rows of an interrupted append or compact."""
-        for logical, p in self.paths.items():
-            need = self.count * self.item_bytes[logical]
-            if os.path.getsize(p) != need:
-                os.truncate(p, need)
+        self._truncate_uncommitted()
         keep = set(self.manifest["files"].values()) | {fmt.META_DB, fmt.MANIFEST, fmt.LOCK_FILE}
         for name in os.listdir(self.root):
             if name.endswith(".bin") and name not in keep or name.startswith(f".{fmt.MANIFEST}"):
                 os.remove(os.path.join(self.root, name))
         self.meta.rollback_to(self.manifest["next_id"])
+
+    def _truncate_uncommitted(self) -> None:
+        for logical, p in self.paths.items():
+            need = self.count * self.item_bytes[logical]
+            if os.path.getsize(p) != need:
+                os.truncate(p, need)
 
     @property
     def meta(self) -> MetaStore:
@@ -173,12 +252,23 @@ class ArchiveIndex:
         return self._meta
 
     def refresh(self) -> "ArchiveIndex":
-        """Reader: re-read the manifest to see appends committed since opening."""
-        self._load(self._read_consistent(self.root, verify=False))
+        """Reader: re-read the manifest to see commits (appends, deletes, compacts) made since opening."""
+        m, files, stamp = self._read_consistent(self.root, verify=False)
+        self._load(m, files, stamp)
         return self
+
+    def _current(self) -> "ArchiveIndex":
+        """A consistent view for one call: a reader first moves to the latest commit if the manifest
+        changed (one stat); the view keeps its generation's files open however long the call runs."""
+        if not self._files.fds:
+            raise ValueError(f"index: {self.root!r} is closed")
+        if self.mode != "a" and _manifest_stamp(self.root) != self._stamp:
+            self.refresh()
+        return copy.copy(self)
 
     def close(self) -> None:
         self._mm = {}
+        self._files.close()
         if self._meta is not None:
             self._meta.close()
             self._meta = None
@@ -193,8 +283,9 @@ class ArchiveIndex:
         self.close()
 
     def __len__(self) -> int:
-        """Number of live items (committed minus deleted)."""
-        return self.count - len(self.tombstones)
+        """Number of live items (committed minus deleted), as of the latest commit."""
+        v = self._current()
+        return v.count - len(v.tombstones)
 
     def __repr__(self) -> str:
         return f"ArchiveIndex({self.root!r}, K={self.K}, D={self.D}, dtype={self.dtype}, items={len(self)})"
@@ -207,7 +298,8 @@ class ArchiveIndex:
             if self.count == 0:
                 self._mm[logical] = np.zeros((0, *shape), dtype=dt)
             else:
-                self._mm[logical] = np.memmap(self.paths[logical], dtype=dt, mode="r", shape=(self.count, *shape))
+                with open(self._files.fds[logical], "rb", closefd=False) as f:  # the snapshot's file
+                    self._mm[logical] = np.memmap(f, dtype=dt, mode="r", shape=(self.count, *shape))
         return self._mm[logical]
 
     def ids(self) -> np.ndarray:
@@ -236,22 +328,19 @@ class ArchiveIndex:
             raise ValueError(f"rows: expected 0 <= row < {self.count}")
         size = self.item_bytes[logical]
         flat = memoryview(out.reshape(-1).view(np.uint8))
-        fd = os.open(self.paths[logical], os.O_RDONLY)
-        try:
-            j = 0
-            while j < rows.size:  # coalesce runs of consecutive rows into one read
-                e = j + 1
-                while e < rows.size and rows[e] == rows[e - 1] + 1:
-                    e += 1
-                want, got = (e - j) * size, 0
-                while got < want:
-                    n = os.preadv(fd, [flat[j * size + got : e * size]], int(rows[j]) * size + got)
-                    if n <= 0:
-                        raise IndexCorruptError(f"index: {self.paths[logical]} ended early at row {rows[j]}")
-                    got += n
-                j = e
-        finally:
-            os.close(fd)
+        fd = self._files.fds[logical]
+        j = 0
+        while j < rows.size:  # coalesce runs of consecutive rows into one read
+            e = j + 1
+            while e < rows.size and rows[e] == rows[e - 1] + 1:
+                e += 1
+            want, got = (e - j) * size, 0
+            while got < want:
+                n = os.preadv(fd, [flat[j * size + got : e * size]], int(rows[j]) * size + got)
+                if n <= 0:
+                    raise IndexCorruptError(f"index: {self.paths[logical]} ended early at row {rows[j]}")
+                got += n
+            j = e
         return out
 
     def dequantize(self, rows: np.ndarray) -> np.ndarray:
@@ -264,13 +353,14 @@ class ArchiveIndex:
     def get(self, ids, vectors: bool = False) -> List[dict]:
         """Metadata rows of the given ids; with ``vectors=True`` each row also holds ``prototypes``
         (unit, float32 [K, D]), ``mask`` (bool [K]) and ``pooled`` (float32 [D])."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        rows = self.rows_of(ids)
-        out = self.meta.rows(ids.tolist())
+        v = self._current()
+        ids = _id_array(ids)
+        rows = v.rows_of(ids)
+        out = v.meta.rows(ids.tolist())
         if vectors:
-            protos = self.dequantize(rows).astype(np.float32)
-            masks = self.read_rows("masks", rows).astype(bool)
-            pooled = self.read_rows("pooled", rows).astype(np.float32)
+            protos = v.dequantize(rows).astype(np.float32)
+            masks = v.read_rows("masks", rows).astype(bool)
+            pooled = v.read_rows("pooled", rows).astype(np.float32)
             for j, row in enumerate(out):
                 row.update(prototypes=protos[j], mask=masks[j], pooled=pooled[j])
         return out
@@ -312,13 +402,52 @@ class ArchiveIndex:
             raise ValueError(f"metadata: expected {n} rows, got {len(metadata)}")
         if n == 0:
             return np.zeros(0, dtype=np.int64)
-        start, first_id = self.count, self.manifest["next_id"]
+        if metadata is not None:
+            metadata = list(metadata)
+        m = dict(self.manifest)
+        start, first_id = self.count, m["next_id"]
         new_ids = np.arange(first_id, first_id + n, dtype=np.int64)
+        try:
+            self._truncate_uncommitted()  # bytes of an earlier failed append on this handle
+            crcs = self._write_rows(x, masks, pooled, new_ids, start, progress)
+            # one transaction: rows left by failed/interrupted appends (id >= next_id) go, ours come in
+            meta_crc = self.meta.replace_from(first_id, new_ids.tolist(), metadata)
+            m["count"] = start + n
+            m["next_id"] = first_id + n
+            m["sizes"] = {k: (start + n) * self.item_bytes[k] for k in self.paths}
+            m["checksums"] = m["checksums"] + [{"start": start, "count": n, "crc32": crcs, "meta_crc32": meta_crc}]
+            fmt.write_manifest(self.root, m)
+        except BaseException:
+            self._after_failed_commit(m)
+            raise
+        self._reload(m)
+        return new_ids
+
+    def _after_failed_commit(self, m: dict) -> None:
+        """An append, delete or compact raised before or during its manifest replace. If the new manifest
+        is in place anyway (the directory fsync failed after the rename) the handle moves to it;
+        otherwise the uncommitted bytes and metadata rows are dropped now (best effort: the next writer
+        operation and the next writer's recovery drop them too)."""
+        try:
+            if m != self.manifest and fmt.read_manifest(self.root) == m:
+                self._reload(m)
+                return
+        except (OSError, ValueError):
+            pass
+        for step in (self._truncate_uncommitted, lambda: self.meta.rollback_to(self.manifest["next_id"])):
+            try:
+                step()
+            except (OSError, ValueError):
+                pass
+
+    def _write_rows(self, x, masks, pooled, new_ids, start: int, progress) -> Dict[str, int]:
+        """Encode and write rows ``start..`` of every data file (fsynced); returns their crc32s."""
+        n = len(new_ids)
         crcs = {k: 0 for k in self.paths}
-        fds = {k: os.open(p, os.O_WRONLY) for k, p in self.paths.items()}
         show = sys.stderr.isatty() if progress is None else bool(progress)
         nslots = 2 if n > ADD_BLOCK else 1
         encs = [fmt.BlockEncoder(self.K, self.D, self.weights, self.dtype, min(n, ADD_BLOCK)) for _ in range(nslots)]
+        fds: Dict[str, int] = {}
 
         def write(blk: dict, s: int) -> None:  # runs on the writer thread, in block order
             for logical, arr in blk.items():
@@ -327,25 +456,29 @@ class ArchiveIndex:
                 _pwrite_all(fds[logical], buf, (start + s) * self.item_bytes[logical])
 
         try:
+            for k, p in self.paths.items():
+                fds[k] = os.open(p, os.O_WRONLY)
             from tqdm.auto import tqdm
 
             bar = tqdm(total=n, desc="pecm index add", unit="item", disable=not show or n < ADD_BLOCK)
             # encode block j+1 while the writer thread writes block j (two buffer slots)
             with ThreadPoolExecutor(1) as pool:
                 pending: list = [None] * nslots
-                for j, s in enumerate(range(0, n, ADD_BLOCK)):
-                    e, slot = min(n, s + ADD_BLOCK), j % nslots
-                    if pending[slot] is not None:
-                        pending[slot].result()
-                    blk = encs[slot].encode(
-                        x[s:e], None if masks is None else masks[s:e], None if pooled is None else pooled[s:e]
-                    )
-                    blk["ids"] = new_ids[s:e]
-                    pending[slot] = pool.submit(write, blk, s)
-                    bar.update(e - s)
-                for f in pending:
-                    if f is not None:
-                        f.result()
+                try:
+                    for j, s in enumerate(range(0, n, ADD_BLOCK)):
+                        e, slot = min(n, s + ADD_BLOCK), j % nslots
+                        if pending[slot] is not None:
+                            pending[slot].result()
+                        blk = encs[slot].encode(
+                            x[s:e], None if masks is None else masks[s:e], None if pooled is None else pooled[s:e]
+                        )
+                        blk["ids"] = new_ids[s:e]
+                        pending[slot] = pool.submit(write, blk, s)
+                        bar.update(e - s)
+                finally:
+                    for f in pending:  # wait for every submitted write (and raise the first failure)
+                        if f is not None:
+                            f.result()
             bar.close()
             for logical, fd in fds.items():
                 os.fsync(fd)
@@ -357,43 +490,39 @@ class ArchiveIndex:
         finally:
             for fd in fds.values():
                 os.close(fd)
-        if metadata is not None:
-            self.meta.insert(new_ids.tolist(), metadata)
-            self.meta.commit()
-        m = dict(self.manifest)
-        m["count"] = start + n
-        m["next_id"] = first_id + n
-        m["sizes"] = {k: (start + n) * self.item_bytes[k] for k in self.paths}
-        m["checksums"] = m["checksums"] + [{"start": start, "count": n, "crc32": crcs}]
-        fmt.write_manifest(self.root, m)
-        self._load(m)
-        return new_ids
+        return crcs
 
     def delete(self, ids) -> int:
         """Tombstone items (search never returns them; `compact` reclaims the space). Returns the count."""
         self._require_writer()
-        ids = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
+        ids = np.unique(_id_array(ids))
         self.rows_of(ids)  # KeyError for unknown / already deleted
         m = dict(self.manifest)
         m["tombstones"] = sorted(set(m["tombstones"]) | set(ids.tolist()))
-        fmt.write_manifest(self.root, m)
-        self._load(m)
+        try:
+            fmt.write_manifest(self.root, m)
+        except BaseException:
+            self._after_failed_commit(m)
+            raise
+        self._reload(m)
         return int(ids.size)
 
     def compact(self, progress=None) -> None:
         """Rewrite the data files without tombstoned rows (ids are kept), as a new generation.
 
         Crash-safe: new files are written and fsynced under new names, then the manifest switches
-        to them atomically; the old files are removed afterwards (or by the next writer's recovery).
+        to them atomically; the old files and the deleted items' metadata rows are removed afterwards
+        (or the files by the next writer's recovery). Readers that hold the old generation keep reading
+        it until their next call.
         """
         self._require_writer()
         from .compact import compact_index
 
-        m = compact_index(self, progress)
-        self._load(m)
+        compact_index(self, progress)
         self._recover()
 
     def stats(self) -> dict:
+        self = self._current()
         return {
             "path": self.root,
             "K": self.K,
@@ -415,4 +544,4 @@ class ArchiveIndex:
         """Top-k search; see `pecm.index.search.search` for the arguments."""
         from .search import search
 
-        return search(self, queries, k, **kw)
+        return search(self._current(), queries, k, **kw)

@@ -1,10 +1,12 @@
 """`ArchiveIndex.compact`: rewrite the data files without tombstoned rows, as a new generation.
 
 Protocol (crash-safe): write every kept row to *new* files (``<name>.g<gen+1>.bin``), fsync them,
-delete the tombstoned metadata rows, then replace the manifest atomically so it names the new files
-(this is the commit), and finally remove the old files. A crash before the commit leaves the old
-generation intact (the stray new files are removed by the next writer's recovery); a crash after it
-leaves stray old files, removed the same way. Item ids are kept (``ids.bin`` is rewritten too).
+then replace the manifest atomically so it names the new files (this is the commit; its single
+checksum record also covers the kept items' metadata rows), then delete the tombstoned metadata
+rows and remove the old files. A crash or an error (e.g. ENOSPC) before the commit leaves the old
+generation intact (the partial new files are removed at once, or by the next writer's recovery); a
+crash after it leaves stray old files, removed the same way, and metadata rows of deleted items,
+which no id of the index refers to. Item ids are kept (``ids.bin`` is rewritten too).
 """
 
 from __future__ import annotations
@@ -20,24 +22,24 @@ from . import format as fmt
 BLOCK = 65536
 
 
-def compact_index(index, progress=None) -> dict:
-    m = index.manifest
-    gen = m["generation"] + 1
-    names = fmt.file_names(gen, index.dtype == "int8")
-    paths = {k: os.path.join(index.root, v) for k, v in names.items()}
+def _write_kept(index, paths: dict, progress) -> tuple:
+    """Write the live rows to ``paths`` (fsynced); returns (kept rows, crc32 per file, kept ids)."""
     tomb = index.tombstones
-    crcs = {k: 0 for k in names}
-    kept = 0
+    crcs = {k: 0 for k in paths}
+    kept, kept_ids = 0, []
     show = sys.stderr.isatty() if progress is None else bool(progress)
     from tqdm.auto import tqdm
 
-    files = {k: open(p, "wb") for k, p in paths.items()}
+    files = {}
     try:
+        for k, p in paths.items():
+            files[k] = open(p, "wb")
         bar = tqdm(total=index.count, desc="pecm index compact", unit="item", disable=not show)
         for s in range(0, index.count, BLOCK):
             e = min(index.count, s + BLOCK)
             ids = np.asarray(index.array("ids")[s:e])
             keep = ~np.isin(ids, tomb) if tomb.size else np.ones(e - s, dtype=bool)
+            kept_ids.append(ids[keep])
             for logical, f in files.items():
                 arr = np.ascontiguousarray(np.asarray(index.array(logical)[s:e])[keep])
                 data = memoryview(arr).cast("B")
@@ -53,20 +55,40 @@ def compact_index(index, progress=None) -> dict:
         for f in files.values():
             f.close()
     fmt.fsync_dir(index.root)
+    return kept, crcs, (np.concatenate(kept_ids) if kept_ids else np.zeros(0, np.int64))
+
+
+def compact_index(index, progress=None) -> dict:
+    m = index.manifest
+    gen = m["generation"] + 1
+    names = fmt.file_names(gen, index.dtype == "int8")
+    paths = {k: os.path.join(index.root, v) for k, v in names.items()}
+    tomb = index.tombstones
+    new = dict(m)
+    try:
+        kept, crcs, kept_ids = _write_kept(index, paths, progress)
+        rec = {"start": 0, "count": kept, "crc32": crcs, "meta_crc32": index.meta.rows_crc(kept_ids.tolist())}
+        new.update(
+            count=kept,
+            generation=gen,
+            files=names,
+            tombstones=[],
+            sizes={k: kept * index.item_bytes[k] for k in names},
+            checksums=[rec] if kept else [],
+        )
+        fmt.write_manifest(index.root, new)
+    except BaseException:
+        index._after_failed_commit(new)
+        if index.manifest["generation"] != gen:  # not committed: the partial new files go
+            for p in paths.values():
+                try:
+                    os.remove(p)
+                except OSError:
+                    pass
+        raise
+    index._reload(new)
     if tomb.size:
         index.meta.delete(tomb.tolist())
-        index.meta.commit()
-    new = dict(m)
-    new.update(
-        count=kept,
-        generation=gen,
-        files=names,
-        tombstones=[],
-        sizes={k: kept * index.item_bytes[k] for k in names},
-        checksums=[{"start": 0, "count": kept, "crc32": crcs}] if kept else [],
-    )
-    fmt.write_manifest(index.root, new)
-    index._mm = {}
     for logical, name in m["files"].items():
         if name != names[logical]:
             try:

@@ -24,6 +24,7 @@ and never re-reads older data; ``verify=True`` recomputes all records.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 import zlib
@@ -88,12 +89,87 @@ def write_manifest(root: str, manifest: dict) -> None:
     """Atomic replace: write a temp file, fsync it, os.replace, fsync the directory."""
     tmp = os.path.join(root, f".{MANIFEST}.{os.getpid()}.tmp")
     data = json.dumps(manifest, indent=1, sort_keys=True).encode()
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(root, MANIFEST))
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(root, MANIFEST))
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
     fsync_dir(root)
+
+
+MAX_K = 4096  # prototypes per item
+MAX_D = 65536  # prototype dimension
+MAX_MANIFEST_BYTES = 1 << 30
+
+
+def _int(m: dict, key: str, lo: int, hi: int, path: str) -> int:
+    v = m.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise IndexCorruptError(f"index: {path}: field {key!r} must be an int in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def _crc(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 32
+
+
+def validate_manifest(m: dict, path: str) -> dict:
+    """Type and range checks of every manifest field (a damaged manifest never opens).
+
+    Data file names are not trusted: they must be exactly `file_names` of the manifest's generation,
+    so a manifest can never make a reader, `add` or `compact` touch a file outside the index.
+    """
+    needed = ("K", "D", "dtype", "count", "weights", "files", "checksums", "tombstones", "next_id", "generation")
+    missing = [x for x in needed if x not in m]
+    if missing:
+        raise IndexCorruptError(f"index: {path} lacks fields {missing}")
+    k = _int(m, "K", 1, MAX_K, path)
+    d = _int(m, "D", 1, MAX_D, path)
+    if m["dtype"] not in DTYPES:
+        raise IndexCorruptError(f"index: {path}: field 'dtype' must be one of {DTYPES}, got {m['dtype']!r}")
+    limit = (1 << 62) // max(item_bytes(k, d, m["dtype"]).values())
+    count = _int(m, "count", 0, limit, path)
+    next_id = _int(m, "next_id", count, 1 << 62, path)
+    gen = _int(m, "generation", 0, 1 << 62, path)
+    w = m["weights"]
+    if (
+        not isinstance(w, list)
+        or len(w) != k
+        or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0 for x in w)
+    ):
+        raise IndexCorruptError(f"index: {path}: field 'weights' must be a list of K={k} finite numbers >= 0")
+    want = file_names(gen, m["dtype"] == "int8")
+    if m["files"] != want:
+        raise IndexCorruptError(
+            f"index: {path}: field 'files' must name this generation's data files {sorted(want.values())}, "
+            f"got {m['files']!r}"
+        )
+    recs, start = m["checksums"], 0
+    if not isinstance(recs, list):
+        raise IndexCorruptError(f"index: {path}: field 'checksums' must be a list")
+    for j, r in enumerate(recs):
+        ok = isinstance(r, dict) and isinstance(r.get("crc32"), dict) and set(r["crc32"]) == set(want)
+        ok = ok and r.get("start") == start and isinstance(r.get("count"), int) and not isinstance(r["count"], bool)
+        ok = ok and r["count"] >= 1 and all(_crc(v) for v in r["crc32"].values())
+        ok = ok and ("meta_crc32" not in r or _crc(r["meta_crc32"]))
+        if not ok:
+            raise IndexCorruptError(f"index: {path}: checksum record {j} is malformed (rows from {start})")
+        start += r["count"]
+    if start != count:
+        raise IndexCorruptError(f"index: {path}: checksum records cover {start} rows, the manifest commits {count}")
+    t = m["tombstones"]
+    if not isinstance(t, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in t):
+        raise IndexCorruptError(f"index: {path}: field 'tombstones' must be a list of ints")
+    if t and (min(t) < 0 or max(t) >= next_id or len(set(t)) != len(t)):
+        raise IndexCorruptError(f"index: {path}: field 'tombstones' holds ids outside [0, {next_id}) or repeats")
+    return m
 
 
 def read_manifest(root: str) -> dict:
@@ -104,57 +180,64 @@ def read_manifest(root: str) -> dict:
         raise IndexCorruptError(f"index: {root!r} has no {MANIFEST} (not a pecm index, or never committed)")
     try:
         with open(path, "rb") as f:
-            m = json.loads(f.read().decode())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise IndexCorruptError(f"index: {path} is unreadable: {e}") from e
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise IndexCorruptError(f"index: {path} is larger than {MAX_MANIFEST_BYTES} bytes")
+        m = json.loads(data.decode())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise IndexCorruptError(f"index: {path} is unreadable: {type(e).__name__}: {e}") from e
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
         raise IndexCorruptError(f"index: {path} is not a {FORMAT_NAME} manifest")
     if m.get("version") != FORMAT_VERSION:
         v = m.get("version")
-        raise IndexCorruptError(f"index: format version {v} is not supported (expected {FORMAT_VERSION})")
-    needed = ("K", "D", "dtype", "count", "weights", "files", "checksums", "tombstones", "next_id", "generation")
-    missing = [x for x in needed if x not in m]
-    if missing:
-        raise IndexCorruptError(f"index: {path} lacks fields {missing}")
-    if sum(r["count"] for r in m["checksums"]) != m["count"]:
-        raise IndexCorruptError(f"index: {path}: checksum records cover a different count than {m['count']}")
-    return m
+        raise IndexCorruptError(f"index: format version {v!r} is not supported (expected {FORMAT_VERSION})")
+    return validate_manifest(m, path)
 
 
-def check_sizes(root: str, m: dict) -> None:
+def open_files(root: str, m: dict) -> Dict[str, int]:
+    """Read-only descriptors of one generation's data files (a handle's snapshot: files removed by a
+    later `compact` stay readable through them)."""
+    fds: Dict[str, int] = {}
+    try:
+        for logical, name in m["files"].items():
+            fds[logical] = os.open(os.path.join(root, name), os.O_RDONLY)
+    except OSError as e:
+        for fd in fds.values():
+            os.close(fd)
+        name = os.path.basename(e.filename or "")
+        raise IndexCorruptError(f"index: data file {name} is missing ({e})") from e
+    return fds
+
+
+def check_sizes(m: dict, fds: Dict[str, int]) -> None:
     """Cheap check on every open: every data file holds at least the committed bytes."""
     sizes = item_bytes(m["K"], m["D"], m["dtype"])
     for logical, name in m["files"].items():
-        p = os.path.join(root, name)
         need = m["count"] * sizes[logical]
-        try:
-            have = os.path.getsize(p)
-        except OSError as e:
-            raise IndexCorruptError(f"index: data file {name} is missing ({e})") from e
+        have = os.fstat(fds[logical]).st_size
         if have < need:
             raise IndexCorruptError(f"index: {name} is truncated: {have} bytes, the manifest commits {need}")
 
 
-def crc_range(path: str, offset: int, length: int, block: int = 1 << 24) -> int:
+def crc_range(fd: int, offset: int, length: int, block: int = 1 << 24) -> int:
     crc = 0
-    with open(path, "rb") as f:
-        f.seek(offset)
-        left = length
-        while left > 0:
-            buf = f.read(min(block, left))
-            if not buf:
-                break
-            crc = zlib.crc32(buf, crc)
-            left -= len(buf)
+    left = length
+    while left > 0:
+        buf = os.pread(fd, min(block, left), offset)
+        if not buf:
+            break
+        crc = zlib.crc32(buf, crc)
+        left -= len(buf)
+        offset += len(buf)
     return crc
 
 
-def verify_checksums(root: str, m: dict) -> None:
+def verify_checksums(m: dict, fds: Dict[str, int]) -> None:
     sizes = item_bytes(m["K"], m["D"], m["dtype"])
     for rec in m["checksums"]:
         for logical, crc in rec["crc32"].items():
             name = m["files"][logical]
-            got = crc_range(os.path.join(root, name), rec["start"] * sizes[logical], rec["count"] * sizes[logical])
+            got = crc_range(fds[logical], rec["start"] * sizes[logical], rec["count"] * sizes[logical])
             if got != crc:
                 raise IndexCorruptError(
                     f"index: checksum mismatch in {name} for rows [{rec['start']}, {rec['start'] + rec['count']}) "

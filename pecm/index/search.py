@@ -60,15 +60,7 @@ class _ChunkReader:
 
     def __init__(self, index, logicals: List[str], chunk: int):
         self.index, self.logicals, self.chunk = index, logicals, chunk
-        self.fds = {}
-        try:
-            for k in logicals:
-                self.fds[k] = os.open(index.paths[k], os.O_RDONLY)
-        except FileNotFoundError as e:
-            self.close()
-            raise ValueError(
-                f"index: {e.filename} is gone: the index was compacted after this handle opened it; call refresh()"
-            ) from e
+        self.fds = {k: index._files.fds[k] for k in logicals}  # the handle's snapshot (kept open by it)
         self.bufs = [
             {k: np.empty((chunk, *index.layout[k][1]), dtype=index.layout[k][0]) for k in logicals} for _ in range(2)
         ]
@@ -100,8 +92,7 @@ class _ChunkReader:
                 yield s, e, cur
 
     def close(self):
-        for fd in self.fds.values():
-            os.close(fd)
+        self.fds = {}
 
 
 def _dead(index, ids: np.ndarray) -> Optional[np.ndarray]:
