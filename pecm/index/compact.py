@@ -33,7 +33,7 @@ def _write_kept(index, paths: dict, progress) -> tuple:
     files = {}
     try:
         for k, p in paths.items():
-            files[k] = open(p, "wb")
+            files[k] = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         bar = tqdm(total=index.count, desc="pecm index compact", unit="item", disable=not show)
         for s in range(0, index.count, BLOCK):
             e = min(index.count, s + BLOCK)
@@ -44,16 +44,15 @@ def _write_kept(index, paths: dict, progress) -> tuple:
                 arr = np.ascontiguousarray(np.asarray(index.array(logical)[s:e])[keep])
                 data = memoryview(arr).cast("B")
                 crcs[logical] = zlib.crc32(data, crcs[logical])
-                f.write(data)
+                fmt.write_all(f, data)
             kept += int(keep.sum())
             bar.update(e - s)
         bar.close()
         for f in files.values():
-            f.flush()
-            os.fsync(f.fileno())
+            os.fsync(f)
     finally:
         for f in files.values():
-            f.close()
+            os.close(f)
     fmt.fsync_dir(index.root)
     return kept, crcs, (np.concatenate(kept_ids) if kept_ids else np.zeros(0, np.int64))
 

@@ -85,15 +85,24 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def write_all(fd: int, data) -> None:
+    """os.write until every byte is written (a short write is retried, an error raises)."""
+    view = memoryview(data).cast("B")
+    while len(view):
+        view = view[os.write(fd, view) :]
+
+
 def write_manifest(root: str, manifest: dict) -> None:
     """Atomic replace: write a temp file, fsync it, os.replace, fsync the directory."""
     tmp = os.path.join(root, f".{MANIFEST}.{os.getpid()}.tmp")
     data = json.dumps(manifest, indent=1, sort_keys=True).encode()
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, os.path.join(root, MANIFEST))
     except BaseException:
         try:
@@ -160,10 +169,10 @@ def validate_manifest(m: dict, path: str) -> dict:
         ok = ok and r["count"] >= 1 and all(_crc(v) for v in r["crc32"].values())
         ok = ok and ("meta_crc32" not in r or _crc(r["meta_crc32"]))
         if not ok:
-            raise IndexCorruptError(f"index: {path}: checksum record {j} is malformed (rows from {start})")
+            raise IndexCorruptError(f"index: {path}: field 'checksums': record {j} is malformed (rows from {start})")
         start += r["count"]
     if start != count:
-        raise IndexCorruptError(f"index: {path}: checksum records cover {start} rows, the manifest commits {count}")
+        raise IndexCorruptError(f"index: {path}: field 'count' is {count}, the checksum records cover {start} rows")
     t = m["tombstones"]
     if not isinstance(t, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in t):
         raise IndexCorruptError(f"index: {path}: field 'tombstones' must be a list of ints")
