@@ -13,10 +13,9 @@ import time
 
 import numpy as np
 import pytest
+from index_faults import Fault, build_base, inject, protos, run_op, snapshot, states
 
 from pecm.index import ArchiveIndex
-
-from index_faults import Fault, build_base, inject, protos, run_op, snapshot, states
 
 OPS = ("add", "delete", "compact")
 
@@ -167,12 +166,12 @@ def test_real_enospc_on_a_full_tmpfs(tmp_path):
 # ---------------------------------------------------------------------------------------- readers vs compact
 def _churn(path, rounds):
     with ArchiveIndex.open(path, mode="a") as idx:
-        for r in range(rounds):
+        for _ in range(rounds):
             first = idx.manifest["next_id"]
             ids = list(range(first, first + 30))
             idx.add(protos(ids), metadata=[{"text": f"t{i}"} for i in ids], progress=False)
             live = np.asarray(idx.ids())[~np.isin(idx.ids(), idx.tombstones)]
-            idx.delete(live[:: 3][:10])
+            idx.delete(live[::3][:10])
             idx.compact(progress=False)
 
 

@@ -110,7 +110,10 @@ def test_manifest_crc_record_tampered(ix):
         ArchiveIndex.open(ix)
 
 
-@pytest.mark.parametrize("text", ["[" * 100000 + "]" * 100000, '{"format": "pecm-archive-index", "version": "1"}', "[]"])
+HOSTILE_TEXT = ["[" * 100000 + "]" * 100000, '{"format": "pecm-archive-index", "version": "1"}', "[]"]
+
+
+@pytest.mark.parametrize("text", HOSTILE_TEXT)
 def test_hostile_manifest_text(ix, text):
     (ix / "manifest.json").write_text(text)
     with pytest.raises(IndexCorruptError):
