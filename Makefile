@@ -56,7 +56,7 @@ bench-readme: build
 	$(BIN)/python bench/throughput.py --ops topk,rerank,scores --readme
 
 bench-index: build
-	$(BIN)/python bench/bench_index.py --n 20000 --out runs/bench/index_smoke.json
+	$(BIN)/python bench/bench_index.py --n 20000 --out runs/bench/index_smoke.json --force
 
 demo: build
 	$(BIN)/python -m pecm demo

@@ -350,33 +350,177 @@ def test_workload_queries_are_near_candidates():
     assert int(wl.cand.min()) >= 0 and int(wl.cand.max()) < 50
 
 
+# ---- pecm bench index: only its own files, a temporary index folder, no overwritten results ------
+
+INDEX_TINY = ["--n", "300", "--queries", "2", "--shortlist", "50", "--clusters", "10", "--reps", "1", "--no-progress"]
+DROP_CACHES = "/proc/sys/vm/drop_caches"
+
+
+@pytest.fixture
+def index_sandbox(tmp_path, monkeypatch):
+    """TMPDIR and cwd inside tmp_path; every open() / os.open() and posix_fadvise() recorded; the search child
+    run in this process (so the recording sees it); /proc/sys/vm/drop_caches can never be opened (we run as
+    root on some machines: a regression must fail here, not drop the host's page cache)."""
+    import builtins
+    import contextlib
+    import io
+    import subprocess
+    import tempfile
+
+    from pecm.bench import index_bench
+
+    tmpdir, cwd = tmp_path / "tmp", tmp_path / "cwd"
+    tmpdir.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() caches its answer
+    monkeypatch.chdir(cwd)
+    rec = {"opened": [], "written": [], "fadvised": []}
+
+    def note(path, writing):
+        if isinstance(path, int):
+            return
+        p = os.path.abspath(os.fsdecode(path))
+        rec["opened"].append(p)
+        if writing:
+            rec["written"].append(p)
+        if os.path.realpath(p) == DROP_CACHES:
+            raise PermissionError(f"test: {DROP_CACHES} must never be opened")
+
+    real_open, real_os_open, real_run = builtins.open, os.open, subprocess.run
+
+    def fake_open(file, mode="r", *a, **kw):
+        note(file, any(c in mode for c in "wax+"))
+        return real_open(file, mode, *a, **kw)
+
+    def fake_os_open(path, flags, *a, **kw):
+        note(path, bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC)))
+        return real_os_open(path, flags, *a, **kw)
+
+    def fake_run(cmd, *a, **kw):
+        if "--phase" not in cmd:  # git etc.
+            return real_run(cmd, *a, **kw)
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = index_bench.main(list(cmd[3:]))  # [python, -c, code, --phase, search, ...]
+        return subprocess.CompletedProcess(cmd, rc, buf.getvalue(), "")
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(os, "open", fake_os_open)
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    if hasattr(os, "posix_fadvise"):
+        real_fadvise = os.posix_fadvise
+
+        def fake_fadvise(fd, offset, length, advice):
+            rec["fadvised"].append(os.readlink(f"/proc/self/fd/{fd}"))
+            return real_fadvise(fd, offset, length, advice)
+
+        monkeypatch.setattr(os, "posix_fadvise", fake_fadvise)
+    return tmpdir, cwd, rec
+
+
+def _inside(path, folder) -> bool:
+    return os.path.realpath(path).startswith(os.path.realpath(folder) + os.sep)
+
+
+def test_index_bench_touches_only_its_own_files(index_sandbox, capsys):
+    tmpdir, cwd, rec = index_sandbox
+    assert cli.main(["bench", "index", *INDEX_TINY]) == 0
+    assert DROP_CACHES not in rec["opened"]
+    outs = list(cwd.iterdir())  # default --out: one new ./pecm-bench-index-<time>.json, nothing else in the cwd
+    assert len(outs) == 1 and outs[0].name.startswith("pecm-bench-index-") and outs[0].suffix == ".json"
+    assert list(tmpdir.iterdir()) == []  # the index folder was made under $TMPDIR and removed again
+    built = [p for p in rec["written"] if _inside(p, tmpdir)]
+    assert any(p.endswith("prototypes.bin") for p in built), rec["written"]
+    stray = [p for p in rec["written"] if not _inside(p, tmpdir) and os.path.realpath(p) != str(outs[0].resolve())]
+    assert stray == []
+    res = json.loads(outs[0].read_text())
+    assert res["add"]["n"] == 300 and "posix_fadvise" in res["search"]["cold"]
+    assert res["search"]["cold_is_warm"] in (True, False, None)
+    if hasattr(os, "posix_fadvise"):  # the cold reads evict the index's own files, and only those
+        assert rec["fadvised"] and all(_inside(p, tmpdir) for p in rec["fadvised"])
+        assert any(p.endswith("prototypes.bin") for p in rec["fadvised"])
+
+
+def test_index_bench_refuses_to_overwrite_out(index_sandbox, capsys):
+    tmpdir, cwd, _ = index_sandbox
+    out = cwd / "committed.json"
+    out.write_text("keep me\n")
+    assert cli.main(["bench", "index", *INDEX_TINY, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out" in err[0] and "--force" in err[0]
+    assert out.read_text() == "keep me\n" and list(tmpdir.iterdir()) == []  # refused before anything was built
+
+    from pecm.bench import index_bench
+
+    args = index_bench._parser("x").parse_args(["--out", str(out), "--force"])
+    assert index_bench._out_path(args) == str(out)
+    assert index_bench._out_path(index_bench._parser("x").parse_args(["--out", "-"])) is None
+
+
+@pytest.mark.parametrize("explicit_dir", [False, True])
+def test_index_bench_checks_free_space(index_sandbox, monkeypatch, capsys, explicit_dir):
+    import collections
+    import shutil
+
+    tmpdir, cwd, _ = index_sandbox
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 10**6, 10**6))
+    extra = ["--dir", str(tmpdir)] if explicit_dir else []
+    assert cli.main(["bench", "index", "--n", "1000", "--no-progress", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--n 1000" in err[0] and "--dir" in err[0] and str(tmpdir) in err[0], err
+    assert list(tmpdir.iterdir()) == [] and list(cwd.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "bad, name",
+    [
+        (["--n", "0"], "--n"),
+        (["--n", "ten"], "--n"),
+        (["--block", "-1"], "--block"),
+        (["--queries", "0"], "--queries"),
+        (["--reps", "0"], "--reps"),
+        (["--chunk-size", "0"], "--chunk-size"),
+        (["--dir", "/nonexistent/pecm"], "--dir"),
+        (["--dtype", "float64"], "--dtype"),
+        (["--path", "somewhere"], "--path"),
+    ],
+)
+def test_index_bench_bad_arguments(index_sandbox, capsys, bad, name):
+    from pecm.bench import index_bench
+
+    tmpdir, cwd, _ = index_sandbox
+    args = [*INDEX_TINY, *bad]  # the last --n wins; a regression that accepts `bad` must not build a 13 GB index
+    assert cli.main(["bench", "index", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pecm: error:") and name in err[0], err
+    assert index_bench.main(args, prog="bench/bench_index.py") == 2  # the scripts: the same one line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bench/bench_index.py: error:") and name in err[0], err
+    assert list(tmpdir.iterdir()) == [] and list(cwd.iterdir()) == []
+
+
+def test_no_host_wide_cache_drop_in_the_sources():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for sub in ("pecm", "bench"):
+        for d, _, names in os.walk(os.path.join(root, sub)):
+            for n in names:
+                if n.endswith((".py", ".sh")):
+                    with open(os.path.join(d, n), encoding="utf-8") as f:
+                        assert DROP_CACHES not in f.read(), os.path.join(d, n)
+
+
 @pytest.mark.slow  # ~10 s: a child process builds and searches a 300-item index
 def test_index_smoke(tmp_path, capsys):
-    out = tmp_path / "index.json"
-    rc = cli.main(
-        [
-            "bench",
-            "index",
-            "--n",
-            "300",
-            "--queries",
-            "2",
-            "--shortlist",
-            "50",
-            "--clusters",
-            "10",
-            "--reps",
-            "1",
-            "--no-progress",
-            "--path",
-            str(tmp_path / "idx"),
-            "--out",
-            str(out),
-        ]
-    )
+    out, work = tmp_path / "index.json", tmp_path / "work"
+    work.mkdir()
+    rc = cli.main(["bench", "index", *INDEX_TINY, "--dir", str(work), "--out", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
     assert "add" in res and "search" in res and res["git_commit"]
+    assert "posix_fadvise" in res["search"]["cold"] and "cold_resident_fraction" in res["search"]
+    assert list(work.iterdir()) == []  # the run's own index folder is removed
 
 
 # ---- bench/throughput.py (the issue-3 wrapper): targets and README regeneration, no timing ------

@@ -1,31 +1,47 @@
 """Archive index benchmark: add throughput, search latency/throughput, recall, sequential read, RSS.
 
-    pecm bench index --n 1000000                 # ~13.3 GB of float16 prototypes (K=26, D=256)
-    pecm bench index --n 20000 --out /tmp/x.json # quick smoke run
-    python -m pecm.bench.index_bench ...         # the same; bench/bench_index.py in the source tree too
+    pecm bench index --n 1000000 --dir /data/scratch   # ~13.3 GB of float16 prototypes (K=26, D=256)
+    pecm bench index --n 20000 --out /tmp/x.json       # quick smoke run
+    python -m pecm.bench.index_bench ...               # the same; bench/bench_index.py in the source tree too
 
 Builds a synthetic clustered index (items = cluster centre + noise; queries = noisy copies of
 random items), measures ``ArchiveIndex.add`` throughput (data generation excluded), then in a fresh
 child process (so ``ru_maxrss`` is the search's own peak) the time of one sequential read of
-prototypes.bin and the exhaustive / two-stage search latency at B = 1 and B = 64, cold (page cache of
-the index files dropped with ``posix_fadvise(DONTNEED)``) and warm, plus two-stage recall@10 against
-exhaustive. Writes JSON (device, CPU, versions, git commit, numbers) and deletes the index unless
-``--keep``. Default paths are relative to the current directory (``bench/_index_bench_tmp``,
-``bench/results/index_cpu.json``: from the repository root, the same files as ``bench/bench_index.py``).
+prototypes.bin and the exhaustive / two-stage search latency at B = 1 and B = 64, cold and warm, plus
+two-stage recall@10 against exhaustive.
 
-Part of the installed package (``pecm bench index`` imports it); needs only the base dependencies.
+Side effects are limited to the benchmark's own files:
+
+- the index is built in a fresh directory made by ``tempfile.mkdtemp`` under ``--dir`` (default: the
+  system temporary directory, i.e. ``$TMPDIR`` or ``/tmp``), never in the source tree or the installed
+  package, and that directory is removed at the end unless ``--keep``. Free space under it is checked
+  before anything is built;
+- "cold" reads are obtained by ``fsync`` + ``posix_fadvise(POSIX_FADV_DONTNEED)`` on each file of the
+  benchmark's index, nothing else (no host-wide cache drop). Where the filesystem cannot evict
+  (tmpfs, some overlay setups) the "cold" figures are warm ones: ``mincore`` measures the resident
+  fraction of the index files after each eviction and the JSON records it (``cold_resident_fraction``,
+  ``cold_is_warm``);
+- the result JSON goes to ``--out`` (default ``./pecm-bench-index-<UTC time>.json``; ``--out -``: stdout
+  only). An existing file is never overwritten without ``--force``.
+
+Bad arguments raise ValueError naming the argument (``pecm bench index`` and the scripts: one
+``error:`` line, exit code 2). Part of the installed package (``pecm bench index`` imports it); needs
+only the base dependencies.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import mmap
 import os
 import platform
 import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -34,26 +50,81 @@ import torch
 from .. import ops
 from ..backends import get_backend
 from ..index import ArchiveIndex
+from ..index import format as fmt
 from .timing import cpu_model, git_commit
 
 K, D = 26, 256
+COLD_METHOD = "fsync + posix_fadvise(POSIX_FADV_DONTNEED) on each file of the benchmark's index"
+WARM_RESIDENT = 0.5  # after an eviction, more than this fraction of the index pages resident: the "cold" run is warm
 
 
-def _drop_cache(paths) -> str:
-    """Evict the index files from the page cache; returns the method that worked."""
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return "drop_caches"
-    except OSError:
-        pass
+def _index_files(root: str) -> list:
+    """Every regular file of the benchmark's own index directory."""
+    out = []
+    for d, _, names in os.walk(root):
+        out += [os.path.join(d, n) for n in sorted(names) if os.path.isfile(os.path.join(d, n))]
+    return out
+
+
+def _evict(paths) -> bool:
+    """Write back and evict the given files (and only those) from the page cache; False without posix_fadvise."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
+            os.fsync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-    return "posix_fadvise_dontneed"
+    return True
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def _resident_fraction(paths):
+    """Fraction of the files' pages in the page cache (``mincore`` on a mapping that faults nothing in), or None."""
+    libc = _libc()
+    if libc is None:
+        return None
+    page = mmap.PAGESIZE
+    total = resident = 0
+    for p in paths:
+        size = os.path.getsize(p)
+        if size == 0:
+            continue
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr is None or addr == ctypes.c_void_p(-1).value:
+                return None
+            try:
+                n = (size + page - 1) // page
+                vec = np.zeros(n, dtype=np.uint8)
+                if libc.mincore(addr, size, vec.ctypes.data) != 0:
+                    return None
+                resident += int(np.count_nonzero(vec & 1))
+                total += n
+            finally:
+                libc.munmap(addr, size)
+        finally:
+            os.close(fd)
+    return resident / total if total else None
+
+
+def _cold(paths, fractions: list) -> None:
+    """Evict ``paths`` and append the resident fraction measured afterwards to ``fractions``."""
+    fractions.append(_resident_fraction(paths) if _evict(paths) else 1.0)
 
 
 def _vm_hwm_mib() -> float:
@@ -79,7 +150,7 @@ def build(args) -> dict:
     centres = torch.randn((args.clusters, K, D), generator=gen)
     noise = torch.empty((args.block, K, D))
     w = torch.softmax(torch.randn(K, generator=gen), 0).numpy() * K
-    idx = ArchiveIndex.create(args.path, K, D, dtype=args.dtype, weights=w, overwrite=True)
+    idx = ArchiveIndex.create(args.path, K, D, dtype=args.dtype, weights=w)  # a fresh path: nothing is replaced
     add_s, gen_s = 0.0, 0.0
     qsrc = []
     qrng = np.random.default_rng(1)
@@ -97,7 +168,7 @@ def build(args) -> dict:
     idx.close()
     q = torch.cat(qsrc)[: args.queries]
     q = (q + 0.3 * torch.randn(q.shape, generator=gen)).numpy()
-    np.save(os.path.join(args.path, "bench_queries.npy"), q)
+    np.save(args.query_file, q)
     size = os.path.getsize(os.path.join(args.path, "prototypes.bin"))
     return {
         "n": args.n,
@@ -120,17 +191,19 @@ def _timed(fn, reps: int):
 
 def search_phase(args) -> dict:
     idx = ArchiveIndex.open(args.path)
-    q = np.load(os.path.join(args.path, "bench_queries.npy"))
-    files = [idx.paths[k] for k in ("prototypes", "pooled", "masks", "ids")]
+    q = np.load(args.query_file)
+    files = _index_files(args.path)
     res = {"backend": get_backend("auto", torch.device("cpu"), torch.float16).name}
-    res["drop_cache_method"] = _drop_cache(files)
+    res["cold"] = COLD_METHOD if hasattr(os, "posix_fadvise") else "none: no posix_fadvise on this platform"
+    resident: list = []
+    _cold(files, resident)
     t_read = _sequential_read(idx.paths["prototypes"])
     res["sequential_read_s"] = t_read
     res["sequential_read_GB_per_s"] = os.path.getsize(idx.paths["prototypes"]) / t_read / 1e9
     cs = args.chunk_size
     for b in (1, 64):
         qb = q[:b]
-        _drop_cache(files)
+        _cold(files, resident)
         t = time.perf_counter()
         idx.search(qb, args.k, chunk_size=cs, with_metadata=False)
         cold = time.perf_counter() - t
@@ -142,6 +215,10 @@ def search_phase(args) -> dict:
         )
         res[f"two_stage_B{b}"] = {"warm_s": warm2, "queries_per_s_warm": b / warm2, "shortlist": args.shortlist}
         ex_ids, ts_ids = out[1], out2[1]
+    idx.close()
+    # resident fraction of the index files right after each eviction (mincore); None where it cannot be measured
+    res["cold_resident_fraction"] = None if None in resident else max(resident)
+    res["cold_is_warm"] = None if None in resident else max(resident) > WARM_RESIDENT
     res["exhaustive_B1_over_sequential_read_cold"] = res["exhaustive_B1"]["cold_s"] / t_read
     hits = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ex_ids, ts_ids)]
     res["two_stage_recall_at_k_vs_exhaustive"] = float(np.mean(hits) / args.k)
@@ -156,22 +233,49 @@ def _child_command(args) -> list:
     """The search phase in a fresh interpreter that imports this same pecm (not one the child's cwd would shadow)."""
     pkg_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     code = f"import sys; sys.path[0] = {pkg_parent!r}; from pecm.bench.index_bench import main; sys.exit(main())"
-    cmd = [sys.executable, "-c", code, "--phase", "search", "--path", args.path, "--k", str(args.k)]
-    cmd += ["--shortlist", str(args.shortlist), "--reps", str(args.reps)]
+    cmd = [sys.executable, "-c", code, "--phase", "search", "--path", args.path, "--query-file", args.query_file]
+    cmd += ["--k", str(args.k), "--shortlist", str(args.shortlist), "--reps", str(args.reps)]
     if args.chunk_size:
         cmd += ["--chunk-size", str(args.chunk_size)]
     return cmd
 
 
-def main(argv=None, root=None, prog=None) -> int:
-    """Run the benchmark; ``root`` (default: the current directory) anchors the default --path and --out."""
-    root = os.getcwd() if root is None else root
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=1_000_000, help="items in the synthetic index")
+def _fs_type(path: str) -> str:
+    """Filesystem type of the mount holding ``path`` (from /proc/self/mounts), or "unknown"."""
+    best, kind = "", "unknown"
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mnt = parts[1].replace("\\040", " ")
+                inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
+                if inside and len(mnt) >= len(best):
+                    best, kind = mnt, parts[2]
+    except OSError:
+        pass
+    return kind
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments raise ValueError (one line, naming the argument) instead of printing usage and exiting."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+def _parser(prog) -> argparse.ArgumentParser:
+    ap = _Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1_000_000, help="items in the synthetic index (default 1000000)")
     ap.add_argument(
-        "--path", default=os.path.join(root, "bench", "_index_bench_tmp"), help="index directory (deleted afterwards)"
+        "--dir",
+        default=None,
+        help="existing directory in which the run makes (and removes, unless --keep) its own fresh index folder "
+        "(default: the system temporary directory, $TMPDIR or /tmp)",
     )
-    ap.add_argument("--dtype", default="float16", choices=("float16", "float32", "int8"))
+    ap.add_argument("--dtype", default="float16", choices=fmt.DTYPES)
     ap.add_argument("--block", type=int, default=65536, help="items per add() call")
     ap.add_argument("--clusters", type=int, default=2000)
     ap.add_argument("--queries", type=int, default=64)
@@ -179,22 +283,77 @@ def main(argv=None, root=None, prog=None) -> int:
     ap.add_argument("--shortlist", type=int, default=1000)
     ap.add_argument("--chunk-size", type=int, default=None)
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--out", default=os.path.join(root, "bench", "results", "index_cpu.json"), help="result JSON")
-    ap.add_argument("--keep", action="store_true", help="keep the index directory afterwards")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="result JSON (default ./pecm-bench-index-<UTC time>.json; '-': stdout only); never overwritten "
+        "without --force",
+    )
+    ap.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    ap.add_argument("--keep", action="store_true", help="keep the index folder afterwards (its path is printed)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--phase", choices=("all", "search"), default="all", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    ap.add_argument("--path", default=None, help=argparse.SUPPRESS)  # the search phase's index (set by the parent)
+    ap.add_argument("--query-file", default=None, help=argparse.SUPPRESS)
+    return ap
+
+
+def _check_args(args) -> None:
+    if args.path is not None or args.query_file is not None:
+        raise ValueError("--path: no longer an option; --dir DIR chooses where the run makes its own index folder")
+    for name in ("n", "block", "clusters", "queries", "k", "shortlist", "reps", "chunk_size"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {v}")
+    if args.dir is not None and not os.path.isdir(args.dir):
+        raise ValueError(f"--dir: {args.dir!r} is not an existing directory")
+
+
+def _out_path(args):
+    """The result file (None: stdout only), checked before anything is built."""
+    if args.out == "-":
+        return None
+    out = args.out or time.strftime("pecm-bench-index-%Y%m%dT%H%M%SZ.json", time.gmtime())
+    out = os.path.abspath(out)
+    if os.path.isdir(out):
+        raise ValueError(f"--out: {out!r} is a directory; give a file name")
+    if os.path.lexists(out) and not args.force:
+        raise FileExistsError(f"--out: {out!r} already exists; pass --force to overwrite it or choose another --out")
+    existing = os.path.dirname(out)
+    while not os.path.isdir(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"--out: cannot create {out!r} ({existing!r} is not writable)")
+    return out
+
+
+def bytes_needed(n: int, dtype: str, queries: int) -> int:
+    """Disk space one run needs: the index files plus 5% and a little for the manifest, metadata and queries."""
+    per_item = sum(fmt.item_bytes(K, D, dtype).values())
+    return int(n * per_item * 1.05) + queries * K * D * 4 + (16 << 20)
+
+
+def _check_space(args, base: str) -> None:
+    need = bytes_needed(args.n, args.dtype, args.queries)
+    free = shutil.disk_usage(base).free
+    if need > free:
+        where = "--dir" if args.dir is not None else "the temporary directory; --dir chooses another"
+        raise ValueError(
+            f"--n {args.n}: the index needs ~{need / 1e9:.2f} GB but {base!r} ({where}) has {free / 1e9:.2f} GB "
+            "free; use a smaller --n or a --dir with more space"
+        )
+
+
+def run(argv=None, prog=None) -> int:
+    """Run the benchmark; bad arguments raise ValueError / FileExistsError naming the argument."""
+    args = _parser(prog).parse_args(argv)
     if args.phase == "search":
         print(json.dumps(search_phase(args)))
         return 0
-    parent = os.path.dirname(os.path.abspath(args.path))
-    existing = parent
-    while not os.path.isdir(existing):  # the default bench/ folder need not exist outside the source tree
-        existing = os.path.dirname(existing)
-    free = shutil.disk_usage(existing).free
-    need = args.n * (K * D * 2 + D * 2 + K + 8) * 1.05
-    if need > free:
-        raise SystemExit(f"--n {args.n}: needs ~{need / 1e9:.1f} GB, only {free / 1e9:.1f} GB free")
+    _check_args(args)
+    out = _out_path(args)
+    base = os.path.abspath(args.dir if args.dir is not None else tempfile.gettempdir())
+    _check_space(args, base)
     result = {
         "benchmark": "pecm.bench.index_bench",
         "device": "cpu",
@@ -208,9 +367,12 @@ def main(argv=None, root=None, prog=None) -> int:
         "D": D,
         "dtype": args.dtype,
         "k": args.k,
-        "argv": sys.argv[1:] if argv is None else argv,
+        "argv": sys.argv[1:] if argv is None else list(argv),
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "index_fs_type": _fs_type(base),
     }
+    work = tempfile.mkdtemp(prefix="pecm-bench-index-", dir=base)
+    args.path, args.query_file = os.path.join(work, "index"), os.path.join(work, "queries.npy")
     try:
         result["add"] = build(args)
         print(json.dumps(result["add"]), flush=True)
@@ -219,22 +381,33 @@ def main(argv=None, root=None, prog=None) -> int:
             raise RuntimeError(
                 f"index bench: the search phase failed (exit {child.returncode}):\n{child.stderr[-4000:]}"
             )
-        out = child.stdout
-        result["search"] = json.loads(out.strip().splitlines()[-1])
+        result["search"] = json.loads(child.stdout.strip().splitlines()[-1])
     finally:
-        if not args.keep:
-            shutil.rmtree(args.path, ignore_errors=True)
-            if existing != parent:  # remove the folders this run created for the index, if empty
-                try:
-                    os.removedirs(parent)
-                except OSError:
-                    pass
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result, indent=1))
+        if args.keep:
+            print(f"index bench: kept the index at {args.path}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.keep:
+        result["kept_index"] = args.path
+    text = json.dumps(result, indent=1)
+    print(text, flush=True)
+    if out is not None:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out, "w" if args.force else "x") as f:
+            f.write(text + "\n")
+        print(f"index bench: wrote {out}", file=sys.stderr)
     return 0
 
 
+def main(argv=None, prog=None) -> int:
+    """`run` for the command-line entry points: bad input prints one ``error:`` line and returns 2."""
+    prog = prog or "python -m pecm.bench.index_bench"
+    try:
+        return run(argv, prog=prog)
+    except (ValueError, TypeError, FileExistsError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m pecm.bench.index_bench"))
+    sys.exit(main())

@@ -68,7 +68,7 @@ def _run_index(args) -> int:
     from ..bench import index_bench
 
     rest = [a for a in args.rest if a != "--"]
-    return index_bench.main(rest, prog="pecm bench index")
+    return index_bench.run(rest, prog="pecm bench index")  # bad input: ValueError -> one `pecm: error:` line, exit 2
 
 
 def register(sub) -> None:
