@@ -250,10 +250,6 @@ def train(
     if model.text.doc2vec is None:
         model.text.fit(train_pairs.texts)
     cached = model.config.freeze_image and model.config.freeze_text
-    if cached and train_feats is None:
-        train_feats = extract_features(model, train_pairs, cfg.feature_batch, cfg.progress and rank == 0)
-    if cached and val_pairs is not None and val_feats is None:
-        val_feats = extract_features(model, val_pairs, cfg.feature_batch, cfg.progress and rank == 0)
     n = len(train_pairs)
     step_mod = _Step(model, PECMLoss(cfg.lam, cfg.mu, cfg.div, nu=cfg.nu))
     if world > 1:
@@ -279,12 +275,16 @@ def train(
     start = 0
     best = {"epoch": None, "rsum": -math.inf}
     best_path = os.path.join(out_dir, "best.safetensors")
+    if cfg.resume and os.path.isfile(state_path):  # before the feature pass: a bad state file fails fast
+        history, start, best = load_train_state(state_path, opt, sched)  # weights_only, validated
+        log.info("resuming from epoch %d", start)
+    if cached and train_feats is None:
+        train_feats = extract_features(model, train_pairs, cfg.feature_batch, cfg.progress and rank == 0)
+    if cached and val_pairs is not None and val_feats is None:
+        val_feats = extract_features(model, val_pairs, cfg.feature_batch, cfg.progress and rank == 0)
     select = cfg.select_best and val_feats is not None
     if cfg.select_best and val_feats is None:
         log.warning("select_best: no validation features (cached mode with val pairs needed); keeping the last epoch")
-    if cfg.resume and os.path.isfile(state_path):
-        history, start, best = load_train_state(state_path, opt, sched)  # weights_only, validated
-        log.info("resuming from epoch %d", start)
     use_amp = cfg.amp and dev.type == "cuda"
     for epoch in range(start, cfg.epochs):
         t0 = time.time()

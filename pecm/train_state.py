@@ -13,6 +13,7 @@ TypeError naming the file and the field, so ``pecm train --resume`` exits 2 on a
 from __future__ import annotations
 
 import math
+import re
 from numbers import Real
 from typing import List, Tuple
 
@@ -31,8 +32,13 @@ def _load(path: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError (a refused global), RuntimeError (truncated zip), EOFError, ...
-        lines = [ln for ln in str(e).splitlines() if "GLOBAL" in ln or "global" in ln]
-        why = " ".join(lines[0].split()) if lines else one_line(e)
+        g = re.search(r"GLOBAL\s+([\w.]+)", str(e))
+        why = (
+            f"it pickles the global {g.group(1)}, which the weights-only unpickler refuses (not run): a training"
+            " state holds only tensors, numbers, strings and containers"
+            if g
+            else one_line(e)
+        )
         raise ValueError(
             f"--resume: {path} is not a loadable training state (read with torch.load(weights_only=True)): {why}"
         ) from e

@@ -167,7 +167,7 @@ def _check_arrays(path: str, a: Dict[str, np.ndarray], n_vocab: int, n_docs: int
         if a[k].dtype != dtype or a[k].shape != shape:
             raise ValueError(
                 f"checkpoint: {path}: {k}: expected {np.dtype(dtype).name} {list(shape)}, got {a[k].dtype.name}"
-                f" {list(a[k].shape)}"
+                f" {list(a[k].shape)} (doc2vec.json: {n_vocab} words, {n_docs} documents, {dim} dimensions)"
             )
     for k in ("wv_vectors", "dv_vectors", "syn1neg"):
         if not np.isfinite(a[k]).all():

@@ -61,5 +61,6 @@ def convert_legacy_checkpoint(directory: Union[str, "os.PathLike[str]"], *, trus
     save_doc2vec(model, d)
     PECM.load(d).save(d)  # validates everything and writes the current checkpoint.json
     for f in [legacy] + glob.glob(glob.escape(legacy) + ".*.npy"):  # gensim's side files for large arrays
-        os.remove(f)
+        if os.path.exists(f):  # PECM.save already dropped doc2vec.model itself
+            os.remove(f)
     return d
