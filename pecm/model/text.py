@@ -3,8 +3,9 @@
 - Sentences: regex split after ``.``/``!``/``?``/``;`` followed by white space and a capital letter, digit or
   bracket, and at line breaks (`split_sentences`).
 - Doc2Vec (gensim, PV-DM, trained on the *training* reports by `TextFeatures.fit`, saved with the
-  checkpoint, ``workers=1`` and a fixed seed): a sentence's embedding is the mean of its words' Doc2Vec word
-  vectors. (``infer_vector`` is stochastic per call; the mean of trained word vectors is deterministic.)
+  checkpoint as JSON + plain arrays (`pecm.model.doc2vec_io`, never a pickle), ``workers=1`` and a fixed
+  seed): a sentence's embedding is the mean of its words' Doc2Vec word vectors. (``infer_vector`` is
+  stochastic per call; the mean of trained word vectors is deterministic.)
 - Grouping (`group_sentences`), deterministic: start with one group per sentence in report order; repeatedly
   merge the *adjacent* pair of groups with the highest cosine of their mean vectors (leftmost on ties)
   while that cosine exceeds ``group_threshold`` or there are more than K−1 groups.
@@ -108,8 +109,8 @@ class TextFeatures(nn.Module):
             bar = hf_logging.is_progress_bar_enabled()
             hf_logging.disable_progress_bar()  # no "Loading weights" bar for a local load
             try:
-                self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-                self.encoder = AutoModel.from_pretrained(path, local_files_only=True)
+                self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+                self.encoder = AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False)
             finally:
                 if bar:
                     hf_logging.enable_progress_bar()
