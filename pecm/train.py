@@ -8,8 +8,9 @@ Paper defaults: Adam, cosine schedule from lr 1e-4, batch 32, 30 epochs. Two mod
 
 AMP (bfloat16 autocast) on CUDA; DDP when `torch.distributed` is initialised (``torchrun``; a
 `DistributedSampler` shards the pairs, rank 0 writes). Each epoch rank 0 writes the checkpoint
-(`PECM.save`: safetensors + config.json + Doc2Vec + tokenizer) plus ``train_state.pt`` (optimizer,
-scheduler, epoch, history; torch.save) so ``resume=True`` continues, ``metrics.json`` (one entry per epoch)
+(`PECM.save`: safetensors + config.json + Doc2Vec as JSON/arrays + tokenizer) plus ``train_state.pt`` (optimizer,
+scheduler, epoch, history; torch.save, read back only with ``weights_only=True`` and validated:
+`pecm.train_state`) so ``resume=True`` continues, ``metrics.json`` (one entry per epoch)
 and ``loss_curve.png`` (when matplotlib is installed: the ``[plot]`` extra; training does not need it).
 """
 
@@ -33,6 +34,8 @@ from . import metrics as M
 from . import ops
 from .losses import DIV_CHOICES, PECMLoss
 from .model import PECM
+from .model.safety import check_state_dict, read_safetensors
+from .train_state import load_train_state
 
 log = logging.getLogger("pecm.train")
 _PLOT_WARNED = False
@@ -247,10 +250,6 @@ def train(
     if model.text.doc2vec is None:
         model.text.fit(train_pairs.texts)
     cached = model.config.freeze_image and model.config.freeze_text
-    if cached and train_feats is None:
-        train_feats = extract_features(model, train_pairs, cfg.feature_batch, cfg.progress and rank == 0)
-    if cached and val_pairs is not None and val_feats is None:
-        val_feats = extract_features(model, val_pairs, cfg.feature_batch, cfg.progress and rank == 0)
     n = len(train_pairs)
     step_mod = _Step(model, PECMLoss(cfg.lam, cfg.mu, cfg.div, nu=cfg.nu))
     if world > 1:
@@ -276,16 +275,16 @@ def train(
     start = 0
     best = {"epoch": None, "rsum": -math.inf}
     best_path = os.path.join(out_dir, "best.safetensors")
+    if cfg.resume and os.path.isfile(state_path):  # before the feature pass: a bad state file fails fast
+        history, start, best = load_train_state(state_path, opt, sched)  # weights_only, validated
+        log.info("resuming from epoch %d", start)
+    if cached and train_feats is None:
+        train_feats = extract_features(model, train_pairs, cfg.feature_batch, cfg.progress and rank == 0)
+    if cached and val_pairs is not None and val_feats is None:
+        val_feats = extract_features(model, val_pairs, cfg.feature_batch, cfg.progress and rank == 0)
     select = cfg.select_best and val_feats is not None
     if cfg.select_best and val_feats is None:
         log.warning("select_best: no validation features (cached mode with val pairs needed); keeping the last epoch")
-    if cfg.resume and os.path.isfile(state_path):
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        history, start = st["history"], st["epoch"] + 1
-        best = st.get("best", best)
-        log.info("resuming from epoch %d", start)
     use_amp = cfg.amp and dev.type == "cuda"
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
@@ -350,9 +349,9 @@ def train(
             if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
                 save_training(model, out_dir, opt, sched, epoch, history, cfg, best)
     if select and rank == 0 and best["epoch"] is not None and os.path.isfile(best_path):
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(best_path, device=str(dev)), strict=False)
+        sd = read_safetensors(best_path, "the weights of the best epoch")
+        check_state_dict(best_path, sd, model.state_dict(), partial=True)
+        model.load_state_dict(sd, strict=False)
         for h in history:
             h["selected"] = h["epoch"] == best["epoch"]
         log.info("selected epoch %d (best validation RSUM %.1f)", best["epoch"], best["rsum"])

@@ -32,7 +32,14 @@ def ckpt(tmp_path_factory):
 
 def test_train_writes_checkpoint_metrics_and_curve(ckpt):
     files = set(os.listdir(ckpt))
-    assert {"config.json", "model.safetensors", "doc2vec.model", "train_state.pt", "metrics.json"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "doc2vec.json",
+        "doc2vec.safetensors",
+        "train_state.pt",
+        "metrics.json",
+    } <= files
     assert "loss_curve.png" in files
     hist = json.load(open(os.path.join(ckpt, "metrics.json")))
     assert [h["epoch"] for h in hist] == [1, 2] and all(np.isfinite(h["train"]["loss"]) for h in hist)

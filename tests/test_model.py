@@ -155,7 +155,9 @@ def test_grouping_is_deterministic_across_fits():
 def test_checkpoint_round_trip_identical_encodings(tiny, tmp_path):
     tiny.theta.data.copy_(torch.linspace(-1, 1, tiny.config.K))
     tiny.save(str(tmp_path))
-    assert {"config.json", "model.safetensors", "doc2vec.model", "tokenizer"} <= set(os.listdir(tmp_path))
+    assert {"config.json", "model.safetensors", "doc2vec.json", "doc2vec.safetensors", "tokenizer"} <= set(
+        os.listdir(tmp_path)
+    )
     assert PECMConfig.from_dict(json.loads((tmp_path / "config.json").read_text())) == tiny.config
     back = PECM.load(str(tmp_path))
     np.testing.assert_array_equal(back.text.doc2vec.wv.vectors, tiny.text.doc2vec.wv.vectors)
@@ -172,7 +174,7 @@ def test_checkpoint_round_trip_identical_encodings(tiny, tmp_path):
 def test_checkpoint_manifest_and_no_encoder_config_for_tiny(tiny, tmp_path):
     tiny.save(str(tmp_path))
     man = json.loads((tmp_path / "checkpoint.json").read_text())
-    assert man["format_version"] == 2 and man["pecm_version"] and man["image_backbone"]["timm_name"] == "resnet10t"
+    assert man["format_version"] == 3 and man["pecm_version"] and man["image_backbone"]["timm_name"] == "resnet10t"
     assert man["text_encoder"]["kind"] == "tiny" and not (tmp_path / "text_encoder").exists()
 
 

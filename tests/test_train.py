@@ -63,7 +63,9 @@ def test_tiny_training_run_writes_metrics_curve_checkpoint(fitted, pairs, feats,
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert [h["epoch"] for h in saved] == [1, 2, 3, 4] and saved[-1]["train"]["loss"] == pytest.approx(losses[-1])
     assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert {"config.json", "model.safetensors", "doc2vec.model", "train_state.pt"} <= set(os.listdir(tmp_path))
+    assert {"config.json", "model.safetensors", "doc2vec.json", "doc2vec.safetensors", "train_state.pt"} <= set(
+        os.listdir(tmp_path)
+    )
     # the lr follows the cosine schedule down from lr
     assert hist[0]["lr"] < 3e-3 and hist[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
 
@@ -104,7 +106,7 @@ def test_resume_continues_with_identical_state(fitted, pairs, feats, tmp_path, m
     with pytest.raises(Killed):
         train(_fresh(fitted), pairs, str(tmp_path / "run"), _cfg(), train_feats=feats)
     monkeypatch.setattr(T, "save_training", real)
-    st = torch.load(tmp_path / "run" / "train_state.pt", weights_only=False)
+    st = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)
     assert st["epoch"] == 1 and len(st["history"]) == 2
 
     # ... and resumed from its checkpoint ends in exactly the uninterrupted state

@@ -67,6 +67,8 @@ class PECMConfig:
         for name in ("freeze_image", "freeze_text"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra: expected a dict, got {type(self.extra).__name__}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -76,6 +78,8 @@ class PECMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PECMConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"config: expected a dict, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:

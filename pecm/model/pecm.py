@@ -8,12 +8,15 @@ both modalities. The loss lives in `pecm.losses`; scoring in `pecm.ops`.
 ``encode_*_features`` take *raw* features, so training with frozen backbones can cache them once
 (`extract_image_features` / `extract_text_features`) and train only the heads, θ and the logit scale.
 
-Checkpoint (a directory, self-contained): ``config.json`` (`PECMConfig`), ``model.safetensors`` (the full state
-dict, backbone and text encoder weights included), ``doc2vec.model``, ``tokenizer/``, ``text_encoder/config.json``
-(the transformers config of a non-tiny text encoder) and ``checkpoint.json`` (format version, pecm/timm/transformers
-versions at save time). `PECM.load` rebuilds the architectures from these files (the image backbone from its timm
-name, the text encoder from its saved config) and loads the weights from ``model.safetensors``: it needs neither the
-network nor the packages or folders the pretrained weights first came from. See docs/model.md, "Checkpoints".
+Checkpoint (a directory, self-contained, format 3): ``config.json`` (`PECMConfig`), ``model.safetensors`` (the full
+state dict, backbone and text encoder weights included), ``doc2vec.json`` + ``doc2vec.safetensors`` (the fitted
+Doc2Vec as JSON + plain arrays, `pecm.model.doc2vec_io`), ``tokenizer/``, ``text_encoder/config.json`` (the
+transformers config of a non-tiny text encoder) and ``checkpoint.json`` (format version, pecm/timm/transformers
+versions at save time). Nothing is a pickle and loading validates every file; an older checkpoint with a pickled
+``doc2vec.model`` is refused (`pecm.model.legacy`). `PECM.load` rebuilds the architectures from these files (the
+image backbone from its timm name, the text encoder from its saved config) and loads the weights from
+``model.safetensors``: it needs neither the network nor the packages or folders the pretrained weights first came
+from. See docs/model.md, "Checkpoints".
 """
 
 from __future__ import annotations
@@ -28,9 +31,12 @@ import torch.nn as nn
 
 from .config import PECMConfig
 from .image import ImageFeatures, load_images
+from .safety import check_state_dict, one_line, read_json_object, read_safetensors
 from .text import ENCODER_CONFIG_DIR, TextFeatures
 
-CHECKPOINT_FORMAT = 2  # 1: no checkpoint.json / text_encoder/ (loading needed the text encoder's source)
+# 1: no checkpoint.json / text_encoder/ (loading needed the text encoder's source); 2: doc2vec.model (a pickle)
+# 3: doc2vec.json + doc2vec.safetensors (nothing in a checkpoint is a pickle)
+CHECKPOINT_FORMAT = 3
 MANIFEST = "checkpoint.json"
 
 
@@ -177,34 +183,37 @@ class PECM(nn.Module):
 
     @classmethod
     def load(cls, directory: Union[str, "os.PathLike[str]"], map_location: Union[str, torch.device] = "cpu") -> "PECM":
-        """Load a checkpoint directory offline; the weights come only from its ``model.safetensors``."""
-        from safetensors.torch import load_file
+        """Load a checkpoint directory offline; the weights come only from its ``model.safetensors``.
+
+        Nothing is unpickled and no remote code runs: every file is JSON or safetensors and is validated against
+        the config (fields, types, shapes, dtypes, finite values); a damaged or hostile file is a one-line
+        ValueError / TypeError / FileNotFoundError naming it. An old checkpoint with a pickled ``doc2vec.model``
+        is refused (`pecm.model.legacy.convert_legacy_checkpoint` converts it, explicitly)."""
+        from .doc2vec_io import load_doc2vec
 
         directory = os.fspath(directory)
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"checkpoint: {directory} is not a directory (expected a PECM checkpoint)")
         cfg_path = os.path.join(directory, "config.json")
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"checkpoint: {cfg_path} not found (expected a PECM checkpoint directory)")
-        with open(cfg_path) as f:
-            config = PECMConfig.from_dict(json.load(f))
-        manifest = {}
-        if os.path.isfile(os.path.join(directory, MANIFEST)):
-            with open(os.path.join(directory, MANIFEST)) as f:
-                manifest = json.load(f)
-            fmt = manifest.get("format_version")
-            if not isinstance(fmt, int) or fmt > CHECKPOINT_FORMAT:
-                raise ValueError(
-                    f"checkpoint: {directory} has format_version {fmt!r}; this pecm reads up to {CHECKPOINT_FORMAT}"
-                    f" (written by pecm {manifest.get('pecm_version', '?')}: upgrade pecm)"
-                )
+        try:
+            config = PECMConfig.from_dict(read_json_object(cfg_path, "the model config"))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"checkpoint: {cfg_path}: {e}" if not str(e).startswith("checkpoint:") else str(e)) from e
+        manifest = _read_manifest(directory)
+        doc2vec = load_doc2vec(directory, config)  # before anything heavy: refuses a pickled doc2vec.model
         enc_dir = os.path.join(directory, ENCODER_CONFIG_DIR)
         enc_cfg = enc_dir if os.path.isfile(os.path.join(enc_dir, "config.json")) else None
         if enc_cfg is None and config.text_encoder != "tiny" and manifest:
             raise FileNotFoundError(f"checkpoint: {enc_dir}/config.json not found (the text encoder's architecture)")
         try:
             model = cls(config, load_pretrained=False, _from_checkpoint=True, _text_encoder_config=enc_cfg)
-        except (ImportError, ValueError, FileNotFoundError) as e:
-            if enc_cfg is not None or config.text_encoder == "tiny":
-                raise
+        except Exception as e:  # e.g. transformers' OSError for a damaged text_encoder/config.json
+            legacy = enc_cfg is None and config.text_encoder != "tiny"
+            if not (legacy and isinstance(e, (ImportError, ValueError, FileNotFoundError))):
+                msg = f"checkpoint: {directory}: cannot build the model from its config ({one_line(e)})"
+                raise ValueError(msg) from e
             # format 1 (older pecm): the encoder architecture was only available from its source
             raise ValueError(
                 f"checkpoint: {directory} predates self-contained checkpoints (no {ENCODER_CONFIG_DIR}/config.json), so"
@@ -212,17 +221,42 @@ class PECM(nn.Module):
                 " once where that source is available and save it again (PECM.load(d).save(d)) to make it"
                 " self-contained."
             ) from e
-        sd = load_file(os.path.join(directory, "model.safetensors"), device=str(map_location))
-        try:
-            model.load_state_dict(sd)
-        except RuntimeError as e:
-            saved = (
-                manifest.get("image_backbone", {}).get("timm_version", "?"),
-                manifest.get("text_encoder", {}).get("transformers_version", "?"),
-            )
-            raise ValueError(
-                f"checkpoint: {directory}/model.safetensors does not fit the model built from its config (saved with"
-                f" timm {saved[0]}, transformers {saved[1]}): {e}"
-            ) from e
-        model.text.load_aux(directory)
+        path = os.path.join(directory, "model.safetensors")
+        sd = read_safetensors(path, "the model weights")
+        check_state_dict(path, sd, model.state_dict(), hint=_saved_with(manifest))
+        model.load_state_dict(sd)
+        model.text.load_aux(directory, doc2vec=doc2vec)
         return model.to(map_location)
+
+
+def _read_manifest(directory: str) -> dict:
+    """``checkpoint.json`` (validated), or {} for a format-1 checkpoint that has none."""
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.exists(path):
+        return {}
+    manifest = read_json_object(path, "the checkpoint manifest")
+    fmt = manifest.get("format_version")
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+        raise ValueError(f"checkpoint: {path}: format_version: expected an int >= 1, got {fmt!r}")
+    if fmt > CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"checkpoint: {directory} has format_version {fmt!r}; this pecm reads up to {CHECKPOINT_FORMAT}"
+            f" (written by pecm {manifest.get('pecm_version', '?')!s:.40}: upgrade pecm)"
+        )
+    return manifest
+
+
+def _saved_with(manifest: dict) -> str:
+    """`` (saved with timm X, transformers Y)`` for error messages; robust to a manifest of any shape."""
+
+    def version(section: str, key: str) -> str:
+        part = manifest.get(section)
+        v = part.get(key, "?") if isinstance(part, dict) else "?"
+        return str(v)[:40]
+
+    if not manifest:
+        return ""
+    return (
+        f" (saved with timm {version('image_backbone', 'timm_version')},"
+        f" transformers {version('text_encoder', 'transformers_version')})"
+    )

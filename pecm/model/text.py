@@ -3,8 +3,9 @@
 - Sentences: regex split after ``.``/``!``/``?``/``;`` followed by white space and a capital letter, digit or
   bracket, and at line breaks (`split_sentences`).
 - Doc2Vec (gensim, PV-DM, trained on the *training* reports by `TextFeatures.fit`, saved with the
-  checkpoint, ``workers=1`` and a fixed seed): a sentence's embedding is the mean of its words' Doc2Vec word
-  vectors. (``infer_vector`` is stochastic per call; the mean of trained word vectors is deterministic.)
+  checkpoint as JSON + plain arrays (`pecm.model.doc2vec_io`, never a pickle), ``workers=1`` and a fixed
+  seed): a sentence's embedding is the mean of its words' Doc2Vec word vectors. (``infer_vector`` is
+  stochastic per call; the mean of trained word vectors is deterministic.)
 - Grouping (`group_sentences`), deterministic: start with one group per sentence in report order; repeatedly
   merge the *adjacent* pair of groups with the highest cosine of their mean vectors (leftmost on ties)
   while that cosine exceeds ``group_threshold`` or there are more than K−1 groups.
@@ -108,8 +109,8 @@ class TextFeatures(nn.Module):
             bar = hf_logging.is_progress_bar_enabled()
             hf_logging.disable_progress_bar()  # no "Loading weights" bar for a local load
             try:
-                self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-                self.encoder = AutoModel.from_pretrained(path, local_files_only=True)
+                self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+                self.encoder = AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False)
             finally:
                 if bar:
                     hf_logging.enable_progress_bar()
@@ -169,21 +170,40 @@ class TextFeatures(nn.Module):
             return BertTokenizerFast(vocab_file=p, do_lower_case=True)
 
     def save_aux(self, directory: str) -> None:
-        """Doc2Vec, the tokenizer and (non-tiny encoders) the encoder's transformers config: with
-        ``model.safetensors`` everything needed to rebuild the report side offline."""
+        """Doc2Vec (``doc2vec.json`` + ``doc2vec.safetensors``, no pickle), the tokenizer and (non-tiny encoders)
+        the encoder's transformers config: with ``model.safetensors`` everything needed to rebuild the report side
+        offline."""
+        from .doc2vec_io import LEGACY_FILE, save_doc2vec
+
         if self.doc2vec is None:
             raise ValueError("text: Doc2Vec is not fitted (call fit(train_reports) before saving)")
-        self.doc2vec.save(os.path.join(directory, "doc2vec.model"))
+        save_doc2vec(self.doc2vec, directory)
+        if os.path.isfile(os.path.join(directory, LEGACY_FILE)):  # an old pickle left over: never read, so drop it
+            os.remove(os.path.join(directory, LEGACY_FILE))
         self.tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
         if self.config.text_encoder != "tiny":  # the tiny encoder is rebuilt from PECMConfig alone
             self.encoder.config.save_pretrained(os.path.join(directory, ENCODER_CONFIG_DIR))
 
-    def load_aux(self, directory: str) -> None:
-        from gensim.models.doc2vec import Doc2Vec
+    def load_aux(self, directory: str, doc2vec=None) -> None:
+        """The Doc2Vec (`pecm.model.doc2vec_io.load_doc2vec`, or ``doc2vec`` when already loaded) and the
+        tokenizer of a checkpoint directory; nothing is unpickled and no remote code is trusted."""
         from transformers import AutoTokenizer
 
-        self.doc2vec = Doc2Vec.load(os.path.join(directory, "doc2vec.model"))
-        self.tokenizer = AutoTokenizer.from_pretrained(os.path.join(directory, "tokenizer"), local_files_only=True)
+        from .doc2vec_io import load_doc2vec
+        from .safety import one_line
+
+        self.doc2vec = doc2vec if doc2vec is not None else load_doc2vec(directory, self.config)
+        path = os.path.join(directory, "tokenizer")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"checkpoint: {path} not found (the text encoder's tokenizer)")
+        try:
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        except Exception as e:  # transformers raises OSError/ValueError/its own errors for a damaged folder
+            raise ValueError(f"checkpoint: {path} is not a loadable tokenizer ({one_line(e)})") from e
+        rows = int(self.encoder.config.vocab_size)
+        if len(tok) > rows:
+            raise ValueError(f"checkpoint: {path} has {len(tok)} tokens but the text encoder embeds only {rows}")
+        self.tokenizer = tok
 
     # ------------------------------------------------------------------ grouping / encoding
     def sentence_vectors(self, sentences: Sequence[str]) -> np.ndarray:
