@@ -92,7 +92,10 @@ def git_commit() -> str:
     try:
         r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(
-            ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+            ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
         return r.stdout.strip() + ("+dirty" if dirty else "") if r.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
