@@ -1,7 +1,7 @@
 """Fault injection for the ArchiveIndex tests: fail (ENOSPC) or SIGKILL the process at the n-th write step.
 
 A *step* is one call of a function through which the index changes its directory: ``os.pwrite``,
-``os.write``, ``os.fsync``, ``os.replace``, ``os.truncate``, ``os.remove``, or a metadata transaction
+``os.write``, ``os.fsync``, ``os.replace``, ``os.ftruncate``, ``os.remove``, or a metadata transaction
 (`MetaStore.replace_from` / `MetaStore.delete`, counted before and after it commits). Counting is on
 only inside `inject` and only for regular files and paths, so the harness's own writes and pipes
 are not steps.
@@ -21,7 +21,7 @@ from pecm.index import ArchiveIndex
 from pecm.index.meta import MetaStore
 
 K, D = 4, 32
-OS_STEPS = ("pwrite", "write", "fsync", "replace", "truncate", "remove")
+OS_STEPS = ("pwrite", "write", "fsync", "replace", "ftruncate", "remove")
 META_STEPS = ("replace_from", "delete")
 
 

@@ -63,6 +63,21 @@ def test_manifest_file_names_cannot_reach_outside(ix, tmp_path, target):
     assert victim.read_text() == "precious"
 
 
+@pytest.mark.parametrize("name", ["prototypes.bin", "ids.bin", "meta.sqlite", "write.lock"])
+def test_symlinked_index_files_are_never_written_through(ix, tmp_path, name):
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"precious" * 100)
+    os.remove(ix / name) if (ix / name).exists() else None
+    os.symlink(victim, ix / name)
+    with pytest.raises(IndexCorruptError, match="symbolic link|regular file"):
+        with ArchiveIndex.open(ix, mode="a") as idx:
+            idx.add(_items(3))
+    assert victim.read_bytes() == b"precious" * 100
+    if name.endswith(".bin"):  # readers do not follow it either
+        with pytest.raises(IndexCorruptError, match=name):
+            ArchiveIndex.open(ix)
+
+
 BAD_FIELDS = [
     ("K", 10**12),
     ("K", "4"),

@@ -19,6 +19,7 @@ after the `delete` committed. `refresh()` does the same explicitly.
 from __future__ import annotations
 
 import copy
+import errno
 import fcntl
 import os
 import shutil
@@ -174,7 +175,12 @@ class ArchiveIndex:
         if mode == "a":
             if not os.path.isdir(path):
                 raise FileNotFoundError(f"index: no such directory {path!r}")
-            lock_fd = os.open(os.path.join(path, fmt.LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                lock_fd = os.open(os.path.join(path, fmt.LOCK_FILE), os.O_RDWR | os.O_CREAT | fmt.NOFOLLOW, 0o644)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise IndexCorruptError(f"index: {path!r}: {fmt.LOCK_FILE} is a symbolic link") from e
+                raise OSError(e.errno, f"index: {path!r} cannot be opened for writing: {e.strerror}") from e
             try:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -184,6 +190,8 @@ class ArchiveIndex:
             m, files, stamp = cls._read_consistent(path, verify)
             idx = cls(path, m, mode, lock_fd, files, stamp)
             if mode == "a":
+                db = fmt.META_DB
+                fmt.check_regular_files(path, [*m["files"].values(), fmt.MANIFEST, db, db + "-wal", db + "-shm"])
                 idx._recover()
             return idx
         except BaseException:
@@ -243,7 +251,11 @@ class ArchiveIndex:
         for logical, p in self.paths.items():
             need = self.count * self.item_bytes[logical]
             if os.path.getsize(p) != need:
-                os.truncate(p, need)
+                fd = os.open(p, os.O_WRONLY | fmt.NOFOLLOW)
+                try:
+                    os.ftruncate(fd, need)
+                finally:
+                    os.close(fd)
 
     @property
     def meta(self) -> MetaStore:
@@ -457,7 +469,7 @@ class ArchiveIndex:
 
         try:
             for k, p in self.paths.items():
-                fds[k] = os.open(p, os.O_WRONLY)
+                fds[k] = os.open(p, os.O_WRONLY | fmt.NOFOLLOW)
             from tqdm.auto import tqdm
 
             bar = tqdm(total=n, desc="pecm index add", unit="item", disable=not show or n < ADD_BLOCK)

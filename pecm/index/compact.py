@@ -33,7 +33,7 @@ def _write_kept(index, paths: dict, progress) -> tuple:
     files = {}
     try:
         for k, p in paths.items():
-            files[k] = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            files[k] = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | fmt.NOFOLLOW, 0o644)
         bar = tqdm(total=index.count, desc="pecm index compact", unit="item", disable=not show)
         for s in range(0, index.count, BLOCK):
             e = min(index.count, s + BLOCK)

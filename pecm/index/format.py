@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import warnings
 import zlib
 from typing import Dict, Optional
@@ -41,6 +42,7 @@ META_DB = "meta.sqlite"
 LOCK_FILE = "write.lock"
 DTYPES = ("float16", "float32", "int8")
 EPS = 1e-12
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # index files are never followed through symbolic links
 
 
 class IndexCorruptError(ValueError):
@@ -77,6 +79,19 @@ def item_bytes(k: int, d: int, dtype: str) -> Dict[str, int]:
     return {n: dt.itemsize * int(np.prod(shape, dtype=np.int64)) for n, (dt, shape) in layout(k, d, dtype).items()}
 
 
+def check_regular_files(root: str, names) -> None:
+    """Writer: every existing index file must be a regular file (not a symlink, FIFO or directory), so
+    no write of the index can land outside its directory."""
+    for name in names:
+        p = os.path.join(root, name)
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            raise IndexCorruptError(f"index: {p} is not a regular file (a symbolic link?); refusing to write to it")
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -97,7 +112,7 @@ def write_manifest(root: str, manifest: dict) -> None:
     tmp = os.path.join(root, f".{MANIFEST}.{os.getpid()}.tmp")
     data = json.dumps(manifest, indent=1, sort_keys=True).encode()
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o644)
         try:
             write_all(fd, data)
             os.fsync(fd)
@@ -209,7 +224,7 @@ def open_files(root: str, m: dict) -> Dict[str, int]:
     fds: Dict[str, int] = {}
     try:
         for logical, name in m["files"].items():
-            fds[logical] = os.open(os.path.join(root, name), os.O_RDONLY)
+            fds[logical] = os.open(os.path.join(root, name), os.O_RDONLY | NOFOLLOW)
     except OSError as e:
         for fd in fds.values():
             os.close(fd)
