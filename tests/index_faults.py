@@ -131,3 +131,25 @@ def snapshot(path) -> dict:
             s, top, meta = idx.search(protos([live[0]])[0], 3)  # the item itself (or a twin) scores 1
             assert abs(s[0, 0] - 1) < 2e-3 and top[0, 0] in live and meta[0][0]["id"] == top[0, 0]
         return {int(r["id"]): r.get("text") for r in rows}
+
+
+def apply(idx, op: str, arg) -> None:
+    """A parametrised operation of the soak test: ("add", n), ("delete", ids) or ("compact", None)."""
+    if op == "add":
+        first = idx.manifest["next_id"]
+        ids = range(first, first + arg)
+        idx.add(protos(ids), metadata=[{"text": f"s{i}"} for i in ids], progress=False)
+    elif op == "delete":
+        idx.delete(arg)
+    else:
+        idx.compact(progress=False)
+
+
+def applied(state: dict, next_id: int, op: str, arg) -> dict:
+    out = dict(state)
+    if op == "add":
+        out.update({i: f"s{i}" for i in range(next_id, next_id + arg)})
+    elif op == "delete":
+        for i in arg:
+            out.pop(i)
+    return out

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from index_faults import Fault, build_base, inject, protos, run_op, snapshot, states
+from index_faults import Fault, applied, apply, build_base, inject, protos, run_op, snapshot, states
 
 from pecm.index import ArchiveIndex
 
@@ -229,3 +229,52 @@ def test_handle_opened_before_delete_and_compact(base, tmp_path):
     _, ids, _ = reader.search(protos([10])[0], 29)
     assert 10 not in ids and 11 not in ids and (ids >= 0).sum() == 27
     reader.close()
+
+
+def _soak_child(path, op, arg, at, action):
+    idx = ArchiveIndex.open(path, mode="a")
+    try:
+        with inject(at, action=action):
+            apply(idx, op, arg)
+    except Fault:
+        os._exit(4)
+    os._exit(3)
+
+
+@pytest.mark.slow
+def test_soak_random_faults(tmp_path):
+    """300 random operations on one evolving index, each SIGKILLed or failed (ENOSPC) at a random step."""
+    path = tmp_path / "ix"
+    build_base(path)
+    state = snapshot(path)
+    rng = np.random.default_rng(15)
+    ctx = _ctx()
+    tally = {"kill": 0, "enospc": 0, "completed": 0, "rolled_back": 0}
+    for _ in range(300):
+        with ArchiveIndex.open(path) as idx:
+            next_id = idx.manifest["next_id"]
+        op = rng.choice(["add", "add", "delete", "compact"])
+        live = sorted(state)
+        if op == "delete" and len(live) < 5:
+            op = "add"
+        arg = None
+        if op == "add":
+            arg = int(rng.integers(1, 40))
+        elif op == "delete":
+            arg = [int(i) for i in rng.choice(live, size=int(rng.integers(1, 4)), replace=False)]
+        action = str(rng.choice(["kill", "enospc"]))
+        p = ctx.Process(target=_soak_child, args=(str(path), op, arg, int(rng.integers(1, 26)), action))
+        p.start()
+        p.join(60)
+        assert p.exitcode in (-9, 3, 4), p.exitcode
+        tally[{-9: "kill", 3: "completed", 4: "enospc"}[p.exitcode]] += 1
+        after = applied(state, next_id, op, arg)
+        got = snapshot(path)
+        assert got in (state, after), f"{op} {arg} ({action}) left a state that is neither before nor after"
+        tally["rolled_back"] += got == state and state != after
+        state = got
+        with ArchiveIndex.open(path, mode="a"):  # recovery by the next writer
+            pass
+        assert snapshot(path) == state
+    assert tally["kill"] > 50 and tally["enospc"] > 50 and tally["completed"] > 10
+    print("soak:", tally)

@@ -24,6 +24,7 @@ import fcntl
 import os
 import shutil
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
 
@@ -115,6 +116,7 @@ class ArchiveIndex:
     def __init__(self, root: str, manifest: dict, mode: str, lock_fd: Optional[int], files: _Files, stamp=None):
         self.root, self.mode, self._lock_fd = root, mode, lock_fd
         self._meta: Optional[MetaStore] = None
+        self._switch = threading.RLock()  # a refresh and the views taken by concurrent calls do not interleave
         self._load(manifest, files, stamp)
 
     # ------------------------------------------------------------------ construction
@@ -265,8 +267,9 @@ class ArchiveIndex:
 
     def refresh(self) -> "ArchiveIndex":
         """Reader: re-read the manifest to see commits (appends, deletes, compacts) made since opening."""
-        m, files, stamp = self._read_consistent(self.root, verify=False)
-        self._load(m, files, stamp)
+        with self._switch:
+            m, files, stamp = self._read_consistent(self.root, verify=False)
+            self._load(m, files, stamp)
         return self
 
     def _current(self) -> "ArchiveIndex":
@@ -274,9 +277,10 @@ class ArchiveIndex:
         changed (one stat); the view keeps its generation's files open however long the call runs."""
         if not self._files.fds:
             raise ValueError(f"index: {self.root!r} is closed")
-        if self.mode != "a" and _manifest_stamp(self.root) != self._stamp:
-            self.refresh()
-        return copy.copy(self)
+        with self._switch:
+            if self.mode != "a" and _manifest_stamp(self.root) != self._stamp:
+                self.refresh()
+            return copy.copy(self)
 
     def close(self) -> None:
         self._mm = {}
