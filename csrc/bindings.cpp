@@ -164,6 +164,7 @@ Problem problem(const PyQueries& q, const PyCandidates& c) {
 
 int64_t check_k(int64_t k) {
     if (k < 1) throw py::value_error("k: expected an int >= 1, got " + std::to_string(k));
+    if (k > 2147483647) throw py::value_error("k: expected an int <= 2147483647, got " + std::to_string(k));
     return k;
 }
 
