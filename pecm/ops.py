@@ -53,7 +53,6 @@ from .operands import (
     BY_CHOICES,  # noqa: F401
     EPS,
     PREP_CHUNK,
-    unit as unit_vectors,
     By,
     Candidates,
     Queries,
@@ -66,6 +65,9 @@ from .operands import (
     check_float,
     fold_queries,
     normalize_block,
+)
+from .operands import (
+    unit as unit_vectors,
 )
 from .topk import empty_topk
 
@@ -113,8 +115,9 @@ def _check_padding(k: int, b: int, avail: int, what: str) -> None:
     """
     if k > avail and b * k * 12 > MAX_PAD_BYTES:
         raise ValueError(
-            f"k: {k} exceeds the {avail} {what} and the padded [B={b}, k] result would take {b * k * 12 / 2**30:.1f} GiB "
-            f"(limit {MAX_PAD_BYTES / 2**30:.0f} GiB of (-inf, -1) padding); ask for k <= {avail}"
+            f"k: {k} exceeds the {avail} {what} and the padded [B={b}, k] result would take "
+            f"{b * k * 12 / 2**30:.1f} GiB (limit {MAX_PAD_BYTES / 2**30:.0f} GiB of (-inf, -1) padding); "
+            f"ask for k <= {avail}"
         )
 
 
