@@ -271,7 +271,7 @@ PYBIND11_MODULE(_C, m) {
             return ok;
         },
         py::arg("x"), py::arg("w"), py::arg("mask"), py::arg("unit"), py::arg("pooled"), py::arg("eps"),
-        "Index item encoder: unit (fp16, written in place) = x / max(||x||, eps) per prototype (0 where masked); "
+        "Index item encoder: unit (fp16, written in place) = x / ||x|| per prototype, any finite magnitude (0 where masked; eps is ignored); "
         "pooled (float32, in place, optional) = normalize(sum_k w_k * unit_k) in float32. False if a norm is "
         "not finite.");
 

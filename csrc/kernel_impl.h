@@ -10,7 +10,7 @@
 //    once and reused by every query of the block, broadcast-FMA micro-tiles).
 //
 // Candidates that are not prepared (Candidates in kernels.h) are normalised on the fly, in the read
-// of the rows the tile scores: each row's per-prototype scales inv_k = m_k / max(||c_k||, eps) come
+// of the rows the tile scores: each row's per-prototype scales inv_k = m_k / ||c_k|| come
 // from the first query's dot products in the same read (micro_norm; GEMM path: prep_norms first) and
 // the other queries multiply every loaded candidate vector by its prototype's scale (SCALED micro) or
 // fold the scale into the fp32 conversion (GEMM path); without pooled vectors, prep_pool accumulates
@@ -124,7 +124,7 @@ static float pool_row(const T* x, const float* a, int64_t K, int64_t D, float* h
     return r;
 }
 
-// inv[r*K + t] = m_rt / max(||c_rt||, eps) (m_rt when the prototypes are unit) for rows cr[0..nr)
+// inv[r*K + t] = m_rt / ||c_rt|| (m_rt when the prototypes are unit) for rows cr[0..nr)
 // ([K*D] each) with masks mr[r] ([K] bytes; mr null = all valid). nx[0..nnx): the next group's rows,
 // prefetched line by line as the current rows are read (gathered rows; contiguous rows leave it to
 // the hardware prefetcher). The dot-product paths fuse this into the first query's dots (micro_norm).
@@ -154,7 +154,7 @@ static bool prep_norms(const Problem& p, const T* const* cr, const uint8_t* cons
 
 // The pooled side of rows whose inv is known (pr[r]: given pooled rows [D]; pr null = pool on the fly):
 //   hp[r*D + d] = sum_t w_t inv_rt c_rt     (fp32, not normalised)
-//   pinv[r]     = 1 / max(||hp_r||, eps), or 1 / max(||cp_r||, eps) for given pooled vectors (1 when unit)
+//   pinv[r]     = 1 / ||hp_r||, or 1 / ||cp_r|| for given pooled vectors (1 when unit; 0 for a zero vector)
 // so sim = (qp . hp_r or cp_r) * pinv[r]; pnx[0..npnx): the next group's pooled rows, prefetched while
 // given pooled rows are read; cnx2[0..ncnx2): the rows two groups ahead, prefetched while the current
 // (cache-resident) rows are pooled, so memory stays busy through this compute phase (gathered rows).
@@ -204,7 +204,7 @@ static bool prep_pool(const Problem& p, const T* const* cr, const T* const* pr, 
 }
 
 // One query x RB rows of raw prototypes, norms fused with the dots in one read of the rows:
-// inv[r*K + t] = m_rt / max(||c_rt||, eps) and acc[r] += sum_t inv_rt (q_t . c_rt). Prototypes masked
+// inv[r*K + t] = m_rt / ||c_rt|| and acc[r] += sum_t inv_rt (q_t . c_rt). Prototypes masked
 // in every row are not read. nx[0..nnx): the next group's rows, prefetched line by line (gathered rows).
 // Returns false when a live prototype's sum of squares is out of the fast path's range, or a masked-out
 // one read with the group holds NaN/inf (its 0 scale would not cancel it): the tile goes to robust_tile.

@@ -18,19 +18,19 @@
 # `cand_operands(cs)` turns them into the kernel arguments and the constexpr flags
 #     HAS_CM  a mask is given (else cm_ptr is None and qsum_ptr carries sum_k qden per query)
 #     NORM    prototypes are raw: per-prototype inverse norms on the fly (not cs.normalized)
-#     POOL    0 pooled given and unit, 1 pooled given but raw (scaled by 1/max(||cp||, eps)),
+#     POOL    0 pooled given and unit, 1 pooled given but raw (scaled by 1/||cp||),
 #             2 pooled absent: h = normalize(sum_k w_k inv_k c_k) pooled on the fly (w_ptr set)
 # Prepared candidates (NORM = 0, POOL = 0) take exactly the code they took before on-the-fly
 # normalisation existed (no extra loads, no extra arithmetic); see docs/triton.md.
 #
-# Math of one (query b, candidate n) pair, with inv_k = m_k / max(||c_k||, eps) (1 for unit prototypes):
+# Math of one (query b, candidate n) pair, with inv_k = m_k / ||c_k|| (1 for unit prototypes; see NORM_MIN):
 #
 #     num[b, n] = sum_k inv_k (qw[b, k] . c[n, k])   (K*D long: confidence numerator)
 #     den[b, n] = qden[b, :] . cm[n, :]              (K long; = sum_k qden[b, k] when cm is None)
 #     sim[b, n] = qp[b, :] . ĉp[n, :]                (D long: pooled cosine)
 #     conf = num / den if den > 0 else 0,  score = sim * conf
 #
-# This is `pecm.operands.normalize_block` + `pecm.backends.base` in float32 (eps = 1e-12, the EPS below).
+# This is `pecm.operands.normalize_block` + `pecm.backends.base` in float32 (no eps: zero stays zero).
 #
 # Precision of the dots (`dot_mode`): the query operands are float32, the candidate operands are in
 # the storage dtype T. MODE 0 casts the T tile up to float32 and uses an IEEE float32 `tl.dot`
@@ -62,10 +62,10 @@ EPS = tl.constexpr(1e-12)  # = pecm.operands.EPS; kept for importers only: no no
 # float32 / bfloat16 / float16 value), and 1/||x|| is used as one float32 scale of the stored values.
 # That is exact while NORM_MIN <= ||x|| <= NORM_MAX (1.2e-38 ... 1.3e36: the scale is a normal float32 and,
 # for weights up to 256, w * ||x|| cannot overflow the float32 partial dots; `_epilogue` turns a conf or sim
-# outside [-1.5, 1.5], i.e. an overflow with larger weights, into NaN too); a prototype or pooled vector outside it (and one
-# holding NaN/inf) gets a NaN scale, so its scores are NaN (never ranked) instead of silently wrong. An
-# exactly zero vector stays zero. Prepare such candidates first (pecm.ops.prepare_candidates is exact for
-# every finite value); the kernels then read unit prototypes.
+# outside [-1.5, 1.5], i.e. an overflow with larger weights, into NaN too); a prototype or pooled vector
+# outside it (and one holding NaN/inf) gets a NaN scale, so its scores are NaN (never ranked) instead of
+# silently wrong. An exactly zero vector stays zero. Prepare such candidates first
+# (pecm.ops.prepare_candidates is exact for every finite value); the kernels then read unit prototypes.
 NORM_MIN = tl.constexpr(2.0**-126)
 NORM_MAX = tl.constexpr(2.0**120)
 # Register budget (float32 elements per program) of the Eq. 4 pooled vector h when it is pooled on the
@@ -372,7 +372,7 @@ def _proto_h(
     Per prototype t: `_proto_dot` (BD-wide chunks: partial dot and sum of squares -> inv_t), then
     h += w_t inv_t c_t from a second load of the same prototype tile, which the chunks have just
     brought into L1/L2 (a whole-prototype tl.dot operand instead spills at D = 256, docs/triton.md).
-    At the end sim = sum_j qp_j . round_T(h_j / max(||h||, eps)) over the BD-wide chunks j of h: the
+    At the end sim = sum_j qp_j . round_T(h_j / ||h||) over the BD-wide chunks j of h: the
     pooled vector rounded to T like a prepared one, in tl.dot chunks of the same shape as num's.
     """
     NCH: tl.constexpr = D_PAD // BD
