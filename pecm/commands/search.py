@@ -57,6 +57,10 @@ def _run(a) -> int:
 
     if a.k < 1:
         raise ValueError(f"-k: expected an int >= 1, got {a.k}")
+    from ..ops import MAX_K
+
+    if a.k > MAX_K:
+        raise ValueError(f"-k: expected an int <= {MAX_K}, got {a.k}")
     q, qm = _queries(a)
     kw = dict(mode=a.mode, shortlist=a.shortlist, by=a.by, q_mask=qm, chunk_size=a.chunk_size, backend=a.backend)
     if a.device:
