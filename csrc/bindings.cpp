@@ -164,6 +164,7 @@ Problem problem(const PyQueries& q, const PyCandidates& c) {
 
 int64_t check_k(int64_t k) {
     if (k < 1) throw py::value_error("k: expected an int >= 1, got " + std::to_string(k));
+    if (k > 2147483647) throw py::value_error("k: expected an int <= 2147483647, got " + std::to_string(k));
     return k;
 }
 
@@ -270,7 +271,7 @@ PYBIND11_MODULE(_C, m) {
             return ok;
         },
         py::arg("x"), py::arg("w"), py::arg("mask"), py::arg("unit"), py::arg("pooled"), py::arg("eps"),
-        "Index item encoder: unit (fp16, written in place) = x / max(||x||, eps) per prototype (0 where masked); "
+        "Index item encoder: unit (fp16, written in place) = x / ||x|| per prototype, any finite magnitude (0 where masked; eps is ignored); "
         "pooled (float32, in place, optional) = normalize(sum_k w_k * unit_k) in float32. False if a norm is "
         "not finite.");
 

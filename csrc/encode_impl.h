@@ -1,13 +1,16 @@
 // Index item encoder (pecm.index.format.BlockEncoder's float16 path), compiled once per ISA next to
 // the tile kernel (kernel_<isa>.cpp). One pass over each item, instead of ~6 float32 passes of torch
 // ops over the whole block:
-//   sc[t]     = mask[t] / max(||x[t]||, eps)             (0 for a masked prototype)
+//   sc[t]     = mask[t] / ||x[t]||                       (0 for a masked prototype, whatever it holds)
 //   unit[t]   = fp16(x[t] * sc[t])                       (round to nearest even)
 //   pooled    = normalize(sum_t w[t] * sc[t] * x[t])     (Eq. 4; only when `pooled` is non-null)
-// Returns false when some float32 ||x[t]||^2 is not finite (NaN / inf input, or |x| too large for float32).
+// Exact for any finite magnitude: a float32 sum of squares outside [2^-100, 2^100] (zero, tiny, huge,
+// overflowed) takes a float64 power-of-two-scaled path for that prototype; an exactly zero prototype
+// stays zero; there is no eps. Returns false when an unmasked prototype holds NaN / inf.
 #pragma once
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 
 #include "kernels.h"
 #include "simd.h"
@@ -31,12 +34,32 @@ static bool encode_item(const T* x, const float* w, const uint8_t* mask, int64_t
         }
         float ss = vsum(s);
         for (; d < D; d++) ss += to_f32(row + d) * to_f32(row + d);
-        // NaN/inf input, or a float32 sum of squares that overflows (|x| >~ 1e19): refused, like the torch path
-        ok = ok && std::isfinite(ss);
-        const double nrm = std::sqrt((double)ss);
-        const float sc = (mask && !mask[t]) ? 0.f : (float)(1.0 / (nrm > eps ? nrm : (double)eps));
-        const V vs = vset1(sc), vp = vset1(sc * w[t]);
         F16* out = unit + t * D;
+        if (mask && !mask[t]) {  // masked out: zero, never read as numbers
+            std::memset((void*)out, 0, sizeof(F16) * (size_t)D);
+            continue;
+        }
+        if (!(ss >= 0x1p-100f && ss <= 0x1p100f)) {  // rare: zero, tiny, huge or non-finite -> float64, scaled
+            double m = 0.0;
+            for (d = 0; d < D; d++) m = std::fmax(m, std::fabs((double)to_f32(row + d)));
+            bool fin = std::isfinite(ss) || std::isinf(ss);  // ss NaN: some NaN input
+            for (d = 0; d < D && fin; d++) fin = std::isfinite(to_f32(row + d));
+            ok = ok && fin;  // NaN / inf input: refused, like the torch path
+            int e = 0;
+            std::frexp(m, &e);
+            const double scl = std::ldexp(1.0, -e);
+            double s2 = 0.0;
+            for (d = 0; d < D; d++) s2 += ((double)to_f32(row + d) * scl) * ((double)to_f32(row + d) * scl);
+            const double inv = (fin && m > 0.0) ? scl / std::sqrt(s2) : 0.0;
+            for (d = 0; d < D; d++) {
+                const float u = (float)(to_f32(row + d) * inv);
+                out[d].v = float_to_half(u);
+                if (pooled) acc[d] += u * w[t];
+            }
+            continue;
+        }
+        const float sc = 1.f / std::sqrt(ss);
+        const V vs = vset1(sc), vp = vset1(sc * w[t]);
         for (d = 0; d + VL <= D; d += VL) {
             V v = vload(row + d);
             vstore(out + d, vmul(v, vs));
@@ -52,8 +75,8 @@ static bool encode_item(const T* x, const float* w, const uint8_t* mask, int64_t
         double s2 = 0.0;
         for (int64_t d = 0; d < D; d++) s2 += (double)acc[d] * acc[d];
         const double nrm = std::sqrt(s2);
-        const float inv = (float)(1.0 / (nrm > eps ? nrm : (double)eps));
-        for (int64_t d = 0; d < D; d++) pooled[d] = acc[d] * inv;
+        const double inv = nrm > 0.0 ? 1.0 / nrm : 0.0;  // h = 0 (everything masked): pooled 0
+        for (int64_t d = 0; d < D; d++) pooled[d] = (float)(acc[d] * inv);
     }
     return ok;
 }

@@ -10,15 +10,28 @@
 //    once and reused by every query of the block, broadcast-FMA micro-tiles).
 //
 // Candidates that are not prepared (Candidates in kernels.h) are normalised on the fly, in the read
-// of the rows the tile scores: each row's per-prototype scales inv_k = m_k / max(||c_k||, eps) come
+// of the rows the tile scores: each row's per-prototype scales inv_k = m_k / ||c_k|| come
 // from the first query's dot products in the same read (micro_norm; GEMM path: prep_norms first) and
 // the other queries multiply every loaded candidate vector by its prototype's scale (SCALED micro) or
 // fold the scale into the fp32 conversion (GEMM path); without pooled vectors, prep_pool accumulates
 // h = sum_k w_k inv_k c_k in fp32 from the cache-resident rows and sim is scaled by 1/||h||. Groups
 // are RB_MAX rows (dot paths) or the tile's 48 rows (GEMM path), so every read after the first hits
 // the cache. Prototypes masked out in every row of a group are not read at all.
+//
+// Numerics (docs/cpp.md, "Numerics"): the fast path above takes inv = 1 / sqrt(sum of squares) in
+// float32, which is exact only while the sum of squares is a normal, comfortably ranged float. Every
+// place that computes one (micro_norm, prep_norms, prep_pool) also checks it against
+// [kSsLo, kSsHi] (one compare per prototype, false for NaN); when any check of a tile fails (a prototype
+// that is zero, tiny, huge, or holds NaN/inf; a NaN/inf in a masked-out prototype that the group reads),
+// the tile is recomputed by robust_tile: its rows are prepared in float64 (power-of-two pre-scale, so any
+// finite magnitude normalises exactly; masked-out prototypes zero whatever they hold; NaN/inf -> NaN) into
+// a float32 scratch copy and scored as prepared float32 candidates. Rare inputs pay for it; the hot loops
+// are unchanged. There is no eps: a prototype is zero only when it is exactly zero.
 #pragma once
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
 
 #include "kernels.h"
 #include "simd.h"
@@ -29,6 +42,9 @@ namespace PECM_NS {
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
 constexpr int64_t kMaxPrepK = 64;  // prototypes pooled per register pass (K above it: a scalar remainder pass)
+// Sums of squares the fast path trusts (= pecm.operands.NORM_LO / NORM_HI); NaN fails both compares.
+constexpr float kSsLo = 0x1p-100f, kSsHi = 0x1p100f;
+static inline bool ss_ok(float ss) { return ss >= kSsLo && ss <= kSsHi; }
 
 // ------------------------------------------------------------------------------------------------
 // On-the-fly row preparation (candidates that are not prepared).
@@ -68,11 +84,9 @@ static float sumsq(const T* x, int64_t n, const T* pf) {
     return r;
 }
 
-// 1 / max(sqrt(ss), eps) in float32 (IEEE sqrt and division; F.normalize divides by the same float32 norm).
-static inline float inv_norm(float ss, float eps) {
-    const float n = std::sqrt(ss);
-    return 1.f / (n > eps ? n : eps);
-}
+// 1 / sqrt(ss) in float32 (IEEE sqrt and division, as torch divides by the same float32 norm); the
+// callers check ss_ok (else the tile is recomputed by robust_tile); 0 for ss = 0 (an all-zero vector).
+static inline float inv_norm(float ss) { return ss > 0.f ? 1.f / std::sqrt(ss) : 0.f; }
 
 // h[0..D) = sum_t a[t] * x[t*D ..] (fp32); returns ||h||^2. CH vector accumulators stay in registers
 // across the K prototypes (the row is cache-resident after the norm pass), so h is stored once.
@@ -110,45 +124,59 @@ static float pool_row(const T* x, const float* a, int64_t K, int64_t D, float* h
     return r;
 }
 
-// inv[r*K + t] = m_rt / max(||c_rt||, eps) (m_rt when the prototypes are unit) for rows cr[0..nr)
+// inv[r*K + t] = m_rt / ||c_rt|| (m_rt when the prototypes are unit) for rows cr[0..nr)
 // ([K*D] each) with masks mr[r] ([K] bytes; mr null = all valid). nx[0..nnx): the next group's rows,
 // prefetched line by line as the current rows are read (gathered rows; contiguous rows leave it to
 // the hardware prefetcher). The dot-product paths fuse this into the first query's dots (micro_norm).
+// Returns false when a sum of squares is out of the fast path's range (the tile goes to robust_tile).
 template <typename T>
-static void prep_norms(const Problem& p, const T* const* cr, const uint8_t* const* mr, int nr, const T* const* nx,
+static bool prep_norms(const Problem& p, const T* const* cr, const uint8_t* const* mr, int nr, const T* const* nx,
                        int nnx, float* inv) {
     const int64_t K = p.K, D = p.D;
+    bool ok = true;
     for (int r = 0; r < nr; r++) {
         float* iv = inv + r * K;
         const T* pf = r < nnx ? nx[r] : nullptr;
         for (int64_t t = 0; t < K; t++) {
-            if (mr && !mr[r][t])
+            if (mr && !mr[r][t]) {
                 iv[t] = 0.f;
-            else if (p.c.unit)
+            } else if (p.c.unit) {
                 iv[t] = 1.f;
-            else
-                iv[t] = inv_norm(sumsq(cr[r] + t * D, D, pf ? pf + t * D : nullptr), p.c.eps);
+            } else {
+                const float ss = sumsq(cr[r] + t * D, D, pf ? pf + t * D : nullptr);
+                ok = ok && ss_ok(ss);
+                iv[t] = inv_norm(ss);
+            }
         }
     }
+    return ok;
 }
 
 // The pooled side of rows whose inv is known (pr[r]: given pooled rows [D]; pr null = pool on the fly):
 //   hp[r*D + d] = sum_t w_t inv_rt c_rt     (fp32, not normalised)
-//   pinv[r]     = 1 / max(||hp_r||, eps), or 1 / max(||cp_r||, eps) for given pooled vectors (1 when unit)
+//   pinv[r]     = 1 / ||hp_r||, or 1 / ||cp_r|| for given pooled vectors (1 when unit; 0 for a zero vector)
 // so sim = (qp . hp_r or cp_r) * pinv[r]; pnx[0..npnx): the next group's pooled rows, prefetched while
 // given pooled rows are read; cnx2[0..ncnx2): the rows two groups ahead, prefetched while the current
 // (cache-resident) rows are pooled, so memory stays busy through this compute phase (gathered rows).
 // With prep_norms / micro_norm this is
 // pecm.operands.normalize_block in float32, without rounding ĉ to the storage dtype.
+// Returns false when a sum of squares is out of the fast path's range (an exactly zero h is fine: sim 0).
 template <typename T>
-static void prep_pool(const Problem& p, const T* const* cr, const T* const* pr, int nr, const T* const* pnx, int npnx,
+static bool prep_pool(const Problem& p, const T* const* cr, const T* const* pr, int nr, const T* const* pnx, int npnx,
                       const T* const* cnx2, int ncnx2, const float* inv, float* hp, float* pinv) {
     const int64_t K = p.K, D = p.D;
     const Candidates& cs = p.c;
     float a[kMaxPrepK];
+    bool ok = true;
     for (int r = 0; r < nr; r++) {
         if (pr) {  // given pooled rows: this is their first read, so it prefetches the next group's (pnx)
-            pinv[r] = cs.pooled_unit ? 1.f : inv_norm(sumsq(pr[r], D, r < npnx ? pnx[r] : nullptr), cs.eps);
+            if (cs.pooled_unit) {
+                pinv[r] = 1.f;
+            } else {
+                const float ss = sumsq(pr[r], D, r < npnx ? pnx[r] : nullptr);
+                ok = ok && ss_ok(ss);
+                pinv[r] = inv_norm(ss);
+            }
             continue;
         }
         const float* iv = inv + r * K;
@@ -157,22 +185,33 @@ static void prep_pool(const Problem& p, const T* const* cr, const T* const* pr, 
             const int64_t kk = imin(kMaxPrepK, K - t0);
             for (int64_t t = 0; t < kk; t++) a[t] = cs.w[t0 + t] * iv[t0 + t];
             if (t0 == 0) {
-                pinv[r] = inv_norm(pool_row(cr[r], a, kk, D, h, t0 == 0 && r < ncnx2 ? cnx2[r] : nullptr), cs.eps);
+                pinv[r] = pool_row(cr[r], a, kk, D, h, t0 == 0 && r < ncnx2 ? cnx2[r] : nullptr);  // ||h||^2
             } else {  // K > kMaxPrepK (rare): add the slice; the norm is taken below
                 for (int64_t d = 0; d < D; d++)
                     for (int64_t t = 0; t < kk; t++) h[d] += to_f32(cr[r] + (t0 + t) * D + d) * a[t];
             }
         }
-        if (K > kMaxPrepK) pinv[r] = inv_norm(sumsq(h, D, (const float*)nullptr), cs.eps);
+        if (K > kMaxPrepK) pinv[r] = sumsq(h, D, (const float*)nullptr);
+        const float hh = pinv[r];
+        if (!ss_ok(hh)) {  // h exactly zero (every prototype masked or weighted 0) is fine; anything else is not
+            bool zero = hh == 0.f;
+            for (int64_t d = 0; zero && d < D; d++) zero = h[d] == 0.f;
+            ok = ok && zero;
+        }
+        pinv[r] = inv_norm(hh);
     }
+    return ok;
 }
 
 // One query x RB rows of raw prototypes, norms fused with the dots in one read of the rows:
-// inv[r*K + t] = m_rt / max(||c_rt||, eps) and acc[r] += sum_t inv_rt (q_t . c_rt). Prototypes masked
+// inv[r*K + t] = m_rt / ||c_rt|| and acc[r] += sum_t inv_rt (q_t . c_rt). Prototypes masked
 // in every row are not read. nx[0..nnx): the next group's rows, prefetched line by line (gathered rows).
+// Returns false when a live prototype's sum of squares is out of the fast path's range, or a masked-out
+// one read with the group holds NaN/inf (its 0 scale would not cancel it): the tile goes to robust_tile.
 template <int RB, typename T>
-static void micro_norm(const float* q, const T* const* cr, const uint8_t* const* mr, const T* const* nx, int nnx,
-                       int64_t K, int64_t D, float eps, float* inv, float* acc) {
+static bool micro_norm(const float* q, const T* const* cr, const uint8_t* const* mr, const T* const* nx, int nnx,
+                       int64_t K, int64_t D, float* inv, float* acc) {
+    bool ok = true;
     static_assert(RB >= 1 && RB <= 4, "the norms of a group are reduced 4 at a time");
     V tot[RB];
     float tl[RB];
@@ -215,7 +254,8 @@ static void micro_norm(const float* q, const T* const* cr, const uint8_t* const*
             }
         float ss[4] = {0.f, 0.f, 0.f, 0.f}, iv[4];
         for (int r = 0; r < RB; r++) ss[r] = vsum(n[r]) + tn[r];
-        inv_norm4(ss, eps, iv);  // the group's RB norms in one vector sqrt / division
+        inv_norm4(ss, 0.f, iv);  // the group's RB norms in one vector sqrt / division
+        for (int r = 0; r < RB; r++) ok = ok && (live[r] ? ss_ok(ss[r]) : ss[r] <= kSsHi);
         for (int r = 0; r < RB; r++) {
             const float x = live[r] ? iv[r] : 0.f;
             inv[r * K + t] = x;
@@ -224,11 +264,12 @@ static void micro_norm(const float* q, const T* const* cr, const uint8_t* const*
         }
     }
     for (int r = 0; r < RB; r++) acc[r] += vsum(tot[r]) + tl[r];
+    return ok;
 }
 
 template <typename T>
-using NormFn = void (*)(const float*, const T* const*, const uint8_t* const*, const T* const*, int, int64_t, int64_t,
-                        float, float*, float*);
+using NormFn = bool (*)(const float*, const T* const*, const uint8_t* const*, const T* const*, int, int64_t, int64_t,
+                        float*, float*);
 
 template <typename T>
 static NormFn<T> pick_norm(int rb) {
@@ -403,10 +444,12 @@ static void dot_group(const float* q, int64_t qs, int64_t nq, const T* const* rp
 // The dot-product paths over a tile: RB_MAX rows at a time. Raw prototypes: the first query's dots
 // compute the rows' inv in the same read (micro_norm); the other queries and the pooled side reuse it.
 // accn / accs [nq][nr]. crow / prow / mrow: per-row pointers (prow null: pooled on the fly into hp).
+// Returns false when a norm was out of the fast path's range (the caller recomputes the tile robustly).
 template <typename T>
-static void dot_tile(const Problem& p, const float* qw, const float* qp, int64_t nq, const T* const* crow,
+static bool dot_tile(const Problem& p, const float* qw, const float* qp, int64_t nq, const T* const* crow,
                      const T* const* prow, const uint8_t* const* mrow, int nr, bool gathered, bool need_num,
                      bool need_sim, float* accn, float* accs, const TileScratch& s) {
+    bool ok = true;
     const int64_t K = p.K, D = p.D, KD = K * D;
     const bool prep = !p.c.prepared, scaled = !p.c.unit;
     // Gathered rows: the first groups are requested up front, later ones `ahead` groups ahead of the
@@ -424,12 +467,12 @@ static void dot_tile(const Problem& p, const float* qw, const float* qp, int64_t
         const T* const* cnx = nnx > 0 ? crow + r0 + ahead * RB_MAX : nullptr;  // the rows to prefetch now
         const uint8_t* const* mg = mrow ? mrow + r0 : nullptr;
         if (scaled && need_num) {
-            pick_norm<T>(rb)(qw, crow + r0, mg, cnx, nnx > 0 ? nnx : 0, K, D, p.c.eps, s.inv, accn + r0);
+            ok = pick_norm<T>(rb)(qw, crow + r0, mg, cnx, nnx > 0 ? nnx : 0, K, D, s.inv, accn + r0) && ok;
             if (nq > 1)
                 dot_group<T, true>(qw + KD, KD, nq - 1, crow + r0, rb, nullptr, 0, gathered, K, D, s.inv, accn + nr + r0,
                                    nr);
         } else if (prep && (need_num || !prow)) {  // inv for the unscaled dots' mask or for pooling
-            prep_norms<T>(p, crow + r0, mg, rb, scaled ? cnx : nullptr, scaled ? nnx : 0, s.inv);
+            ok = prep_norms<T>(p, crow + r0, mg, rb, scaled ? cnx : nullptr, scaled ? nnx : 0, s.inv) && ok;
         }
         if (need_num && !scaled)
             dot_group<T, false>(qw, KD, nq, crow + r0, rb, cnx, nnx, gathered, 1, KD, nullptr, accn + r0, nr);
@@ -441,8 +484,9 @@ static void dot_tile(const Problem& p, const float* qw, const float* qp, int64_t
         const int nnx2 = gathered ? (int)imin(RB_MAX, imin(nr, r0 + 3 * RB_MAX) - (r0 + 2 * RB_MAX)) : 0;
         const T* const* cnx2 = nnx2 > 0 && scaled && ahead == 1 ? crow + r0 + 2 * RB_MAX : nullptr;
         if (prep && need_sim)
-            prep_pool<T>(p, crow + r0, prow ? prow + r0 : nullptr, rb, pooled_read ? pnx : nullptr, npx, cnx2,
-                         cnx2 ? nnx2 : 0, s.inv, s.hp, s.pinv + r0);
+            ok = prep_pool<T>(p, crow + r0, prow ? prow + r0 : nullptr, rb, pooled_read ? pnx : nullptr, npx, cnx2,
+                              cnx2 ? nnx2 : 0, s.inv, s.hp, s.pinv + r0) &&
+                 ok;
         if (need_sim) {
             if (prow) {
                 const bool pf = !pooled_read && pnx;
@@ -455,6 +499,7 @@ static void dot_tile(const Problem& p, const float* qw, const float* qp, int64_t
             }
         }
     }
+    return ok;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -513,6 +558,11 @@ static void convert_slice(const T* src, float* dst, int64_t k0, int64_t len, con
     while (j < len) {
         const int64_t t = (k0 + j) / D, e = imin(len, (t + 1) * D - k0);
         const float sc = inv[t];
+        if (sc == 0.f) {  // masked out: zeros, whatever the prototype holds (NaN * 0 would be NaN)
+            std::memset(dst + j, 0, sizeof(float) * (size_t)(e - j));
+            j = e;
+            continue;
+        }
         const V sv = vset1(sc);
         for (; j + VL <= e; j += VL) vstore(dst + j, vmul(vload(src + j), sv));
         for (; j < e; j++) dst[j] = to_f32(src + j) * sc;
@@ -586,6 +636,128 @@ static void gemm_accumulate(const Problem& p, int64_t q0, int64_t nq, const T* c
     }
 }
 
+// ------------------------------------------------------------------------------------------------
+// Robust fallback (see the top of this file). Cold code: float64, scalar.
+
+template <typename T>
+static void tile_t(const Problem& p, int64_t q0, int64_t q1, const int64_t* rows, int64_t n0, int nr, float* sim,
+                   float* conf, float* score, int64_t ld, const TileScratch& s);
+
+// out[0..D) = x / ||x|| computed in float64 after an exact power-of-two scale of max|x| to [0.5, 1):
+// exact for every finite magnitude; zero stays zero; NaN/inf anywhere -> NaN. Returns ||x|| > 0.
+template <typename T>
+static void robust_unit(const T* x, int64_t D, double* out) {
+    double m = 0.0;
+    bool finite = true;
+    for (int64_t d = 0; d < D; d++) {
+        const double v = to_f32(x + d);
+        finite = finite && std::isfinite(v);
+        m = std::fabs(v) > m ? std::fabs(v) : m;
+    }
+    if (!finite) {
+        for (int64_t d = 0; d < D; d++) out[d] = std::numeric_limits<double>::quiet_NaN();
+        return;
+    }
+    if (m == 0.0) {
+        for (int64_t d = 0; d < D; d++) out[d] = 0.0;
+        return;
+    }
+    int e = 0;
+    std::frexp(m, &e);
+    const double sc = std::ldexp(1.0, -e);
+    double ss = 0.0;
+    for (int64_t d = 0; d < D; d++) {
+        const double v = to_f32(x + d) * sc;
+        ss += v * v;
+    }
+    const double inv = sc / std::sqrt(ss);
+    for (int64_t d = 0; d < D; d++) out[d] = to_f32(x + d) * inv;
+}
+
+// unit float64 h -> float32, rescaling so that tiny / huge h (tiny or huge weights) stay exact.
+static void robust_unit_d(const double* h, int64_t D, float* out) {
+    double m = 0.0;
+    bool finite = true;
+    for (int64_t d = 0; d < D; d++) {
+        finite = finite && std::isfinite(h[d]);
+        m = std::fabs(h[d]) > m ? std::fabs(h[d]) : m;
+    }
+    if (!finite || m == 0.0) {
+        for (int64_t d = 0; d < D; d++) out[d] = finite ? 0.f : std::numeric_limits<float>::quiet_NaN();
+        return;
+    }
+    double ss = 0.0;
+    for (int64_t d = 0; d < D; d++) ss += (h[d] / m) * (h[d] / m);
+    const double n = std::sqrt(ss);
+    for (int64_t d = 0; d < D; d++) out[d] = (float)(h[d] / m / n);
+}
+
+// The tile recomputed from a float64 preparation of its rows (chunks of kRowBlock rows): unit
+// prototypes (masked-out ones zero), unit pooled vectors (given, or Eq. 4), then the prepared float32
+// tile kernel. The spill buffer is allocated on first use and freed with the thread's scratch.
+template <typename T>
+static void robust_tile(const Problem& p, int64_t q0, int64_t q1, const int64_t* rows, int64_t n0, int nr, float* sim,
+                        float* conf, float* score, int64_t ld, const TileScratch& s) {
+    const int64_t K = p.K, D = p.D, KD = K * D;
+    const Candidates& cs = p.c;
+    const size_t need = sizeof(double) * (size_t)(2 * D) + sizeof(float) * (size_t)(kRowBlock * (KD + D)) +
+                        (size_t)(kRowBlock * K);
+    if (!*s.spill) *s.spill = std::malloc(need);  // plain malloc (see kernels.h: no std containers here)
+    if (!*s.spill) std::abort();                  // out of memory in a cold path: nothing sane to return
+    double* hd = (double*)*s.spill;               // [D] Eq. 4 h of one row, float64
+    double* ud = hd + D;                          // [D] one unit prototype, float64
+    float* uc = (float*)(ud + D);                 // [kRowBlock][K*D] unit prototypes
+    float* up = uc + kRowBlock * KD;              // [kRowBlock][D] unit pooled vectors
+    uint8_t* um = (uint8_t*)(up + kRowBlock * D);  // [kRowBlock][K] mask
+    Problem p2 = p;
+    p2.c.unit = p2.c.pooled_unit = p2.c.prepared = true;
+    p2.c.dtype = kF32;
+    for (int c0 = 0; c0 < nr; c0 += kRowBlock) {
+        const int cn = (int)imin(kRowBlock, nr - c0);
+        for (int r = 0; r < cn; r++) {
+            const int64_t n = rows ? rows[c0 + r] : n0 + c0 + r;
+            const T* x = (const T*)cs.c + n * KD;
+            const uint8_t* m = cs.mask ? cs.mask + n * K : nullptr;
+            float* u = uc + r * KD;
+            for (int64_t d = 0; d < D; d++) hd[d] = 0.0;
+            for (int64_t t = 0; t < K; t++) {
+                const bool live = !m || m[t];
+                um[r * K + t] = live ? 1 : 0;
+                if (!live) {
+                    for (int64_t d = 0; d < D; d++) u[t * D + d] = 0.f;
+                    continue;
+                }
+                if (cs.unit) {
+                    for (int64_t d = 0; d < D; d++) ud[d] = to_f32(x + t * D + d);
+                } else {
+                    robust_unit(x + t * D, D, ud);
+                }
+                for (int64_t d = 0; d < D; d++) u[t * D + d] = (float)ud[d];
+                if (!cs.pooled)
+                    for (int64_t d = 0; d < D; d++) hd[d] += (double)cs.w[t] * ud[d];
+            }
+            float* pu = up + r * D;
+            if (cs.pooled) {
+                const T* pr = (const T*)cs.pooled + n * D;
+                if (cs.pooled_unit) {
+                    for (int64_t d = 0; d < D; d++) pu[d] = to_f32(pr + d);
+                } else {
+                    robust_unit(pr, D, ud);
+                    for (int64_t d = 0; d < D; d++) pu[d] = (float)ud[d];
+                }
+            } else {
+                robust_unit_d(hd, D, pu);
+            }
+        }
+        p2.c.c = uc;
+        p2.c.pooled = up;
+        p2.c.mask = cs.mask ? um : nullptr;
+        p2.c.N = cn;
+        tile_t<float>(p2, q0, q1, nullptr, 0, cn, sim ? sim + c0 : nullptr, conf ? conf + c0 : nullptr,
+                      score ? score + c0 : nullptr, ld, s);
+    }
+}
+
 template <typename T>
 static void tile_t(const Problem& p, int64_t q0, int64_t q1, const int64_t* rows, int64_t n0, int nr, float* sim,
                    float* conf, float* score, int64_t ld, const TileScratch& s) {
@@ -608,18 +780,23 @@ static void tile_t(const Problem& p, int64_t q0, int64_t q1, const int64_t* rows
     // GEMM path: acc[r * kQueryBlock + i]; dot-product paths: acc[i * nr + r].
     const bool gemm = p.q.qpk && p.q.qlanes == VL && nq >= kGemmMinQ && q0 % VL == 0 && nr <= kRowBlock;
     int64_t si = nr, sr = 1;
+    bool ok = true;
     if (gemm) {
         if (!cs.prepared) {
-            prep_norms<T>(p, crow, mrow, nr, nullptr, 0, s.inv);
-            if (need_sim) prep_pool<T>(p, crow, prow, nr, nullptr, 0, nullptr, 0, s.inv, s.hp, s.pinv);
+            ok = prep_norms<T>(p, crow, mrow, nr, nullptr, 0, s.inv);
+            if (need_sim) ok = prep_pool<T>(p, crow, prow, nr, nullptr, 0, nullptr, 0, s.inv, s.hp, s.pinv) && ok;
         }
-        gemm_accumulate<T>(p, q0, nq, crow, prow, nr, need_num, need_sim, accn, accs, s);
+        if (ok) gemm_accumulate<T>(p, q0, nq, crow, prow, nr, need_num, need_sim, accn, accs, s);
         si = 1;
         sr = kQueryBlock;
     } else {
         for (int64_t i = 0; i < nq * nr; i++) accn[i] = accs[i] = 0.f;
-        dot_tile<T>(p, p.q.qw + q0 * KD, p.q.qp + q0 * D, nq, crow, prow, mrow, nr, rows != nullptr, need_num,
-                    need_sim, accn, accs, s);
+        ok = dot_tile<T>(p, p.q.qw + q0 * KD, p.q.qp + q0 * D, nq, crow, prow, mrow, nr, rows != nullptr, need_num,
+                         need_sim, accn, accs, s);
+    }
+    if (!ok) {  // a norm outside the fast path's range somewhere in the tile (rare): recompute it robustly
+        robust_tile<T>(p, q0, q1, rows, n0, nr, sim, conf, score, ld, s);
+        return;
     }
     const bool pscale = need_sim && !(cs.pooled && cs.pooled_unit);  // then prep_pool wrote pinv for every row
     for (int64_t i = 0; i < nq; i++) {

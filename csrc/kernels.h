@@ -28,8 +28,9 @@ struct Queries {
 };
 
 // pecm.operands.Candidates as raw C-contiguous buffers. Unless `unit`, the tile kernels normalise each
-// prototype on the fly (inv = mask / max(||c_k||, eps)); without `pooled` they pool Eq. 4 on the fly
-// (h = normalize(sum_k w_k inv_k c_k)); pooled vectors that are not `pooled_unit` are normalised.
+// prototype on the fly (inv = mask / ||c_k||, exact for any finite magnitude; see kernel_impl.h); without
+// `pooled` they pool Eq. 4 on the fly (h = normalize(sum_k w_k inv_k c_k)); pooled vectors that are not
+// `pooled_unit` are normalised. `eps` is kept for the bindings' signature only: nothing clamps to it.
 struct Candidates {
     const void* c;        // [N, K*D] storage dtype
     const uint8_t* mask;  // [N, K] 0/1, or null = all valid
@@ -63,11 +64,14 @@ constexpr int64_t kScratchFloats = 2 * kQueryBlock * kRowBlock + kRowBlock * kGe
 // acc: kScratchFloats; and for candidates that are not prepared, the on-the-fly row preparation of up
 // to kRowBlock rows at a time: inv [kRowBlock][K] prototype scales, hp [kRowBlock][D] unit pooled
 // vectors (fp32), pinv [kGatherRows] pooled-vector scales of every row of the tile.
+// spill: a buffer the robust fallback (robust_tile, kernel_impl.h) allocates with malloc on first use
+// and the driver frees with the scratch (null until then).
 struct TileScratch {
     float* acc;
     float* inv;
     float* hp;
     float* pinv;
+    void** spill;
 };
 
 // Computes, for queries [q0, q1) (q1 - q0 <= kQueryBlock) and nr <= kRowBlock candidate rows (or

@@ -27,6 +27,7 @@ inline bool better(const Entry& a, const Entry& b) { return a.v > b.v || (a.v ==
 // sized for this problem's K and D, in one 64-byte aligned allocation.
 struct Scratch {
     float* base;
+    void* spill = nullptr;  // the robust fallback's buffer (kernel_impl.h), allocated there on first use
     TileScratch t;
     Scratch(int64_t K, int64_t D) {
         auto r16 = [](int64_t n) { return (n + 15) / 16 * 16; };  // whole cache lines of floats
@@ -34,9 +35,12 @@ struct Scratch {
         const int64_t total = n_acc + n_inv + n_hp + r16(kGatherRows);
         base = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * (size_t)total));
         if (!base) throw std::bad_alloc();
-        t = TileScratch{base, base + n_acc, base + n_acc + n_inv, base + n_acc + n_inv + n_hp};
+        t = TileScratch{base, base + n_acc, base + n_acc + n_inv, base + n_acc + n_inv + n_hp, &spill};
     }
-    ~Scratch() { std::free(base); }
+    ~Scratch() {
+        std::free(base);
+        std::free(spill);
+    }
     Scratch(const Scratch&) = delete;
     Scratch& operator=(const Scratch&) = delete;
 };
@@ -56,13 +60,15 @@ inline void by_ptrs(int by, float* buf, float** sim, float** conf, float** score
     *score = by == kScore ? buf : nullptr;
 }
 
-// Sort `e` best-first and write the best k into values/ids (padding the tail).
+// Sort `e` best-first and write the best k into values/ids (padding the tail). `e` holds no NaN (the
+// callers leave NaN values out: a candidate scored NaN is never selected, like the torch and Triton
+// backends); a -inf value comes back as padding (-inf, -1), as in pecm.topk.pad_topk.
 void emit(std::vector<Entry>& e, int64_t k, float* values, int64_t* ids) {
     const int64_t kk = std::min<int64_t>(k, (int64_t)e.size());
     std::partial_sort(e.begin(), e.begin() + kk, e.end(), better);
     for (int64_t j = 0; j < kk; j++) {
         values[j] = e[j].v;
-        ids[j] = e[j].id;
+        ids[j] = e[j].v == -std::numeric_limits<float>::infinity() ? -1 : e[j].id;
     }
     for (int64_t j = kk; j < k; j++) {
         values[j] = -std::numeric_limits<float>::infinity();
@@ -155,9 +161,11 @@ void run_topk(const Problem& p0, int64_t k, int by, float* values, int64_t* ids)
             }
 #pragma omp for schedule(dynamic, 1)
             for (int64_t b = 0; b < p.q.B; b++) {
-                std::vector<Entry> e((size_t)p.c.N);
+                std::vector<Entry> e;
+                e.reserve((size_t)p.c.N);
                 const float* row = all.data() + b * p.c.N;
-                for (int64_t n = 0; n < p.c.N; n++) e[n] = Entry{row[n], n};
+                for (int64_t n = 0; n < p.c.N; n++)
+                    if (!std::isnan(row[n])) e.push_back(Entry{row[n], n});
                 emit(e, k, values + b * k, ids + b * k);
             }
         }
@@ -172,7 +180,7 @@ void run_topk(const Problem& p0, int64_t k, int by, float* values, int64_t* ids)
         Scratch s(p.K, p.D);
         std::vector<float> buf((size_t)kQueryBlock * kRowBlock);
         auto& mine = heaps[(size_t)thread_id()];
-        for (auto& h : mine) h.reserve((size_t)k);
+        for (auto& h : mine) h.reserve((size_t)std::min<int64_t>(k, p.c.N));  // never more than N entries
 #pragma omp for schedule(dynamic, 4)
         for (int64_t blk = 0; blk < nblk; blk++) {
             const int64_t n0 = blk * kRowBlock;
@@ -187,6 +195,7 @@ void run_topk(const Problem& p0, int64_t k, int by, float* values, int64_t* ids)
                     const float* v = buf.data() + (b - q0) * kRowBlock;
                     for (int r = 0; r < nr; r++) {
                         Entry e{v[r], n0 + r};
+                        if (std::isnan(e.v)) continue;  // NaN never ranks (and would break the heap order)
                         if ((int64_t)h.size() < k) {
                             h.push_back(e);
                             std::push_heap(h.begin(), h.end(), worse_first);
@@ -251,7 +260,7 @@ void run_rerank(const Problem& p, const int64_t* cand, int64_t m, int64_t k, int
             e.reserve((size_t)m);
             for (int64_t j = 0; j < m; j++) {
                 const int64_t id = cand[b * m + j];
-                if (id >= 0) e.push_back(Entry{vals[(size_t)(b * m + j)], id});
+                if (id >= 0 && !std::isnan(vals[(size_t)(b * m + j)])) e.push_back(Entry{vals[(size_t)(b * m + j)], id});
             }
             emit(e, k, values + b * k, ids + b * k);
         }

@@ -29,20 +29,26 @@ void prepare_t(const T* q, const float* w, const uint8_t* mask, const float* poo
                 row[(size_t)d] = prep::to_f32(src + d);
                 ss += (double)row[(size_t)d] * row[(size_t)d];
             }
-            const float wt = (mask && !mask[b * K + t]) ? 0.f : w[t];
+            const bool live = !mask || mask[b * K + t];
+            const float wt = live ? w[t] : 0.f;
             qden[b * K + t] = wt;
-            const float den = std::max((float)std::sqrt(ss), eps);
             float* dst = qw + (b * K + t) * D;
+            if (!live) {  // masked out: zero, whatever it holds (NaN * 0 would be NaN)
+                std::fill(dst, dst + D, 0.f);
+                continue;
+            }
+            // float64 sum of squares of float32 values: exact for every finite magnitude (no eps; zero stays 0)
+            const double inv = ss > 0.0 ? 1.0 / std::sqrt(ss) : 0.0;
             for (int64_t d = 0; d < D; d++) {
-                dst[d] = row[(size_t)d] / den * wt;
+                dst[d] = (float)(row[(size_t)d] * inv) * wt;
                 pb[d] += dst[d];
             }
         }
         if (pooled) std::copy(pooled + b * D, pooled + (b + 1) * D, pb);
         double ss = 0.0;
         for (int64_t d = 0; d < D; d++) ss += (double)pb[d] * pb[d];
-        const float den = std::max((float)std::sqrt(ss), eps);
-        for (int64_t d = 0; d < D; d++) pb[d] /= den;
+        const double inv = ss > 0.0 ? 1.0 / std::sqrt(ss) : 0.0;
+        for (int64_t d = 0; d < D; d++) pb[d] = (float)(pb[d] * inv);
     }
 }
 

@@ -18,19 +18,19 @@
 # `cand_operands(cs)` turns them into the kernel arguments and the constexpr flags
 #     HAS_CM  a mask is given (else cm_ptr is None and qsum_ptr carries sum_k qden per query)
 #     NORM    prototypes are raw: per-prototype inverse norms on the fly (not cs.normalized)
-#     POOL    0 pooled given and unit, 1 pooled given but raw (scaled by 1/max(||cp||, eps)),
+#     POOL    0 pooled given and unit, 1 pooled given but raw (scaled by 1/||cp||),
 #             2 pooled absent: h = normalize(sum_k w_k inv_k c_k) pooled on the fly (w_ptr set)
 # Prepared candidates (NORM = 0, POOL = 0) take exactly the code they took before on-the-fly
 # normalisation existed (no extra loads, no extra arithmetic); see docs/triton.md.
 #
-# Math of one (query b, candidate n) pair, with inv_k = m_k / max(||c_k||, eps) (1 for unit prototypes):
+# Math of one (query b, candidate n) pair, with inv_k = m_k / ||c_k|| (1 for unit prototypes; see NORM_MIN):
 #
 #     num[b, n] = sum_k inv_k (qw[b, k] . c[n, k])   (K*D long: confidence numerator)
 #     den[b, n] = qden[b, :] . cm[n, :]              (K long; = sum_k qden[b, k] when cm is None)
 #     sim[b, n] = qp[b, :] . ĉp[n, :]                (D long: pooled cosine)
 #     conf = num / den if den > 0 else 0,  score = sim * conf
 #
-# This is `pecm.operands.normalize_block` + `pecm.backends.base` in float32 (eps = 1e-12, the EPS below).
+# This is `pecm.operands.normalize_block` + `pecm.backends.base` in float32 (no eps: zero stays zero).
 #
 # Precision of the dots (`dot_mode`): the query operands are float32, the candidate operands are in
 # the storage dtype T. MODE 0 casts the T tile up to float32 and uses an IEEE float32 `tl.dot`
@@ -57,7 +57,17 @@ import triton
 import triton.language as tl
 
 MAX_KT = 1024  # largest per-program top-k list (power of two) the fused top-k/rerank kernels keep
-EPS = tl.constexpr(1e-12)  # = pecm.operands.EPS: x / max(||x||, EPS)
+EPS = tl.constexpr(1e-12)  # = pecm.operands.EPS; kept for importers only: no norm is clamped to it any more
+# On-the-fly norms (docs/cpp.md, "Numerics"): sums of squares accumulate in float64 (exact for every
+# float32 / bfloat16 / float16 value), and 1/||x|| is used as one float32 scale of the stored values.
+# That is exact while NORM_MIN <= ||x|| <= NORM_MAX (1.2e-38 ... 1.3e36: the scale is a normal float32 and,
+# for weights up to 256, w * ||x|| cannot overflow the float32 partial dots; `_epilogue` turns a conf or sim
+# outside [-1.5, 1.5], i.e. an overflow with larger weights, into NaN too); a prototype or pooled vector
+# outside it (and one holding NaN/inf) gets a NaN scale, so its scores are NaN (never ranked) instead of
+# silently wrong. An exactly zero vector stays zero. Prepare such candidates first
+# (pecm.ops.prepare_candidates is exact for every finite value); the kernels then read unit prototypes.
+NORM_MIN = tl.constexpr(2.0**-126)
+NORM_MAX = tl.constexpr(2.0**120)
 # Register budget (float32 elements per program) of the Eq. 4 pooled vector h when it is pooled on the
 # fly: h^T [D_PAD, tile width] stays in registers when D_PAD * width <= H_ELEMS (the paper's D = 256:
 # 32-wide tiles), else the two-step scheme. 8192 = 32 registers per thread at 8 warps: 64-wide h tiles at
@@ -273,11 +283,11 @@ def _pooled_sim(
     qp_ptr, cp_ptr, rb, rn, mb, mn, D,
     POOL: tl.constexpr, MODE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KD: tl.constexpr,
 ):  # fmt: skip
-    """sim = qp . cp from given pooled vectors; POOL 1 scales by 1/max(||cp||, eps) (sums of squares of the
-    same loaded tiles)."""
+    """sim = qp . cp from given pooled vectors; POOL 1 scales by 1/||cp|| (sums of squares of the
+    same loaded tiles, float64; see `_inv_vec`)."""
     sim = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     if POOL == 1:
-        ss = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        ss = tl.zeros((BLOCK_N,), dtype=tl.float64)
     for s in range(0, D, BLOCK_KD):
         dd = s + tl.arange(0, BLOCK_KD)
         md = dd < D
@@ -285,10 +295,10 @@ def _pooled_sim(
         bt = tl.load(cp_ptr + rn[None, :] * D + dd[:, None], mask=md[:, None] & mn[None, :], other=0.0)
         sim = _dot_acc(sim, a, bt, MODE)
         if POOL == 1:
-            bf = bt.to(tl.float32)
+            bf = bt.to(tl.float64)
             ss += tl.sum(bf * bf, axis=0)
     if POOL == 1:
-        sim = sim * (1.0 / tl.maximum(tl.sqrt(ss), EPS))[None, :]
+        sim = sim * _inv_vec(ss)[None, :]
     return sim
 
 
@@ -303,10 +313,26 @@ def _proto_mask(cm_ptr, rn, mn, K, t, HAS_CM: tl.constexpr):
 
 
 @triton.jit
+def _inv_vec(ss):
+    """float32 1/||x|| from a float64 sum of squares: 0 for an exactly zero x, NaN when ||x|| is outside
+    [NORM_MIN, NORM_MAX] or not finite (see NORM_MIN above)."""
+    n = tl.sqrt(ss)
+    ok = (n >= NORM_MIN) & (n <= NORM_MAX)
+    inv = tl.where(ok, 1.0 / tl.where(ok, n, 1.0), float("nan"))
+    return tl.where(ss == 0.0, 0.0, inv).to(tl.float32)
+
+
+@triton.jit
+def _inv_h(hh):
+    """1/||h|| of a float32 sum of squares of an Eq. 4 pooled vector; 0 when h is exactly zero."""
+    return tl.where(hh > 0.0, 1.0 / tl.sqrt(tl.where(hh > 0.0, hh, 1.0)), 0.0)
+
+
+@triton.jit
 def _inv_norm(ss, live, NORM: tl.constexpr):
-    """inv_t = m_t / max(sqrt(ss), eps) (m_t = live); m_t when the prototypes are unit."""
+    """inv_t = m_t / ||c_t|| (m_t = live; ss a float64 sum of squares, see `_inv_vec`); m_t for unit prototypes."""
     if NORM:
-        return tl.where(live, 1.0 / tl.maximum(tl.sqrt(ss), EPS), 0.0)
+        return tl.where(live, _inv_vec(ss), 0.0)
     else:
         return tl.where(live, 1.0, 0.0)
 
@@ -322,7 +348,7 @@ def _proto_dot(
     kd_total = K * D
     live = _proto_mask(cm_ptr, rn, mn, K, t, HAS_CM)
     part = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    ss = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    ss = tl.zeros((BLOCK_N,), dtype=tl.float64)
     for s in range(0, D, BD):
         dd = s + tl.arange(0, BD)
         md = dd < D
@@ -330,7 +356,7 @@ def _proto_dot(
         bt = tl.load(c_ptr + rn[None, :] * kd_total + t * D + dd[:, None], mask=md[:, None] & live[None, :], other=0.0)
         part = _dot_acc(part, a, bt, MODE)
         if NORM:
-            bf = bt.to(tl.float32)
+            bf = bt.to(tl.float64)
             ss += tl.sum(bf * bf, axis=0)
     return part, _inv_norm(ss, live, NORM)
 
@@ -346,7 +372,7 @@ def _proto_h(
     Per prototype t: `_proto_dot` (BD-wide chunks: partial dot and sum of squares -> inv_t), then
     h += w_t inv_t c_t from a second load of the same prototype tile, which the chunks have just
     brought into L1/L2 (a whole-prototype tl.dot operand instead spills at D = 256, docs/triton.md).
-    At the end sim = sum_j qp_j . round_T(h_j / max(||h||, eps)) over the BD-wide chunks j of h: the
+    At the end sim = sum_j qp_j . round_T(h_j / ||h||) over the BD-wide chunks j of h: the
     pooled vector rounded to T like a prepared one, in tl.dot chunks of the same shape as num's.
     """
     NCH: tl.constexpr = D_PAD // BD
@@ -364,7 +390,7 @@ def _proto_h(
         lm = md3 & (mn & (a != 0.0))[None, None, :]
         bt = tl.load(c_ptr + rn[None, None, :] * kd_total + t * D + d3, mask=lm, other=0.0)
         h += bt.to(tl.float32) * a[None, None, :]
-    ih = 1.0 / tl.maximum(tl.sqrt(tl.sum(tl.sum(h * h, axis=0), axis=0)), EPS)
+    ih = _inv_h(tl.sum(tl.sum(h * h, axis=0), axis=0))
     sim = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     for j in tl.static_range(NCH):
         hj = tl.sum(tl.where((jj == j)[:, None, None], h, 0.0), axis=0)
@@ -402,7 +428,7 @@ def _pool_two_step(
         hh += tl.sum(hc * hc, axis=0)
         a = tl.load(qp_ptr + rb[:, None] * D + dd[None, :], mask=mb[:, None] & md[None, :], other=0.0)
         sim = _dot_acc(sim, a, hc, 0)
-    return sim * (1.0 / tl.maximum(tl.sqrt(hh), EPS))[None, :]
+    return sim * _inv_h(hh)[None, :]
 
 
 @triton.jit
@@ -410,6 +436,10 @@ def _epilogue(sim, num, den, BY: tl.constexpr):
     """BY 0: score, 1: sim, 2: conf (BY_SCORE / BY_SIM / BY_CONF) -- exactly `pecm.backends.base.combine`."""
     pos = den > 0
     conf = tl.where(pos, num / tl.where(pos, den, 1.0), 0.0)
+    # |conf|, |sim| <= 1 up to rounding: anything else is an overflow of a raw prototype's partial dot (or
+    # NaN/inf input) -> NaN, which the top-k never selects (see NORM_MAX above)
+    conf = tl.where(tl.abs(conf) <= 1.5, conf, float("nan"))
+    sim = tl.where(tl.abs(sim) <= 1.5, sim, float("nan"))
     if BY == 1:
         out = sim
     elif BY == 2:
@@ -426,7 +456,9 @@ BY_SCORE, BY_SIM, BY_CONF = 0, 1, 2
 
 @triton.jit
 def _pack_keys(val, idx):
-    """int64 keys ordered like the float32 `val` (then by `idx`, a non-negative int32 id)."""
+    """int64 keys ordered like the float32 `val` (then by `idx`, a non-negative int32 id). NaN packs as -inf:
+    a NaN value ranks below every real one and decodes as padding (-inf, -1), like `pecm.topk.RunningTopK`."""
+    val = tl.where(val == val, val, float("-inf"))
     bits = val.to(tl.int32, bitcast=True)
     key32 = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     return (key32.to(tl.int64) << 32) | (idx.to(tl.int64) & 0xFFFFFFFF)

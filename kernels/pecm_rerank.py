@@ -35,10 +35,11 @@ import triton.language as tl
 
 from . import common
 from .common import (
-    EPS,
     MAX_KT,
     _epilogue,
+    _inv_h,
     _inv_norm,
+    _inv_vec,
     _merge_topk1,
     _pack_keys,
     cand_operands,
@@ -90,10 +91,10 @@ def _prune_gather(cfgs, named_args, **kwargs):
 def _gather_sim(
     b, rid, valid, qp_ptr, cp_ptr, D, POOL: tl.constexpr, SUB: tl.constexpr, BLOCK_KD: tl.constexpr
 ):  # fmt: skip
-    """sim [SUB] from given pooled rows; POOL 1 scales by 1/max(||cp||, eps)."""
+    """sim [SUB] from given pooled rows; POOL 1 scales by 1/||cp|| (`common._inv_vec`)."""
     sim = tl.zeros((SUB,), dtype=tl.float32)
     if POOL == 1:
-        ss = tl.zeros((SUB,), dtype=tl.float32)
+        ss = tl.zeros((SUB,), dtype=tl.float64)
     for t in range(0, D, BLOCK_KD):
         dd = t + tl.arange(0, BLOCK_KD)
         md = dd < D
@@ -102,9 +103,10 @@ def _gather_sim(
         cf = cv.to(tl.float32)
         sim += tl.sum(cf * qv[None, :], axis=1)
         if POOL == 1:
-            ss += tl.sum(cf * cf, axis=1)
+            cd = cv.to(tl.float64)
+            ss += tl.sum(cd * cd, axis=1)
     if POOL == 1:
-        sim = sim * (1.0 / tl.maximum(tl.sqrt(ss), EPS))
+        sim = sim * _inv_vec(ss)
     return sim
 
 
@@ -142,7 +144,7 @@ def _gather_raw(
     for t in range(0, K):
         live = _gather_live(cm_ptr, rid, valid, K, t, HAS_CM)
         part = tl.zeros((SUB,), dtype=tl.float32)
-        ss = tl.zeros((SUB,), dtype=tl.float32)
+        ss = tl.zeros((SUB,), dtype=tl.float64)
         for s in range(0, D, BD):
             dd = s + tl.arange(0, BD)
             md = dd < D
@@ -153,7 +155,8 @@ def _gather_raw(
             cf = cv.to(tl.float32)
             part += tl.sum(cf * qv[None, :], axis=1)
             if NORM:
-                ss += tl.sum(cf * cf, axis=1)
+                cd = cv.to(tl.float64)
+                ss += tl.sum(cd * cd, axis=1)
         inv = _inv_norm(ss, live, NORM)
         num += part * inv
         if H_REGS:
@@ -165,7 +168,7 @@ def _gather_raw(
             a2d = tl.where(kq[None, :] == t, (tl.load(w_ptr + t) * inv)[:, None], a2d)
     if H_REGS:
         qv = tl.load(qp_ptr + b * D + dh, mask=mh, other=0.0)
-        sim = tl.sum(h * qv[None, :], axis=1) / tl.maximum(tl.sqrt(tl.sum(h * h, axis=1)), EPS)
+        sim = tl.sum(h * qv[None, :], axis=1) * _inv_h(tl.sum(h * h, axis=1))
     elif POOL == 2:
         sim = tl.zeros((SUB,), dtype=tl.float32)
         hh = tl.zeros((SUB,), dtype=tl.float32)
@@ -181,7 +184,7 @@ def _gather_raw(
             hh += tl.sum(hc * hc, axis=1)
             qv = tl.load(qp_ptr + b * D + dd, mask=md, other=0.0)
             sim += tl.sum(hc * qv[None, :], axis=1)
-        sim = sim / tl.maximum(tl.sqrt(hh), EPS)
+        sim = sim * _inv_h(hh)
     else:
         sim = _gather_sim(b, rid, valid, qp_ptr, cp_ptr, D, POOL, SUB, BLOCK_KD)
     return num, sim

@@ -12,7 +12,7 @@
 # float32; half-type candidate tiles are multiplied with a hi/lo split of the query tile (see
 # `common.dot_mode`), float32 candidates use an IEEE float32 dot. Candidates that are not prepared are
 # normalised (and Eq. 4 pooled) on the fly inside the same tile loop (`common._pecm_tile`, flags
-# NORM / POOL): per-prototype partial dots scaled by inv_k = m_k / max(||c_k||, eps), from the sums of
+# NORM / POOL): per-prototype partial dots scaled by inv_k = m_k / ||c_k|| (common.NORM_MIN), from the sums of
 # squares of the same loaded tiles.
 #
 # Autotune: a small config set keyed on (K, D, B bucket, HAS_CM, NORM, POOL, MODE) plus the argument

@@ -1,7 +1,7 @@
 """The one operand contract of the scoring ops (DESIGN §2a): `Queries`, `Candidates`, `By`.
 
 Math (DESIGN §1): per query b and candidate n, with K prototypes of dimension D, weights w >= 0,
-masks mq, mc and ẑ = z / max(||z||, eps),
+masks mq, mc and ẑ = z / ||z|| (a zero vector stays zero; see `unit` for the numerics),
 
     qw[b]   = w_k mq_k q̂_k (flattened [K*D]),   qden[b] = w_k mq_k,   qp[b] = unit Eq. 4 pooled query
     num     = Σ_k qw[b]_k · ĉ_k mc_k,            den = Σ_k qden[b]_k mc_k
@@ -31,14 +31,18 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 Tensor = torch.Tensor
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-EPS = 1e-12
+EPS = 1e-12  # kept for compatibility only: nothing clamps norms to it any more (see `unit`)
+# Sums of squares inside [NORM_LO, NORM_HI] take the plain path (x / sqrt(sum x^2) in the accumulation
+# dtype); anything else (zero, tiny, huge, overflowed, NaN) is recomputed with a power-of-two pre-scale.
+# The same thresholds are used by the C++ kernels (csrc/kernel_impl.h) and the Triton kernels.
+NORM_LO = 2.0**-100
+NORM_HI = 2.0**100
 PREP_CHUNK = 16384  # candidate rows normalised at a time by prepare_candidates (no-grad path)
 
-__all__ = ["By", "Queries", "Candidates", "EPS", "as_tensor", "check_float", "check_finite", "normalize_block"]
+__all__ = ["By", "Queries", "Candidates", "EPS", "as_tensor", "check_float", "check_finite", "normalize_block", "unit"]
 
 
 class By(enum.IntEnum):
@@ -377,18 +381,57 @@ class Queries:
 # ----------------------------------------------------------------------------------------------
 # the math of preparation (differentiable torch; the fused kernels do the same on the fly)
 # ----------------------------------------------------------------------------------------------
+def _unit_scaled(x: Tensor, dim: int) -> Tensor:
+    """x / ||x|| with x first scaled by a power of two that brings max|x| into [0.5, 1) (exact), so the
+    sum of squares neither overflows nor underflows for any finite x. Branch-free (torch.compile,
+    CUDA) and differentiable (the scale is a constant)."""
+    a = x.detach().abs().amax(dim, keepdim=True)
+    _, e = torch.frexp(a)  # a = m * 2**e, m in [0.5, 1); e = 0 for a = 0, inf, NaN
+    e = e.to(x.dtype)
+    h = torch.floor(e * 0.5)  # 2**-e in two halves: 2**149 (float32 subnormals) is not representable
+    xs = x * torch.exp2(-h) * torch.exp2(h - e)
+    n = torch.linalg.vector_norm(xs, dim=dim, keepdim=True)
+    return xs / torch.where(n == 0, torch.ones_like(n), n)  # zero stays zero; NaN/inf give NaN
+
+
+def unit(x: Tensor, dim: int = -1) -> Tensor:
+    """x / ||x|| along ``dim``, correct for every finite magnitude (float32: 1e-45 ... 3.4e38).
+
+    A vector is zero only when it is exactly zero (it stays zero); there is no eps clamp. Vectors with
+    NaN or inf come out NaN (they are not validated here: ``check=True`` rejects them up front). The
+    common case costs one norm and one division (F.normalize's work); only when some sum of squares
+    lies outside [NORM_LO, NORM_HI] (zero, below ~1e-30, above ~1e30, inf, NaN) is the block recomputed
+    with an exact power-of-two pre-scale (`_unit_scaled`). Under torch.compile and on CUDA the
+    pre-scaled form is always used (no data-dependent branch, no device sync).
+    """
+    if _compiling() or x.device.type != "cpu":
+        return _unit_scaled(x, dim)
+    n = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
+    ok = (n >= _N_LO) & (n <= _N_HI)
+    if bool(ok.all()):
+        return x / n
+    zero = n == 0  # exactly zero rows (masked-out prototypes) keep the plain path; underflowed ones do not
+    if bool((ok | zero).all()) and not bool(x.detach().abs().amax(dim, keepdim=True)[zero].any()):
+        return x / torch.where(zero, torch.ones_like(n), n)
+    return _unit_scaled(x, dim)
+
+
+_N_LO, _N_HI = NORM_LO**0.5, NORM_HI**0.5
+
+
 def fold_queries(q: Tensor, w: Tensor, q_mask: Optional[Tensor], q_pooled: Optional[Tensor], acc=torch.float32):
     """(qw [B, K*D], qden [B, K], qp [B, D]) from q [B, K, D] (differentiable torch ops)."""
     b, k, d = q.shape
     wq = w.to(acc).expand(b, k)
     if q_mask is not None:
         wq = wq * q_mask.to(acc)
-    qhat = F.normalize(q.to(acc), dim=-1, eps=EPS)
-    qw3 = qhat * wq.unsqueeze(-1)
+    qhat = unit(q.to(acc))
+    # masked-out prototypes contribute nothing, whatever they hold (where, not a product: NaN * 0 = NaN)
+    qw3 = qhat * wq.unsqueeze(-1) if q_mask is None else torch.where(q_mask.unsqueeze(-1), qhat * wq.unsqueeze(-1), 0.0)
     if q_pooled is None:
-        qp = F.normalize(qw3.sum(1), dim=-1, eps=EPS)
+        qp = unit(qw3.sum(1))
     else:
-        qp = F.normalize(q_pooled.to(acc), dim=-1, eps=EPS)
+        qp = unit(q_pooled.to(acc))
     return qw3.reshape(b, k * d), wq, qp
 
 
@@ -410,13 +453,13 @@ def normalize_block(
     if normalized:
         chat = c.to(acc)
     else:
-        chat = F.normalize(c.to(acc), dim=-1, eps=EPS)
-        if mask is not None:
-            chat = chat * mask.to(acc).unsqueeze(-1)
+        chat = unit(c.to(acc))
+        if mask is not None:  # where, not a product: a masked-out prototype's NaN/inf must not leak
+            chat = torch.where(mask.unsqueeze(-1), chat, 0.0)
     if pooled is None:
-        cp = F.normalize((chat * w.to(acc).view(1, k, 1)).sum(1), dim=-1, eps=EPS)
+        cp = unit((chat * w.to(acc).view(1, k, 1)).sum(1))
     elif pooled_normalized:
         cp = pooled.to(acc)
     else:
-        cp = F.normalize(pooled.to(acc), dim=-1, eps=EPS)
+        cp = unit(pooled.to(acc))
     return chat, cp

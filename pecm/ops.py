@@ -66,6 +66,9 @@ from .operands import (
     fold_queries,
     normalize_block,
 )
+from .operands import (
+    unit as unit_vectors,
+)
 from .topk import empty_topk
 
 Tensor = torch.Tensor
@@ -84,12 +87,38 @@ __all__ = [
 ]
 
 
-def _check_int(v, name: str, minimum: int = 1) -> int:
+MAX_K = 2**31 - 1  # largest k of pecm_topk / pecm_rerank (ids and per-call counts stay in int32 range)
+MAX_PAD_BYTES = 2**31  # a [B, k] result that is mostly (-inf, -1) padding may not exceed this (12 B per entry)
+
+
+def _check_int(v, name: str, minimum: int = 1, maximum: Optional[int] = None) -> int:
     if isinstance(v, bool) or not isinstance(v, (numbers.Integral, np.integer)):
         raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
     if int(v) < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {int(v)}")
+    if maximum is not None and int(v) > maximum:
+        raise ValueError(f"{name}: expected an int <= {maximum}, got {int(v)}")
     return int(v)
+
+
+def _check_k(k) -> int:
+    """k: an int in [1, MAX_K] (bool rejected); checked before anything is allocated."""
+    return _check_int(k, "k", 1, MAX_K)
+
+
+def _check_padding(k: int, b: int, avail: int, what: str) -> None:
+    """Refuse a [B, k] result that would be mostly padding and larger than MAX_PAD_BYTES.
+
+    When k <= ``avail`` (N candidates, or M shortlisted ids) the result is all real entries and is
+    allocated as asked. Beyond that only the first ``avail`` columns can hold candidates, so a request
+    such as k = 10**9 for a 1000-item search is a ValueError naming k instead of a multi-GB allocation.
+    """
+    if k > avail and b * k * 12 > MAX_PAD_BYTES:
+        raise ValueError(
+            f"k: {k} exceeds the {avail} {what} and the padded [B={b}, k] result would take "
+            f"{b * k * 12 / 2**30:.1f} GiB (limit {MAX_PAD_BYTES / 2**30:.0f} GiB of (-inf, -1) padding); "
+            f"ask for k <= {avail}"
+        )
 
 
 def _compiling() -> bool:
@@ -180,7 +209,7 @@ def _check_candidates_finite(cs: Candidates) -> None:
         check_finite(t, nm)
 
 
-_NOT_FINITE = "c: a prototype's norm is not finite (NaN or inf values, or |x| beyond float32)"
+_NOT_FINITE = "c: a prototype's norm is not finite (it holds NaN or inf values)"
 
 
 def _prepared(cs: Candidates, refuse_nonfinite: bool = False) -> Candidates:
@@ -202,7 +231,7 @@ def _prepared(cs: Candidates, refuse_nonfinite: bool = False) -> Candidates:
             if pooled is None:  # given pooled vectors: unit already, or normalised here ([N, D], small)
                 given = cs.pooled
                 unit_given = cs.pooled_normalized
-                pooled = given if unit_given else torch.nn.functional.normalize(given.to(acc), dim=-1, eps=EPS)
+                pooled = given if unit_given else unit_vectors(given.to(acc))
             return Candidates.trusted(unit.view(n, k, d), cs.weights, cs.mask, pooled.to(store), 3)
     args = (cs.weights, cs.mask, cs.pooled, cs.normalized, cs.pooled_normalized, acc)
     check = refuse_nonfinite and not grad and not _compiling()
@@ -349,12 +378,13 @@ def pecm_topk(
 
     Sorted descending by ``by`` ("score" | "sim" | "conf"); when k > N the tail is (-inf, -1).
     """
-    k = _check_int(k, "k")
+    k = _check_k(k)
     by = By.parse(by)
     if chunk_size is not None:
         chunk_size = _check_int(chunk_size, "chunk_size")
     with torch.no_grad():
         qs, cs = _operands(q, c, w, q_mask, c_mask, q_pooled, c_pooled, normalized, check)
+        _check_padding(k, qs.b, cs.n, "candidates (N)")
         be = _backend(backend, qs, cs, False)
         if qs.b == 0 or cs.n == 0:
             return _squeeze(qs, *empty_topk(qs.b, k, cs.device))
@@ -386,7 +416,7 @@ def pecm_rerank(
     Returns (values float32 [B, k], ids int64 [B, k]); ids are rows of c; (-inf, -1) fill the
     tail when a query has fewer than k valid candidates.
     """
-    k = _check_int(k, "k")
+    k = _check_k(k)
     by = By.parse(by)
     with torch.no_grad():
         qs, cs = _operands(q, c, w, q_mask, c_mask, q_pooled, c_pooled, normalized, check)
@@ -398,6 +428,7 @@ def pecm_rerank(
         if cand.ndim != 2 or cand.shape[0] != qs.b:
             raise ValueError(f"candidates: expected shape [B={qs.b}, M], got {list(cand.shape)}")
         cand = cand.to(torch.int64).contiguous()
+        _check_padding(k, qs.b, cand.shape[1], "candidate ids per query (M)")
         be = _backend(backend, qs, cs, False)
         if qs.b == 0 or cs.n == 0 or cand.shape[1] == 0:
             if cs.n == 0:

@@ -11,7 +11,12 @@ For a query item q (K prototypes q_k in R^D, mask mq) and a candidate c (c_k, mc
     R     = sim * C                  Eq. 7
 
 Conventions every backend follows: a fully masked pair has C = 0 (so R = 0); a zero-length
-prototype or pooled vector has cosine 0 with anything.
+prototype or pooled vector has cosine 0 with anything. "Zero" means exactly zero: there is no eps,
+any other finite vector is normalised to unit length whatever its magnitude (float32 1e-45 ... 3.4e38;
+float64 has the range to do that here without scaling). The values of masked-out prototypes are never
+used (a NaN there changes nothing). NaN/inf in a used value gives NaN scores, and `topk` / `rerank`
+never select a NaN value: such candidates are left out, as if they were padding (see docs/cpp.md,
+"Numerics"; the ops reject non-finite inputs up front with ``check=True``).
 
 Everything here is numpy float64 with explicit loops over pairs (vectorised over k, d only), so
 that it is obviously the formula above. Use small shapes.
@@ -26,7 +31,8 @@ import numpy as np
 
 def _np64(x) -> np.ndarray:
     if hasattr(x, "detach"):
-        x = x.detach().cpu().float().numpy()
+        x = x.detach().cpu()
+        x = (x.double() if x.is_floating_point() else x).numpy()
     return np.asarray(x, dtype=np.float64)
 
 
@@ -43,8 +49,8 @@ def pooled(z: np.ndarray, w: np.ndarray, mask: Optional[np.ndarray] = None) -> n
     """Eq. 4 for one item: h = Σ_k w_k m_k ẑ_k, returned unit length (zero if h = 0). z: [K, D]."""
     k = z.shape[0]
     m = np.ones(k) if mask is None else np.asarray(mask, dtype=np.float64)
-    h = sum(w[i] * m[i] * _unit(z[i]) for i in range(k))
-    return _unit(np.asarray(h, dtype=np.float64))
+    h = sum(w[i] * _unit(z[i]) for i in range(k) if m[i])
+    return _unit(np.asarray(h, dtype=np.float64) + np.zeros(z.shape[1]))
 
 
 def pair_score(
@@ -60,8 +66,8 @@ def pair_score(
     k = q.shape[0]
     mq = np.ones(k) if q_mask is None else np.asarray(q_mask, dtype=np.float64)
     mc = np.ones(k) if c_mask is None else np.asarray(c_mask, dtype=np.float64)
-    s = np.array([cos(q[i], c[i]) for i in range(k)])
     m = mq * mc
+    s = np.array([cos(q[i], c[i]) if m[i] else 0.0 for i in range(k)])
     den = float(np.sum(w * m))
     conf = float(np.sum(w * m * s) / den) if den > 0 else 0.0
     hq = pooled(q, w, mq) if q_pooled is None else _unit(np.asarray(q_pooled, dtype=np.float64))
@@ -89,26 +95,29 @@ def scores(q, c, w, q_mask=None, c_mask=None, q_pooled=None, c_pooled=None):
     (b, k, _), n = q.shape, c.shape[0]
     mq = np.ones((b, k)) if q_mask is None else _np64(q_mask)
     mc = np.ones((n, k)) if c_mask is None else _np64(c_mask)
-    qh, ch = _unit_rows(q), _unit_rows(c)
+    qh = np.where(mq[..., None] > 0, _unit_rows(q), 0.0)  # masked-out prototypes are never used
+    ch = np.where(mc[..., None] > 0, _unit_rows(c), 0.0)
     s = np.einsum("bkd,nkd->bnk", qh, ch)  # Eq. 1 for every pair and k
     m = mq[:, None, :] * mc[None, :, :]
     den = np.sum(w * m, axis=-1)
     num = np.sum(w * m * s, axis=-1)
     conf = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
-    hq = _unit_rows(np.einsum("k,bk,bkd->bd", w, mq, qh)) if q_pooled is None else _unit_rows(_np64(q_pooled))
-    hc = _unit_rows(np.einsum("k,nk,nkd->nd", w, mc, ch)) if c_pooled is None else _unit_rows(_np64(c_pooled))
+    hq = _unit_rows(np.einsum("k,bkd->bd", w, qh)) if q_pooled is None else _unit_rows(_np64(q_pooled))
+    hc = _unit_rows(np.einsum("k,nkd->nd", w, ch)) if c_pooled is None else _unit_rows(_np64(c_pooled))
     sim = hq @ hc.T
     return sim, conf, sim * conf
 
 
 def topk(values: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Descending top-k of each row of a float64 [B, N] matrix; (-inf, -1) padding when k > N."""
+    """Descending top-k of each row of a float64 [B, N] matrix; (-inf, -1) padding when k > N.
+
+    NaN values are never selected (they count as missing, so they end up as padding)."""
     values = np.asarray(values, dtype=np.float64)
     b, n = values.shape
     out_v = np.full((b, k), -np.inf)
     out_i = np.full((b, k), -1, dtype=np.int64)
     for i in range(b):
-        order = sorted(range(n), key=lambda j: -values[i, j])[:k]
+        order = sorted((j for j in range(n) if not np.isnan(values[i, j])), key=lambda j: -values[i, j])[:k]
         out_v[i, : len(order)] = values[i, order]
         out_i[i, : len(order)] = order
     return out_v, out_i
@@ -122,7 +131,7 @@ def rerank(values: np.ndarray, candidates: np.ndarray, k: int) -> Tuple[np.ndarr
     out_v = np.full((b, k), -np.inf)
     out_i = np.full((b, k), -1, dtype=np.int64)
     for i in range(b):
-        ids = [int(j) for j in cand[i] if j >= 0]
+        ids = [int(j) for j in cand[i] if j >= 0 and not np.isnan(values[i, j])]
         ids = sorted(ids, key=lambda j: -values[i, j])[:k]
         out_v[i, : len(ids)] = values[i, ids]
         out_i[i, : len(ids)] = ids

@@ -7,6 +7,10 @@ with the running best ``k`` (another ``torch.topk`` over at most ``2k`` columns)
 block plus ``O(B k)`` and the result is exact: every candidate outside the final top-k is beaten by
 k others. Ties may come in any order (DESIGN §2). Entries with value -inf are padding: their ids come
 back as -1, and results shorter than k are padded with (-inf, -1).
+
+NaN values (non-finite inputs scored with ``check=False``) are never selected: ``add`` turns them into
+-inf, so they rank below every real value and come back, if at all, as padding (-inf, -1). The C++
+and Triton top-k do the same (docs/cpp.md, "Numerics").
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class RunningTopK:
         n = values.shape[1]
         if n == 0:
             return
+        values = torch.where(torch.isnan(values), float("-inf"), values)  # NaN ranks below everything
         if n > self.k:
             values, pos = torch.topk(values, self.k, dim=1, largest=True, sorted=False)
             if ids is None:

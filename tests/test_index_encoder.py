@@ -64,13 +64,32 @@ def test_native_encoder_matches_float64_and_torch(monkeypatch, simd, k, d, in_dt
     np.testing.assert_allclose(got["pooled"].astype(np.float64), ref["pooled"].astype(np.float64), atol=2e-3)
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e20])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_native_encoder_refuses_non_finite_like_torch(monkeypatch, simd, bad):
     x, _, w = _case(4, 3, 20)
     x[3, 2, 7] = bad
     for which in ("cpp", "torch"):
         with pytest.raises(ValueError, match="NaN or inf"):
             _encoder(monkeypatch, which, 3, 20, w, 4).encode(x, None, None)
+
+
+def test_encoders_normalise_every_finite_magnitude(monkeypatch, simd):
+    """Finite values whose float32 sum of squares over- or underflows (1e20, 3e38, 1e-30, subnormals) are
+    normalised exactly, not refused or divided by an eps (both encoders; issue 15 item 7)."""
+    x, _, w = _case(4, 3, 20)
+    x = x.astype(np.float32)
+    for i, mag in enumerate((1e20, 3e38, 1e-30, 1e-42)):
+        x[i, 1] = np.linspace(-1, 1, 20, dtype=np.float64) * mag
+    x[0, 2] = 0.0  # an exactly zero prototype stays zero
+    x64 = x.astype(np.float64)
+    n64 = np.linalg.norm(x64, axis=-1, keepdims=True)
+    unit64 = np.divide(x64, n64, out=np.zeros_like(x64), where=n64 > 0)
+    for which in ("cpp", "torch"):
+        got = _encoder(monkeypatch, which, 3, 20, w, 4).encode(x, None, None)
+        np.testing.assert_allclose(got["prototypes"].astype(np.float64), unit64, rtol=1e-3, atol=1e-3)
+        for i in range(4):
+            want = reference.pooled(x64[i], w)
+            np.testing.assert_allclose(got["pooled"][i].astype(np.float64), want, atol=2e-3)
 
 
 def test_to_half_rounds_like_numpy(simd):

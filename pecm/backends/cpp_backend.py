@@ -120,7 +120,7 @@ class CppBackend:
         mask = None if cs.mask is None else _np(cs.mask)
         ok = _C.encode_items(x.numpy(), _np(cs.weights.float()), mask, unit.numpy(), _np(pooled), EPS)
         if not ok:
-            raise ValueError("c: a prototype's norm is not finite (NaN or inf values, or |x| beyond float32)")
+            raise ValueError("c: a prototype's norm is not finite (it holds NaN or inf values)")
         return unit, pooled
 
     def scores(self, qs: Queries, cs: Candidates) -> Tuple[Tensor, Tensor, Tensor]:

@@ -33,12 +33,17 @@ CHUNK = 16384  # candidate rows per fused-scores block of the k > MAX_KT top-k (
 
 
 def _load_kernels():
-    try:
-        return importlib.import_module("pecm.kernels")
-    except ModuleNotFoundError as e:
-        if e.name not in ("pecm.kernels",):
-            raise
-    src = Path(__file__).resolve().parents[2] / "kernels" / "__init__.py"
+    root = Path(__file__).resolve().parents[2]
+    src = root / "kernels" / "__init__.py"
+    # A source checkout (setup.py beside pecm/ and kernels/) uses its own kernels/, even when an editable
+    # install elsewhere (e.g. another worktree of the repository) maps the name pecm.kernels to its copy.
+    checkout = (root / "setup.py").is_file() and src.is_file() and "pecm.kernels" not in sys.modules
+    if not checkout:
+        try:
+            return importlib.import_module("pecm.kernels")
+        except ModuleNotFoundError as e:
+            if e.name not in ("pecm.kernels",):
+                raise
     if not src.is_file():
         raise ImportError("pecm.kernels is not installed and no kernels/ source directory was found")
     spec = importlib.util.spec_from_file_location("pecm.kernels", src, submodule_search_locations=[str(src.parent)])

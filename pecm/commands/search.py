@@ -17,13 +17,35 @@ def _queries(a):
             raise TypeError(f"--query-file: expected a float array [B, K, D], got dtype {q.dtype}")
         if q.ndim not in (2, 3):
             raise ValueError(f"--query-file: expected shape [B, K, D], got {list(q.shape)}")
+        _check_finite(q, "--query-file")
         m = None if a.query_masks is None else np.asarray(_load_npy(a.query_masks, "--query-masks")).astype(bool)
         return q, m
     if not a.checkpoint or not (a.image or a.text):
         raise ValueError("search: give --query-file F.npy, or --checkpoint with --image or --text")
     enc = load_encoder(a.checkpoint)
     protos, masks = enc.encode_images([a.image]) if a.image else enc.encode_texts([a.text])
-    return np.asarray(protos, dtype=np.float32), np.asarray(masks, dtype=bool)
+    q = np.asarray(protos, dtype=np.float32)
+    _check_finite(q, "--image" if a.image else "--text", "the checkpoint encoded it to")
+    return q, np.asarray(masks, dtype=bool)
+
+
+def _check_finite(q: np.ndarray, name: str, what: str = "contains") -> None:
+    """Non-finite query values would score NaN (never ranked): refuse them up front, naming the input."""
+    bad = ~np.isfinite(q)
+    if bad.any():
+        b = int(np.argwhere(bad)[0][0]) if q.ndim == 3 else 0
+        raise ValueError(f"{name}: {what} NaN or inf values ({int(bad.sum())} of {q.size}, first in query {b})")
+
+
+def _check_results(scores: np.ndarray, ids: np.ndarray) -> None:
+    """A returned item must carry a finite score; padding (id -1) is the only null in the output."""
+    bad = (ids >= 0) & ~np.isfinite(scores)
+    if bad.any():
+        b, r = (int(v) for v in np.argwhere(bad)[0])
+        raise ValueError(
+            f"index: item id={int(ids[b, r])} scored {scores[b, r]} for query {b} (damaged prototypes?); "
+            "run `pecm index verify`"
+        )
 
 
 def _json_float(x: float):
@@ -35,6 +57,10 @@ def _run(a) -> int:
 
     if a.k < 1:
         raise ValueError(f"-k: expected an int >= 1, got {a.k}")
+    from ..ops import MAX_K
+
+    if a.k > MAX_K:
+        raise ValueError(f"-k: expected an int <= {MAX_K}, got {a.k}")
     q, qm = _queries(a)
     kw = dict(mode=a.mode, shortlist=a.shortlist, by=a.by, q_mask=qm, chunk_size=a.chunk_size, backend=a.backend)
     if a.device:
@@ -53,6 +79,7 @@ def _run(a) -> int:
             scores, ids, meta = idx.search(q, a.k, **kw)
     if rank != 0:
         return 0
+    _check_results(scores, ids)
     if a.json:
         out = {
             "scores": [[_json_float(x) for x in row] for row in scores.tolist()],

@@ -33,7 +33,9 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from ..operands import NORM_HI, NORM_LO
+from ..operands import unit as unit_vectors
 
 FORMAT_NAME = "pecm-archive-index"
 FORMAT_VERSION = 1
@@ -341,9 +343,9 @@ class BlockEncoder:
             a = self._input(protos, n).numpy()  # float64 / strided -> a float32 copy in the work buffer
         unit = self.out[:n].numpy()
         pool = self.pool[:n].view(n, self.d).numpy() if pooled is None else None
-        if not self.native(a, self.w.numpy(), m, unit, pool, EPS):
-            raise ValueError("prototypes: contain NaN or inf values (or values too large for float32)")
-        h = pool if pooled is None else F.normalize(_given_pooled(pooled), dim=-1, eps=EPS).numpy()
+        if not self.native(a, self.w.numpy(), m, unit, pool, EPS):  # EPS: ignored (kept in the signature)
+            raise ValueError("prototypes: contain NaN or inf values")
+        h = pool if pooled is None else unit_vectors(_given_pooled(pooled)).numpy()
         return {
             "masks": np.ones((n, self.k), dtype=np.uint8) if m is None else m,
             "prototypes": unit,
@@ -358,17 +360,27 @@ class BlockEncoder:
         n = len(protos)
         x = self._input(protos, n)
         nrm = torch.linalg.vector_norm(x, dim=-1, out=self.nrm[:n])
-        if not bool(torch.isfinite(nrm).all()):
-            raise ValueError("prototypes: contain NaN or inf values (or values too large for float32)")
         m = np.ones((n, self.k), dtype=np.uint8) if masks is None else np.array(masks, dtype=bool).astype(np.uint8)
-        sc = nrm.clamp_min_(EPS).reciprocal_()
+        # Norms the one float32 scale handles exactly; the rest (exact zeros, tiny, huge or overflowed
+        # norms) are normalised separately with a power-of-two pre-scale (pecm.operands.unit): no eps.
+        good = (nrm >= NORM_LO**0.5) & (nrm <= NORM_HI**0.5)
+        fix = None
+        if not bool(good.all()):
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError("prototypes: contain NaN or inf values")
+            bad = (~good).nonzero(as_tuple=True)
+            fix = unit_vectors(x[bad]) * torch.from_numpy(m)[bad].unsqueeze(-1).float()
+            nrm[bad] = float("inf")  # scale 0 below; the fixed unit vectors are put in afterwards
+        sc = nrm.reciprocal_()
         if masks is not None:
             sc.mul_(torch.from_numpy(m))
         if pooled is None:
             h = torch.bmm((sc * self.w).unsqueeze(1), x, out=self.pool[:n]).squeeze(1)
+            if fix is not None:
+                h.index_put_((bad[0],), fix * self.w[bad[1]].unsqueeze(-1), accumulate=True)
         else:
             h = _given_pooled(pooled)
-        h = F.normalize(h, dim=-1, eps=EPS)
+        h = unit_vectors(h)
         if self.out.dtype == torch.float16:  # f32 multiply + f16 copy is ~2x faster than a mixed-dtype mul
             own = x.data_ptr() == self.x32.data_ptr()
             if not own and self.u32 is None:
@@ -379,6 +391,8 @@ class BlockEncoder:
             unit.copy_(tmp)
         else:
             unit = torch.mul(x, sc.unsqueeze(-1), out=self.out[:n])
+        if fix is not None:
+            unit[bad] = fix.to(unit.dtype)
         out = {"masks": m}
         if self.dtype == "int8":
             scale = unit.abs().amax(-1) / 127.0
