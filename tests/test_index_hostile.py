@@ -259,3 +259,20 @@ def test_get_and_delete_reject_non_integer_ids(ix, ids):
             idx.delete(ids)
         with pytest.raises((TypeError, ValueError, OverflowError), match="ids"):
             idx.get(ids)
+
+
+@pytest.mark.parametrize("k", [2**62, 10**9, 2**31])
+def test_search_absurd_k_names_k_before_allocating(ix, tmp_path, capsys, k):
+    with ArchiveIndex.open(ix) as idx:
+        with pytest.raises(ValueError, match="^k: "):
+            idx.search(_items(1)[0], k)
+    np.save(tmp_path / "q.npy", _items(1))
+    assert cli(["search", str(ix), "--query-file", str(tmp_path / "q.npy"), "-k", str(k)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "k" in err[0]
+
+
+def test_search_k_beyond_items_is_padded(ix):
+    with ArchiveIndex.open(ix) as idx:
+        s, ids, _ = idx.search(_items(2), 100)
+    assert s.shape == (2, 100) and (ids[:, 29:] == -1).all() and np.isneginf(s[:, 29:]).all()

@@ -216,7 +216,7 @@ def search(
     ``with_metadata=False``. ``device`` (e.g. "cuda:0") moves each chunk there before scoring (the data
     is read on the host). Missing results (k > live items) are (-inf, -1).
     """
-    k = _check_int(k, "k")
+    k = ops._check_k(k)  # an int in [1, ops.MAX_K], before anything is allocated
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     by = By.parse(by)
@@ -230,6 +230,7 @@ def search(
     q, qm = _queries(index, queries, q_mask)
     b = q.shape[0]
     start, end = (0, index.count) if rows is None else (max(0, int(rows[0])), min(index.count, int(rows[1])))
+    ops._check_padding(k, b, max(0, end - start), "items in the searched rows")  # k = 10**9 on 1000 items
     if b == 0 or end <= start:
         vals, r = empty_topk(b, k)
     else:
