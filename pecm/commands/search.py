@@ -48,6 +48,31 @@ def _check_results(scores: np.ndarray, ids: np.ndarray) -> None:
         )
 
 
+def parse_where(items) -> dict:
+    """``--where key=value`` (repeatable) -> dict; a value that parses as JSON (2, 2.5, true, null, "2")
+    is that value, anything else is a string."""
+    out = {}
+    for it in items:
+        key, sep, raw = it.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--where: expected key=value, got {it!r}")
+        try:
+            v = json.loads(raw)
+        except ValueError:
+            v = raw
+        if isinstance(v, (list, dict)):
+            raise ValueError(f"--where: {key}: expected a string, number, true/false or null, got {raw!r}")
+        out[key] = v
+    return out
+
+
+def _parse_ids(spec: str) -> list:
+    try:
+        return [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--ids: expected comma-separated integer ids, got {spec!r}") from None
+
+
 def _json_float(x: float):
     return None if not math.isfinite(x) else float(x)
 
@@ -63,6 +88,10 @@ def _run(a) -> int:
         raise ValueError(f"-k: expected an int <= {MAX_K}, got {a.k}")
     q, qm = _queries(a)
     kw = dict(mode=a.mode, shortlist=a.shortlist, by=a.by, q_mask=qm, chunk_size=a.chunk_size, backend=a.backend)
+    if a.where:
+        kw["where"] = parse_where(a.where)
+    if a.ids is not None:
+        kw["ids"] = _parse_ids(a.ids)
     if a.device:
         kw["device"] = a.device
     rank = 0
@@ -114,6 +143,13 @@ def register(sub) -> None:
     p.add_argument("--chunk-size", type=int, help="items scored per chunk (bounds memory)")
     p.add_argument("--backend", default="auto", help="scoring backend: auto, torch, cpp, triton")
     p.add_argument("--device", help="score the chunks on this torch device (e.g. cuda:0); default: the host")
+    p.add_argument(
+        "--where",
+        action="append",
+        metavar="KEY=VALUE",
+        help="only items whose metadata KEY equals VALUE (repeatable, all must hold; VALUE is JSON if it parses)",
+    )
+    p.add_argument("--ids", help="only these item ids (comma-separated)")
     p.add_argument("--verify", action="store_true", help="verify every checksum before searching")
     p.add_argument("--distributed", action="store_true", help="shard across torchrun ranks (rank 0 prints)")
     p.add_argument("--json", action="store_true", help='print {"scores", "ids", "metadata"} as JSON')

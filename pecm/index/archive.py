@@ -537,6 +537,17 @@ class ArchiveIndex:
         compact_index(self, progress)
         self._recover()
 
+    def add_filter_index(self, keys) -> None:
+        """Writer: SQLite expression indexes on metadata keys used in ``search(where=...)`` (columns
+        ``modality``/``source``/``text`` or extras keys), so a filter on them does not scan every row."""
+        self._require_writer()
+        from . import filters
+
+        for key in [keys] if isinstance(keys, str) else list(keys):
+            filters.check_where({key: None})
+            name = "ix_" + fmt.zlib.crc32(key.encode()).to_bytes(4, "big").hex()
+            self.meta.add_filter_index(filters.key_expr(key), name)
+
     def stats(self) -> dict:
         self = self._current()
         return {

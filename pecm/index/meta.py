@@ -149,6 +149,21 @@ class MetaStore:
                 crc = zlib.crc32(_line(i, found.get(i)), crc)
         return crc
 
+    def ids_where(self, cond: str, args: list, next_id: int):
+        """Sorted ids (< next_id) of the rows that satisfy an SQL condition built by `pecm.index.filters`."""
+        import numpy as np
+
+        rows = self._query(f"SELECT id FROM items WHERE id < ? AND ({cond}) ORDER BY id", [int(next_id), *args])
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def add_filter_index(self, key_expr: str, name: str) -> None:
+        """Writer: an SQLite expression index on one filter key (makes ``where`` on it fast)."""
+        try:
+            with self.db:
+                self.db.execute(f"CREATE INDEX IF NOT EXISTS {name} ON items({key_expr})")
+        except sqlite3.Error as e:
+            raise OSError(f"index: {self.path}: cannot create index {name}: {e}") from e
+
     def fetch(self, ids: Sequence[int]) -> Dict[int, dict]:
         """id -> row dict for the ids that have a row (others are absent)."""
         out: Dict[int, dict] = {}

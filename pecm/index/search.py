@@ -25,10 +25,12 @@ import torch
 from .. import ops
 from ..operands import By, Candidates, Queries
 from ..topk import RunningTopK, empty_topk
+from . import filters
 
 DEFAULT_CHUNK = 8192
 POOLED_CHUNK = 65536
 MODES = ("exhaustive", "two_stage")
+SPARSE_FILTER = 0.25  # a filter passing at most this fraction of the rows gathers them instead of streaming all
 
 
 def _check_int(v, name: str) -> int:
@@ -95,11 +97,28 @@ class _ChunkReader:
         self.fds = {}
 
 
-def _dead(index, ids: np.ndarray) -> Optional[np.ndarray]:
-    if not index.tombstones.size:
-        return None
-    d = np.isin(ids, index.tombstones)
+def _dead(index, ids: np.ndarray, allow: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
+    """Rows of a chunk that must not be returned: tombstoned, or (with a filter) not in ``allow``."""
+    d = np.isin(ids, index.tombstones) if index.tombstones.size else np.zeros(ids.shape, dtype=bool)
+    if allow is not None:
+        pos = np.minimum(np.searchsorted(allow, ids), max(allow.size - 1, 0))
+        d |= ~((allow[pos] == ids) if allow.size else np.zeros(ids.shape, dtype=bool))
     return d if d.any() else None
+
+
+def _filter_rows(index, allow: np.ndarray, start: int, end: int) -> np.ndarray:
+    """Row positions in [start, end) of the allowed (and not tombstoned) ids, ascending."""
+    allow = np.setdiff1d(allow, index.tombstones, assume_unique=False) if index.tombstones.size else allow
+    all_ids = np.asarray(index.ids())
+    rows = np.searchsorted(all_ids, allow)
+    ok = rows < index.count
+    rows = rows[ok]
+    rows = rows[all_ids[rows] == allow[ok]]
+    return rows[(rows >= start) & (rows < end)]
+
+
+def _read(index, names: List[str], rows: np.ndarray) -> Dict[str, np.ndarray]:
+    return {k: index.read_rows(k, rows) for k in names}
 
 
 def _chunk_candidates(index, w: torch.Tensor, a: Dict[str, np.ndarray], device=None) -> Candidates:
@@ -115,18 +134,30 @@ def _chunk_candidates(index, w: torch.Tensor, a: Dict[str, np.ndarray], device=N
     return cs if device is None else cs.to(device)
 
 
-def _exhaustive(index, qs: Queries, k, by, chunk, backend, start, end, device=None):
+def _names(index) -> List[str]:
+    return ["prototypes", "pooled", "masks", "ids"] + (["scales"] if index.dtype == "int8" else [])
+
+
+def _exhaustive(index, qs: Queries, k, by, chunk, backend, start, end, device=None, allow=None, sel=None):
     if device is not None:
         qs = qs.to(device)
     w = qs.weights  # the same tensor for the queries and every chunk: no weight comparison per call
     best = RunningTopK(qs.b, k)
-    names = ["prototypes", "pooled", "masks", "ids"] + (["scales"] if index.dtype == "int8" else [])
-    reader = _ChunkReader(index, names, chunk)
+    if sel is not None:  # a selective filter: score only the allowed rows, gathered chunk by chunk
+        names = [n for n in _names(index) if n != "ids"]
+        for s in range(0, sel.size, chunk):
+            r = sel[s : s + chunk]
+            cs = _chunk_candidates(index, w, _read(index, names, r), device)
+            tv, ti = ops.pecm_topk(qs, cs, None, min(k, r.size), by=by, backend=backend)
+            ti = ti.cpu()
+            best.add(tv.cpu().float(), torch.where(ti >= 0, torch.from_numpy(r)[ti.clamp(min=0)], ti))
+        return best.result()
+    reader = _ChunkReader(index, _names(index), chunk)
     try:
         for s, e, a in reader.stream(start, end):
             n = e - s
             cs = _chunk_candidates(index, w, a, device)  # e.g. a CUDA device: scored there (triton under "auto")
-            dead = _dead(index, a["ids"])
+            dead = _dead(index, a["ids"], allow)
             kk = min(n, k + (0 if dead is None else int(dead.sum())))
             tv, ti = ops.pecm_topk(qs, cs, None, kk, by=by, backend=backend)
             tv, ti = tv.cpu().float(), ti.cpu()
@@ -140,8 +171,13 @@ def _exhaustive(index, qs: Queries, k, by, chunk, backend, start, end, device=No
     return best.result()
 
 
-def _pooled_topm(index, qp, m, chunk, start, end):
+def _pooled_topm(index, qp, m, chunk, start, end, allow=None, sel=None):
     best = RunningTopK(qp.shape[0], m)
+    if sel is not None:  # a selective filter: the pooled vectors of the allowed rows only
+        for s in range(0, sel.size, chunk):
+            r = sel[s : s + chunk]
+            best.add(qp @ torch.from_numpy(index.read_rows("pooled", r)).float().T, torch.from_numpy(r))
+        return best.result()[1]
     reader = _ChunkReader(index, ["pooled", "ids"], chunk)
     p32 = torch.empty((min(chunk, end - start), index.D))  # reused: no fresh pages per chunk
     try:
@@ -149,7 +185,7 @@ def _pooled_topm(index, qp, m, chunk, start, end):
             p = p32[: e - s]
             p.copy_(torch.from_numpy(a["pooled"]))
             sim = qp @ p.T
-            dead = _dead(index, a["ids"])
+            dead = _dead(index, a["ids"], allow)
             if dead is not None:
                 sim[:, torch.from_numpy(dead)] = float("-inf")
             best.add(sim, offset=s)
@@ -180,8 +216,8 @@ def _rerank_group(index, qs: Queries, cand, k, by, backend, device=None):
     return tv.cpu().float(), rows
 
 
-def _two_stage(index, qs: Queries, k, by, m, backend, start, end, chunk, device=None):
-    cand = _pooled_topm(index, qs.qp, m, max(chunk, POOLED_CHUNK), start, end).numpy()
+def _two_stage(index, qs: Queries, k, by, m, backend, start, end, chunk, device=None, allow=None, sel=None):
+    cand = _pooled_topm(index, qs.qp, m, max(chunk, POOLED_CHUNK), start, end, allow, sel).numpy()
     # gather at most ~chunk candidate rows at a time: queries are reranked in groups
     group = max(1, chunk // max(1, cand.shape[1]))
     outs = [
@@ -205,6 +241,8 @@ def search(
     device=None,
     rows: Optional[Tuple[int, int]] = None,
     with_metadata: bool = True,
+    where: Optional[dict] = None,
+    ids=None,
 ):
     """Top-k items of the index for each query.
 
@@ -215,6 +253,12 @@ def search(
     as numpy arrays; metadata is a list per query of row dicts (None where the id is -1), or None when
     ``with_metadata=False``. ``device`` (e.g. "cuda:0") moves each chunk there before scoring (the data
     is read on the host). Missing results (k > live items) are (-inf, -1).
+
+    ``where={"modality": "CT", "site": 2}`` (AND of equalities on metadata columns / extras keys) and
+    ``ids=[...]`` (an allow-list) filter the items: the result is the exact top-k of the items that pass
+    (in two_stage: of the shortlist of the items that pass). A selective filter (at most
+    ``SPARSE_FILTER`` of the rows) gathers only the rows that pass; otherwise the streamed scan skips
+    the others inside each chunk.
     """
     k = ops._check_k(k)  # an int in [1, ops.MAX_K], before anything is allocated
     if mode not in MODES:
@@ -227,18 +271,25 @@ def search(
             device = torch.device(device)
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda:0', got {device!r}") from e
+    where, ids = filters.check_where(where), filters.check_ids(ids)
     q, qm = _queries(index, queries, q_mask)
     b = q.shape[0]
     start, end = (0, index.count) if rows is None else (max(0, int(rows[0])), min(index.count, int(rows[1])))
     ops._check_padding(k, b, max(0, end - start), "items in the searched rows")  # k = 10**9 on 1000 items
-    if b == 0 or end <= start:
+    allow = filters.allowed_ids(index, where, ids) if end > start else None
+    sel = None
+    if allow is not None:
+        sel = _filter_rows(index, allow, start, end)
+        if sel.size > SPARSE_FILTER * (end - start):
+            sel = None  # most rows pass: the streamed scan with the filter inside each chunk
+    if b == 0 or end <= start or (sel is not None and sel.size == 0):
         vals, r = empty_topk(b, k)
     else:
         qs = ops.prepare_queries(q, torch.from_numpy(index.weights), q_mask=qm)  # once for every chunk
         if mode == "exhaustive":
-            vals, r = _exhaustive(index, qs, k, by, chunk, backend, start, end, device)
+            vals, r = _exhaustive(index, qs, k, by, chunk, backend, start, end, device, allow, sel)
         else:
-            vals, r = _two_stage(index, qs, k, by, max(m, k), backend, start, end, chunk, device)
+            vals, r = _two_stage(index, qs, k, by, max(m, k), backend, start, end, chunk, device, allow, sel)
     r = r.numpy()
     ids = np.full(r.shape, -1, dtype=np.int64)
     if (r >= 0).any():
