@@ -101,6 +101,8 @@ def run_op(idx, op: str) -> None:
         idx.delete([7, 8])
     elif op == "compact":
         idx.compact(progress=False)
+    elif op == "build_ann":
+        idx.build_ann("ivf_flat", progress=False, nlist=2, nprobe=2)
     else:
         raise ValueError(op)
 
@@ -128,8 +130,13 @@ def snapshot(path) -> dict:
             np.testing.assert_allclose(r["prototypes"], want, atol=2e-3)
         assert len(idx) == live.size
         if live.size:
-            s, top, meta = idx.search(protos([live[0]])[0], 3)  # the item itself (or a twin) scores 1
-            assert abs(s[0, 0] - 1) < 2e-3 and top[0, 0] in live and meta[0][0]["id"] == top[0, 0]
+            modes = ["exhaustive"] + (["ann"] if idx.manifest.get("ann") else [])
+            for mode in modes:  # the item itself (or a twin) scores 1
+                s, top, meta = idx.search(protos([live[0]])[0], 3, mode=mode)
+                assert abs(s[0, 0] - 1) < 2e-3 and top[0, 0] in live and meta[0][0]["id"] == top[0, 0]
+            if idx.manifest.get("ann"):  # the committed ANN agrees with the data: every live row is found
+                _, got, _ = idx.search(protos(live[:8]), 1, mode="ann", shortlist=live.size, nprobe=64)
+                assert got[:, 0].tolist() == live[:8].tolist()
         return {int(r["id"]): r.get("text") for r in rows}
 
 

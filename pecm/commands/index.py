@@ -136,6 +136,20 @@ def _compact(a) -> int:
     return 0
 
 
+def _build_ann(a) -> int:
+    from ..index import ArchiveIndex
+
+    params = {k: getattr(a, k) for k in ("nlist", "nprobe", "m", "nbits", "M", "ef_construction", "seed")}
+    params = {k: v for k, v in params.items() if v is not None}
+    with ArchiveIndex.open(a.path, mode="a") as idx:
+        ann = idx.build_ann(a.kind, progress=not a.no_progress, **params)
+    if a.json:
+        print(json.dumps(ann))
+    else:
+        print(f"built {ann['kind']} ANN over {ann['rows']} rows ({ann['bytes']} bytes): {ann['params']}")
+    return 0
+
+
 def _delete(a) -> int:
     from ..index import ArchiveIndex
 
@@ -185,6 +199,20 @@ def register(sub) -> None:
     co.add_argument("path")
     co.add_argument("--no-progress", action="store_true")
     co.set_defaults(func=_compact)
+
+    an = isub.add_parser("build-ann", help="build the FAISS first stage of `pecm search --mode ann`")
+    an.add_argument("path")
+    an.add_argument("--kind", choices=("flat", "ivf_flat", "ivf_pq", "hnsw"), help="default: chosen from N")
+    an.add_argument("--nlist", type=int, help="IVF lists (default 4*sqrt(N))")
+    an.add_argument("--nprobe", type=int, help="lists probed per search (IVF) / efSearch (HNSW), stored as default")
+    an.add_argument("--m", type=int, help="PQ sub-quantisers (ivf_pq; default D/8)")
+    an.add_argument("--nbits", type=int, help="bits per PQ code (ivf_pq; default 8)")
+    an.add_argument("--M", type=int, help="HNSW neighbours per node (default 32)")
+    an.add_argument("--ef-construction", type=int, help="HNSW build breadth (default 80)")
+    an.add_argument("--seed", type=int, help="training sample seed (default 0)")
+    an.add_argument("--json", action="store_true")
+    an.add_argument("--no-progress", action="store_true")
+    an.set_defaults(func=_build_ann)
 
     de = isub.add_parser("delete", help="delete items by id (tombstones)")
     de.add_argument("path")

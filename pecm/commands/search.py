@@ -90,6 +90,8 @@ def _run(a) -> int:
     kw = dict(mode=a.mode, shortlist=a.shortlist, by=a.by, q_mask=qm, chunk_size=a.chunk_size, backend=a.backend)
     if a.where:
         kw["where"] = parse_where(a.where)
+    if a.nprobe is not None:
+        kw["nprobe"] = a.nprobe
     if a.ids is not None:
         kw["ids"] = _parse_ids(a.ids)
     if a.device:
@@ -137,7 +139,8 @@ def register(sub) -> None:
     p.add_argument("--image", help="query image (needs --checkpoint)")
     p.add_argument("--text", help="query report text (needs --checkpoint)")
     p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
-    p.add_argument("--mode", choices=("exhaustive", "two_stage"), default="exhaustive")
+    p.add_argument("--mode", choices=("exhaustive", "two_stage", "ann"), default="exhaustive")
+    p.add_argument("--nprobe", type=int, help="ann: IVF lists probed (HNSW: efSearch); default: the ANN's stored value")
     p.add_argument("--shortlist", type=int, help="two_stage: candidates kept by pooled sim (default max(10k, 100))")
     p.add_argument("--by", choices=("score", "sim", "conf"), default="score")
     p.add_argument("--chunk-size", type=int, help="items scored per chunk (bounds memory)")

@@ -53,9 +53,11 @@ class _Files:
 
     def __init__(self, fds: Dict[str, int]):
         self.fds = fds
+        self.ann = None  # the loaded FAISS index of this generation's ANN file (ArchiveIndex.ann)
 
     def close(self) -> None:
         fds, self.fds = self.fds, {}
+        self.ann = None
         for fd in fds.values():
             try:
                 os.close(fd)
@@ -64,6 +66,13 @@ class _Files:
 
     def __del__(self):
         self.close()
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def _manifest_stamp(root: str):
@@ -244,8 +253,11 @@ class ArchiveIndex:
         """Writer only: drop bytes and metadata rows of an interrupted append or compact."""
         self._truncate_uncommitted()
         keep = set(self.manifest["files"].values()) | {fmt.META_DB, fmt.MANIFEST, fmt.LOCK_FILE}
+        if self.manifest.get("ann"):
+            keep.add(self.manifest["ann"]["file"])
         for name in os.listdir(self.root):
-            if name.endswith(".bin") and name not in keep or name.startswith(f".{fmt.MANIFEST}"):
+            stray = name.endswith((".bin", ".faiss")) and name not in keep
+            if stray or name.startswith(f".{fmt.MANIFEST}"):
                 os.remove(os.path.join(self.root, name))
         self.meta.rollback_to(self.manifest["next_id"])
 
@@ -537,6 +549,81 @@ class ArchiveIndex:
         compact_index(self, progress)
         self._recover()
 
+    # ------------------------------------------------------------------ ANN first stage
+    def build_ann(self, kind: Optional[str] = None, progress=None, **params) -> dict:
+        """Writer: build the FAISS first stage of ``search(mode="ann")`` over every committed row and
+        commit it (crash-safe, replacing the previous one). ``kind``: None (chosen from N), "flat",
+        "ivf_flat", "ivf_pq" or "hnsw"; ``params``: nlist / nprobe / m / nbits (IVF, PQ), M /
+        ef_construction / nprobe (HNSW: nprobe is efSearch), seed. Returns the manifest's ``ann``
+        entry. See `pecm.index.ann`."""
+        self._require_writer()
+        if self.count == 0:
+            raise ValueError("index: build_ann needs at least one item")
+        from . import ann
+
+        kind, params = ann.check_params(kind, params, self.count, self.D)
+        m = dict(self.manifest)
+        seq = (m["ann"]["seq"] if m.get("ann") else 0) + 1
+        name = f"ann.g{m['generation']}.s{seq}.faiss"
+        try:
+            m["ann"] = self._write_ann(name, seq, kind, params, self.count, self.read_rows_fn("pooled"), progress)
+            fmt.write_manifest(self.root, m)
+        except BaseException:
+            self._after_failed_commit(m)
+            if (self.manifest.get("ann") or {}).get("file") != name:
+                _remove(os.path.join(self.root, name))
+            raise
+        old = self.manifest.get("ann")
+        self._reload(m)
+        if old and old["file"] != name:
+            _remove(os.path.join(self.root, old["file"]))
+        return dict(m["ann"])
+
+    def read_rows_fn(self, logical: str):
+        return lambda rows: self.read_rows(logical, rows)
+
+    def _write_ann(self, name, seq, kind, params, rows, pooled_rows, progress) -> dict:
+        """Build, serialise, write and fsync an ANN file (not yet committed); its manifest entry."""
+        from tqdm.auto import tqdm
+
+        from . import ann
+
+        show = sys.stderr.isatty() if progress is None else bool(progress)
+        bar = tqdm(total=rows, desc=f"pecm index build_ann ({kind})", unit="item", disable=not show)
+        index = ann.build(pooled_rows, rows, self.D, kind, params, progress=bar.update)
+        bar.close()
+        data = ann.serialize(index)
+        del index
+        path = os.path.join(self.root, name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | fmt.NOFOLLOW, 0o644)
+        try:
+            fmt.write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fmt.fsync_dir(self.root)
+        return {
+            "file": name,
+            "seq": seq,
+            "kind": kind,
+            "params": params,
+            "rows": rows,
+            "bytes": int(data.size),
+            "crc32": fmt.zlib.crc32(data),
+        }
+
+    def ann(self):
+        """The committed FAISS index of this handle's snapshot (loaded once per snapshot), or None."""
+        a = self.manifest.get("ann")
+        if not a:
+            return None
+        files = self._files
+        if getattr(files, "ann", None) is None:
+            from . import ann
+
+            files.ann = ann.load(files.fds["ann"], a["bytes"], a["crc32"], a["file"])
+        return files.ann
+
     def add_filter_index(self, keys) -> None:
         """Writer: SQLite expression indexes on metadata keys used in ``search(where=...)`` (columns
         ``modality``/``source``/``text`` or extras keys), so a filter on them does not scan every row."""
@@ -561,6 +648,9 @@ class ArchiveIndex:
             "next_id": self.manifest["next_id"],
             "generation": self.manifest["generation"],
             "appends": len(self.manifest["checksums"]),
+            "ann": None
+            if not self.manifest.get("ann")
+            else {k: self.manifest["ann"][k] for k in ("kind", "params", "rows", "bytes")},
             "normalized": True,
             "weights": [float(x) for x in self.weights],
             "bytes": {k: self.count * self.item_bytes[k] for k in self.paths},

@@ -17,6 +17,7 @@ import zlib
 
 import numpy as np
 
+from . import ann
 from . import format as fmt
 
 BLOCK = 65536
@@ -64,9 +65,25 @@ def compact_index(index, progress=None) -> dict:
     paths = {k: os.path.join(index.root, v) for k, v in names.items()}
     tomb = index.tombstones
     new = dict(m)
+    ann_path = None
     try:
         kept, crcs, kept_ids = _write_kept(index, paths, progress)
         rec = {"start": 0, "count": kept, "crc32": crcs, "meta_crc32": index.meta.rows_crc(kept_ids.tolist())}
+        new.pop("ann", None)
+        if m.get("ann") and kept:  # rebuilt over the kept rows with the same kind and parameters
+            a = m["ann"]
+            dt, shape = index.layout["pooled"]
+            pooled = np.memmap(paths["pooled"], dtype=dt, mode="r", shape=(kept, *shape))
+            name = f"ann.g{gen}.s{a['seq'] + 1}.faiss"
+            ann_path = os.path.join(index.root, name)
+            params = dict(a["params"])
+            if "nlist" in params:
+                params["nlist"] = min(params["nlist"], max(1, kept))
+                params["nprobe"] = min(params.get("nprobe", 1), params["nlist"])
+            if ann.fits(a["kind"], params, kept):  # else too few items are left: no ANN until the next build
+                rows_of = lambda r: pooled[r]  # noqa: E731
+                new["ann"] = index._write_ann(name, a["seq"] + 1, a["kind"], params, kept, rows_of, progress)
+            del pooled
         new.update(
             count=kept,
             generation=gen,
@@ -79,7 +96,7 @@ def compact_index(index, progress=None) -> dict:
     except BaseException:
         index._after_failed_commit(new)
         if index.manifest["generation"] != gen:  # not committed: the partial new files go
-            for p in paths.values():
+            for p in [*paths.values(), *([ann_path] if ann_path else [])]:
                 try:
                     os.remove(p)
                 except OSError:
@@ -88,8 +105,9 @@ def compact_index(index, progress=None) -> dict:
     index._reload(new)
     if tomb.size:
         index.meta.delete(tomb.tolist())
-    for logical, name in m["files"].items():
-        if name != names[logical]:
+    old_files = list(m["files"].values()) + ([m["ann"]["file"]] if m.get("ann") else [])
+    for name in old_files:
+        if name not in names.values():
             try:
                 os.remove(os.path.join(index.root, name))
             except FileNotFoundError:

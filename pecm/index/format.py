@@ -190,12 +190,37 @@ def validate_manifest(m: dict, path: str) -> dict:
         start += r["count"]
     if start != count:
         raise IndexCorruptError(f"index: {path}: field 'count' is {count}, the checksum records cover {start} rows")
+    _validate_ann(m, path, count, gen)
     t = m["tombstones"]
     if not isinstance(t, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in t):
         raise IndexCorruptError(f"index: {path}: field 'tombstones' must be a list of ints")
     if t and (min(t) < 0 or max(t) >= next_id or len(set(t)) != len(t)):
         raise IndexCorruptError(f"index: {path}: field 'tombstones' holds ids outside [0, {next_id}) or repeats")
     return m
+
+
+def _validate_ann(m: dict, path: str, count: int, gen: int) -> None:
+    a = m.get("ann")
+    if a is None:
+        return
+    from .ann import FILE_RE, KINDS
+
+    bad = f"index: {path}: field 'ann'"
+    if not isinstance(a, dict) or not isinstance(a.get("file"), str):
+        raise IndexCorruptError(f"{bad} must be an object naming its file")
+    name = FILE_RE.match(a["file"])
+    if name is None or int(name.group(1)) != gen:
+        raise IndexCorruptError(f"{bad}: file must be ann.g{gen}.s<n>.faiss of this generation, got {a['file']!r}")
+    ints = ("rows", "bytes", "crc32")
+    if a.get("kind") not in KINDS or not all(isinstance(a.get(x), int) and not isinstance(a[x], bool) for x in ints):
+        raise IndexCorruptError(f"{bad}: kind must be one of {KINDS} and rows/bytes/crc32 ints")
+    if not 1 <= a["rows"] <= count or a["bytes"] < 1 or not _crc(a["crc32"]):
+        raise IndexCorruptError(f"{bad}: rows must be in [1, count={count}], bytes >= 1, crc32 a 32-bit value")
+    p = a.get("params")
+    if not isinstance(p, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in p.values()
+    ):
+        raise IndexCorruptError(f"{bad}: params must map names to ints >= 0")
 
 
 def read_manifest(root: str) -> dict:
@@ -224,8 +249,11 @@ def open_files(root: str, m: dict) -> Dict[str, int]:
     """Read-only descriptors of one generation's data files (a handle's snapshot: files removed by a
     later `compact` stay readable through them)."""
     fds: Dict[str, int] = {}
+    names = dict(m["files"])
+    if m.get("ann"):
+        names["ann"] = m["ann"]["file"]
     try:
-        for logical, name in m["files"].items():
+        for logical, name in names.items():
             fds[logical] = os.open(os.path.join(root, name), os.O_RDONLY | NOFOLLOW)
     except OSError as e:
         for fd in fds.values():
@@ -243,6 +271,11 @@ def check_sizes(m: dict, fds: Dict[str, int]) -> None:
         have = os.fstat(fds[logical]).st_size
         if have < need:
             raise IndexCorruptError(f"index: {name} is truncated: {have} bytes, the manifest commits {need}")
+    a = m.get("ann")
+    if a and os.fstat(fds["ann"]).st_size != a["bytes"]:
+        raise IndexCorruptError(
+            f"index: {a['file']} has {os.fstat(fds['ann']).st_size} bytes, the manifest {a['bytes']}"
+        )
 
 
 def crc_range(fd: int, offset: int, length: int, block: int = 1 << 24) -> int:
@@ -269,6 +302,13 @@ def verify_checksums(m: dict, fds: Dict[str, int]) -> None:
                     f"index: checksum mismatch in {name} for rows [{rec['start']}, {rec['start'] + rec['count']}) "
                     f"(crc32 {got:#010x}, manifest {crc:#010x})"
                 )
+    a = m.get("ann")
+    if a:
+        got = crc_range(fds["ann"], 0, a["bytes"])
+        if got != a["crc32"]:
+            raise IndexCorruptError(
+                f"index: checksum mismatch in {a['file']} (crc32 {got:#010x}, manifest {a['crc32']:#010x})"
+            )
 
 
 def _given_pooled(pooled) -> torch.Tensor:

@@ -29,7 +29,7 @@ from . import filters
 
 DEFAULT_CHUNK = 8192
 POOLED_CHUNK = 65536
-MODES = ("exhaustive", "two_stage")
+MODES = ("exhaustive", "two_stage", "ann")
 SPARSE_FILTER = 0.25  # a filter passing at most this fraction of the rows gathers them instead of streaming all
 
 
@@ -177,7 +177,7 @@ def _pooled_topm(index, qp, m, chunk, start, end, allow=None, sel=None):
         for s in range(0, sel.size, chunk):
             r = sel[s : s + chunk]
             best.add(qp @ torch.from_numpy(index.read_rows("pooled", r)).float().T, torch.from_numpy(r))
-        return best.result()[1]
+        return best.result()
     reader = _ChunkReader(index, ["pooled", "ids"], chunk)
     p32 = torch.empty((min(chunk, end - start), index.D))  # reused: no fresh pages per chunk
     try:
@@ -191,7 +191,40 @@ def _pooled_topm(index, qp, m, chunk, start, end, allow=None, sel=None):
             best.add(sim, offset=s)
     finally:
         reader.close()
-    return best.result()[1]
+    return best.result()
+
+
+def _ann_topm(index, qp, m, chunk, start, end, allow, nprobe):
+    """Top-m rows by pooled sim: the committed ANN over its rows (tombstones, the filter and the row range
+    applied inside FAISS by a bitmap selector) merged with an exact scan of the rows added since."""
+    from . import ann
+
+    a = index.manifest.get("ann")
+    fi = index.ann()
+    if fi is None:
+        raise ValueError("mode: 'ann' needs an ANN first stage; build one with build_ann() (pecm index build-ann)")
+    arows = a["rows"]
+    best = RunningTopK(qp.shape[0], m)
+    lo, hi = start, min(end, arows)
+    if hi > lo:
+        selector = bits = None
+        if lo > 0 or hi < arows or index.tombstones.size or allow is not None:
+            ok = np.zeros(arows, dtype=bool)
+            ok[lo:hi] = True
+            dead = _dead(index, np.asarray(index.ids()[lo:hi]), allow)
+            if dead is not None:
+                ok[lo:hi] &= ~dead
+            selector, bits = ann.bitmap_selector(ok)
+        params = ann.search_params(a["kind"], a["params"], nprobe, selector)
+        x = np.ascontiguousarray(qp.detach().cpu().numpy(), dtype=np.float32)
+        dist, rows = fi.search(x, min(m, arows), params=params)
+        del bits
+        rows = torch.from_numpy(rows)
+        best.add(torch.from_numpy(dist).float().masked_fill(rows < 0, float("-inf")), rows)
+    if end > max(start, arows):  # rows appended since the build: exact pooled scan
+        tv, ti = _pooled_topm(index, qp.cpu(), m, chunk, max(start, arows), end, allow)
+        best.add(tv, ti)
+    return best.result()
 
 
 def _rerank_group(index, qs: Queries, cand, k, by, backend, device=None):
@@ -216,8 +249,12 @@ def _rerank_group(index, qs: Queries, cand, k, by, backend, device=None):
     return tv.cpu().float(), rows
 
 
-def _two_stage(index, qs: Queries, k, by, m, backend, start, end, chunk, device=None, allow=None, sel=None):
-    cand = _pooled_topm(index, qs.qp, m, max(chunk, POOLED_CHUNK), start, end, allow, sel).numpy()
+def _two_stage(index, qs: Queries, k, by, m, backend, start, end, chunk, device=None, allow=None, sel=None, ann=None):
+    pchunk = max(chunk, POOLED_CHUNK)
+    if ann is not None and sel is None:  # mode="ann" (a selective filter is scanned exactly instead)
+        cand = _ann_topm(index, qs.qp, m, pchunk, start, end, allow, ann["nprobe"])[1].numpy()
+    else:
+        cand = _pooled_topm(index, qs.qp, m, pchunk, start, end, allow, sel)[1].numpy()
     # gather at most ~chunk candidate rows at a time: queries are reranked in groups
     group = max(1, chunk // max(1, cand.shape[1]))
     outs = [
@@ -243,6 +280,7 @@ def search(
     with_metadata: bool = True,
     where: Optional[dict] = None,
     ids=None,
+    nprobe: Optional[int] = None,
 ):
     """Top-k items of the index for each query.
 
@@ -259,6 +297,10 @@ def search(
     (in two_stage: of the shortlist of the items that pass). A selective filter (at most
     ``SPARSE_FILTER`` of the rows) gathers only the rows that pass; otherwise the streamed scan skips
     the others inside each chunk.
+
+    ``mode="ann"``: the shortlist comes from the committed FAISS first stage (`build_ann`; rows added
+    since are scanned exactly and merged), then the same re-rank as two_stage; ``nprobe`` overrides the
+    ANN's stored nprobe (IVF) / efSearch (HNSW).
     """
     k = ops._check_k(k)  # an int in [1, ops.MAX_K], before anything is allocated
     if mode not in MODES:
@@ -266,6 +308,7 @@ def search(
     by = By.parse(by)
     chunk = DEFAULT_CHUNK if chunk_size is None else _check_int(chunk_size, "chunk_size")
     m = max(10 * k, 100) if shortlist is None else _check_int(shortlist, "shortlist")
+    nprobe = None if nprobe is None else _check_int(nprobe, "nprobe")
     if device is not None:
         try:
             device = torch.device(device)
@@ -289,7 +332,8 @@ def search(
         if mode == "exhaustive":
             vals, r = _exhaustive(index, qs, k, by, chunk, backend, start, end, device, allow, sel)
         else:
-            vals, r = _two_stage(index, qs, k, by, max(m, k), backend, start, end, chunk, device, allow, sel)
+            a = {"nprobe": nprobe} if mode == "ann" else None
+            vals, r = _two_stage(index, qs, k, by, max(m, k), backend, start, end, chunk, device, allow, sel, a)
     r = r.numpy()
     ids = np.full(r.shape, -1, dtype=np.int64)
     if (r >= 0).any():
