@@ -150,6 +150,27 @@ def _build_ann(a) -> int:
     return 0
 
 
+def _tune(a) -> int:
+    from ..index import ArchiveIndex
+    from ..index.tune import format_table
+
+    q = qm = None
+    if a.query_file:
+        q = np.asarray(_load_npy(a.query_file, "--query-file"), dtype=np.float32)
+    with ArchiveIndex.open(a.path, mode="a") as idx:
+        res = idx.tune(a.target_recall, a.k, q, qm, a.queries, a.seed, store=not a.dry_run, progress=not a.no_progress)
+    if a.json:
+        print(json.dumps(res))
+    else:
+        print(format_table(res))
+        c = res["chosen"]
+        print(
+            f"{'would store' if a.dry_run else 'stored'} defaults: mode={c['mode']} shortlist={c['shortlist']} "
+            f"nprobe={c['nprobe']} (search --mode auto uses them)"
+        )
+    return 0
+
+
 def _delete(a) -> int:
     from ..index import ArchiveIndex
 
@@ -213,6 +234,18 @@ def register(sub) -> None:
     an.add_argument("--json", action="store_true")
     an.add_argument("--no-progress", action="store_true")
     an.set_defaults(func=_build_ann)
+
+    tu = isub.add_parser("tune", help="measure recall/latency of two_stage and ann, store the defaults")
+    tu.add_argument("path")
+    tu.add_argument("--target-recall", type=float, default=0.95)
+    tu.add_argument("-k", type=int, default=10)
+    tu.add_argument("--queries", type=int, default=64, help="stored items sampled as queries (default 64)")
+    tu.add_argument("--query-file", help="float array [B, K, D] (.npy) of queries instead")
+    tu.add_argument("--seed", type=int, default=0)
+    tu.add_argument("--dry-run", action="store_true", help="print the table, store nothing")
+    tu.add_argument("--json", action="store_true")
+    tu.add_argument("--no-progress", action="store_true")
+    tu.set_defaults(func=_tune)
 
     de = isub.add_parser("delete", help="delete items by id (tombstones)")
     de.add_argument("path")

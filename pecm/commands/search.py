@@ -139,7 +139,9 @@ def register(sub) -> None:
     p.add_argument("--image", help="query image (needs --checkpoint)")
     p.add_argument("--text", help="query report text (needs --checkpoint)")
     p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
-    p.add_argument("--mode", choices=("exhaustive", "two_stage", "ann"), default="exhaustive")
+    p.add_argument(
+        "--mode", choices=("exhaustive", "two_stage", "ann", "auto"), default="exhaustive", help="auto: as tuned"
+    )
     p.add_argument("--nprobe", type=int, help="ann: IVF lists probed (HNSW: efSearch); default: the ANN's stored value")
     p.add_argument("--shortlist", type=int, help="two_stage: candidates kept by pooled sim (default max(10k, 100))")
     p.add_argument("--by", choices=("score", "sim", "conf"), default="score")

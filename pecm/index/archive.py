@@ -563,6 +563,12 @@ class ArchiveIndex:
 
         kind, params = ann.check_params(kind, params, self.count, self.D)
         m = dict(self.manifest)
+        tuned = dict(m.get("search_defaults") or {})
+        if "ann" in tuned:  # tuned for the ANN being replaced
+            tuned.pop("ann")
+            if tuned.get("mode") == "ann":
+                tuned.pop("mode")
+            m["search_defaults"] = tuned or None
         seq = (m["ann"]["seq"] if m.get("ann") else 0) + 1
         name = f"ann.g{m['generation']}.s{seq}.faiss"
         try:
@@ -578,6 +584,39 @@ class ArchiveIndex:
         if old and old["file"] != name:
             _remove(os.path.join(self.root, old["file"]))
         return dict(m["ann"])
+
+    def tune(
+        self,
+        target: float = 0.95,
+        k: int = 10,
+        queries=None,
+        q_mask=None,
+        n_queries: int = 64,
+        seed: int = 0,
+        store: bool = True,
+        backend: str = "auto",
+        progress=None,
+    ) -> dict:
+        """Writer: recall@k and latency of two_stage / ann settings against exhaustive search (queries:
+        ``n_queries`` sampled stored items, or ``queries``), and, with ``store``, commit the cheapest
+        setting reaching ``target`` as the index's search defaults. See `pecm.index.tune`."""
+        self._require_writer()
+        from . import tune as tn
+
+        res = tn.tune(self, target, k, queries, q_mask, n_queries, seed, backend, progress)
+        if store:
+            m = dict(self.manifest)
+            m["search_defaults"] = tn.defaults_entry(res["chosen"])
+            self._commit(m)
+        return res
+
+    def _commit(self, m: dict) -> None:
+        try:
+            fmt.write_manifest(self.root, m)
+        except BaseException:
+            self._after_failed_commit(m)
+            raise
+        self._reload(m)
 
     def read_rows_fn(self, logical: str):
         return lambda rows: self.read_rows(logical, rows)

@@ -191,6 +191,7 @@ def validate_manifest(m: dict, path: str) -> dict:
     if start != count:
         raise IndexCorruptError(f"index: {path}: field 'count' is {count}, the checksum records cover {start} rows")
     _validate_ann(m, path, count, gen)
+    _validate_defaults(m, path)
     t = m["tombstones"]
     if not isinstance(t, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in t):
         raise IndexCorruptError(f"index: {path}: field 'tombstones' must be a list of ints")
@@ -221,6 +222,24 @@ def _validate_ann(m: dict, path: str, count: int, gen: int) -> None:
         isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in p.values()
     ):
         raise IndexCorruptError(f"{bad}: params must map names to ints >= 0")
+
+
+def _validate_defaults(m: dict, path: str) -> None:
+    t = m.get("search_defaults")
+    if t is None:
+        return
+    bad = IndexCorruptError(f"index: {path}: field 'search_defaults' is malformed")
+    if not isinstance(t, dict) or t.get("mode", "exhaustive") not in ("exhaustive", "two_stage", "ann"):
+        raise bad
+    for mode in ("two_stage", "ann"):
+        e = t.get(mode)
+        if e is None:
+            continue
+        ok = isinstance(e, dict) and set(e) <= {"shortlist", "nprobe"}
+        if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 31 for v in e.values()):
+            raise bad
+    if set(t) - {"mode", "two_stage", "ann"}:
+        raise bad
 
 
 def read_manifest(root: str) -> dict:

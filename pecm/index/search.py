@@ -298,13 +298,23 @@ def search(
     ``SPARSE_FILTER`` of the rows) gathers only the rows that pass; otherwise the streamed scan skips
     the others inside each chunk.
 
+    ``mode="auto"`` uses the mode stored by `ArchiveIndex.tune` (exhaustive when none); ann / two_stage
+    searches without ``shortlist`` / ``nprobe`` use the tuned values when there are any.
+
     ``mode="ann"``: the shortlist comes from the committed FAISS first stage (`build_ann`; rows added
     since are scanned exactly and merged), then the same re-rank as two_stage; ``nprobe`` overrides the
     ANN's stored nprobe (IVF) / efSearch (HNSW).
     """
     k = ops._check_k(k)  # an int in [1, ops.MAX_K], before anything is allocated
+    tuned = index.manifest.get("search_defaults") or {}
+    if mode == "auto":  # the mode chosen by `tune`, else exact
+        mode = tuned.get("mode", "exhaustive")
     if mode not in MODES:
-        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        raise ValueError(f"mode: expected one of {MODES} or 'auto', got {mode!r}")
+    if shortlist is None:
+        shortlist = (tuned.get(mode) or {}).get("shortlist")
+    if nprobe is None and mode == "ann":
+        nprobe = (tuned.get("ann") or {}).get("nprobe")
     by = By.parse(by)
     chunk = DEFAULT_CHUNK if chunk_size is None else _check_int(chunk_size, "chunk_size")
     m = max(10 * k, 100) if shortlist is None else _check_int(shortlist, "shortlist")
