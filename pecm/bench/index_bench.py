@@ -7,8 +7,8 @@
 Builds a synthetic clustered index (items = cluster centre + noise; queries = noisy copies of
 random items), measures ``ArchiveIndex.add`` throughput (data generation excluded), then in a fresh
 child process (so ``ru_maxrss`` is the search's own peak) the time of one sequential read of
-prototypes.bin and the exhaustive / two-stage search latency at B = 1 and B = 64, cold and warm, plus
-two-stage recall@10 against exhaustive.
+prototypes.bin and the exhaustive / two-stage / ann search latency at B = 1 and B = 64, cold and warm,
+plus two-stage and ann recall@10 against exhaustive (the ANN is built after the adds: ``--ann``).
 
 Side effects are limited to the benchmark's own files:
 
@@ -165,12 +165,21 @@ def build(args) -> dict:
         t = time.perf_counter()
         idx.add(x.numpy(), progress=not args.no_progress)
         add_s += time.perf_counter() - t
+    ann = None
+    if args.ann != "none":  # the FAISS first stage of mode="ann" over the pooled vectors
+        t = time.perf_counter()
+        entry = idx.build_ann(None if args.ann == "auto" else args.ann, progress=not args.no_progress)
+        ann = {"build_seconds": time.perf_counter() - t, **{k: entry[k] for k in ("kind", "params", "rows", "bytes")}}
     idx.close()
     q = torch.cat(qsrc)[: args.queries]
     q = (q + 0.3 * torch.randn(q.shape, generator=gen)).numpy()
     np.save(args.query_file, q)
     size = os.path.getsize(os.path.join(args.path, "prototypes.bin"))
+    disk = sum(os.path.getsize(p) for p in _index_files(args.path))
     return {
+        "ann": ann,
+        "index_bytes_on_disk": disk,
+        "bytes_per_item_on_disk": disk / args.n,
         "n": args.n,
         "add_seconds": add_s,
         "add_items_per_s": args.n / add_s,
@@ -215,6 +224,22 @@ def search_phase(args) -> dict:
         )
         res[f"two_stage_B{b}"] = {"warm_s": warm2, "queries_per_s_warm": b / warm2, "shortlist": args.shortlist}
         ex_ids, ts_ids = out[1], out2[1]
+        if idx.manifest.get("ann"):
+            ann_kw = dict(mode="ann", shortlist=args.shortlist, with_metadata=False)
+            _cold(files, resident)
+            t = time.perf_counter()
+            idx.search(qb, args.k, **ann_kw)  # includes loading the ANN file (once per handle)
+            cold_a = time.perf_counter() - t
+            warm3, out3 = _timed(lambda qb=qb, kw=ann_kw: idx.search(qb, args.k, **kw), max(args.reps, 3))
+            hits = [len(set(a.tolist()) & set(c.tolist())) for a, c in zip(out[1], out3[1])]
+            res[f"ann_B{b}"] = {
+                "cold_s_incl_ann_load": cold_a,
+                "warm_s": warm3,
+                "queries_per_s_warm": b / warm3,
+                "shortlist": args.shortlist,
+                f"recall_at_{args.k}_vs_exhaustive": float(np.mean(hits) / args.k),
+                "speedup_vs_exhaustive_warm": warm / warm3,
+            }
     idx.close()
     # resident fraction of the index files right after each eviction (mincore); None where it cannot be measured
     res["cold_resident_fraction"] = None if None in resident else max(resident)
@@ -282,6 +307,12 @@ def _parser(prog) -> argparse.ArgumentParser:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--shortlist", type=int, default=1000)
     ap.add_argument("--chunk-size", type=int, default=None)
+    ap.add_argument(
+        "--ann",
+        default="auto",
+        choices=("auto", "none", "flat", "ivf_flat", "ivf_pq", "hnsw"),
+        help="ANN first stage built after the adds (auto: chosen from N; none: no ann searches)",
+    )
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument(
         "--out",
