@@ -386,10 +386,8 @@ def cmd_summary(a):
             if not c["ok"]:
                 md.append(f"- FAILED: {json.dumps(c)[:300]}")
             if c.get("op", "").startswith("big.") or c.get("skipped"):
-                md.append(
-                    f"- {c.get('op')}: {'ok' if c['ok'] else 'FAILED'} {c.get('skipped', '')}"
-                    f"{' top ' + str(c.get('top_id')) if 'top_id' in c else ''}"
-                )
+                state = "SKIPPED: " + c["skipped"] if c.get("skipped") else ("ok" if c["ok"] else "FAILED")
+                md.append(f"- {c.get('op')}: {state}{' top ' + str(c.get('top_id')) if 'top_id' in c else ''}")
         md.append("")
     if pytest_line:
         md += [f"pytest -m 'gpu and not slow': {pytest_line}", ""]

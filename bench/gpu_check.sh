@@ -105,13 +105,13 @@ regs_section() {
 export -f env_section regs_section
 export PY WORK DRY
 section env 20 bash -c env_section
-section correctness 150 "$PY" bench/gpu_correctness.py "${CORR_ARGS[@]}" --json "$WORK/correctness.json"
+section correctness 135 "$PY" bench/gpu_correctness.py "${CORR_ARGS[@]}" --json "$WORK/correctness.json"
 section pytest 100 "$PY" -m pytest -m "gpu and not slow" -n "$NW" -q -p no:cacheprovider tests
 section ceilings 30 "$PY" bench/gpu_check.py ceilings $DRYF --json "$WORK/ceilings.json"
 section timings 120 "$PY" bench/gpu_check.py timings $DRYF --json "$WORK/timings.json" \
   --regs-json "$WORK/regs.json" --ceilings "$WORK/ceilings.json"
 section regs 20 bash -c regs_section
-section k1000 120 "$PY" bench/gpu_check.py k1000 $DRYF --json "$WORK/k1000.json"
+section k1000 150 "$PY" bench/gpu_check.py k1000 $DRYF --json "$WORK/k1000.json"
 section summary 15 "$PY" bench/gpu_check.py summary --work "$WORK" --out "$OUT"
 tar -czf "$OUT/results.tar.gz" -C "$WORK" --exclude triton_cache . 2>/dev/null
 rm -rf "$WORK"

@@ -355,7 +355,8 @@ def plan(args):
                     for kern, a, kw in launches(fam, dt, vname, kt, b, n, args.m, args.k, args.d, args.sms):
                         for cfg, src in configs_for(kern, a, kw, mode):
                             fn = kern.fn if hasattr(kern, "configs") else kern
-                            out.append(dict(fam=fam, dtype=dt, variant=vname, kt=kt or None, kernel=fn.fn.__name__,
+                            what = "x".join(str(a[i]) for i in (3, 4, 5)) if fn.fn.__name__ == "_mm_kernel" else None
+                            out.append(dict(launch=what, fam=fam, dtype=dt, variant=vname, kernel=fn.fn.__name__,
                                             cfg=cfg, config=_cfg_label(cfg), config_source=src, kern=kern,
                                             args=a, kwargs=kw, KT=kw.get("KT"), SUB=kw.get("SUB"),
                                             shape=dict(B=b, N=n, M=args.m if fam == "rerank" else None,
@@ -388,7 +389,7 @@ def markdown(rows, triton_version):
     ]
     for r in rows:
         kt = f"{r['KT']}/{r['SUB']}" if r.get("KT") else "-"
-        name = r["kernel"].strip("_").replace("_kernel", "")
+        name = r["kernel"].strip("_").replace("_kernel", "") + (f" {r['launch']}" if r.get("launch") else "")
         if r["status"] != "ok":
             cells = [f"**{r['status']}** after {r.get('compile_s', '?')} s"] + ["-"] * 8
         else:
@@ -400,6 +401,44 @@ def markdown(rows, triton_version):
         lines.append(f"| {name} | {r['dtype']} | {r['variant']} | {kt} | {r['config']} | {r['config_source']} | "
                      + " | ".join(cells) + " |")  # fmt: skip
     return head + "\n".join(lines) + "\n"
+
+
+def _cells(r):
+    if r is None:
+        return "-", "-"
+    if r["status"] != "ok":
+        return f"**{r['status']}** after {r.get('compile_s', '?')} s", "-"
+    smem = f"{r['shared_bytes']}" + ("" if r["smem_ok"] else " (> limit)")
+    cp = f"{r['cp_async_16']}/{sum(r['cp_async_widths'].values())}"
+    ld = f"{r['ld_global_16B']}/{sum(r['ld_global_widths'].values())}"
+    return (
+        f"{r['compile_s']} / {r['regs']} / {r['spill_stores']} / {smem}",
+        f"{r['warp_group_dot']} / {r['mma_sync']} / {cp} / {r['cp_async_bulk']} / {ld}",
+    )
+
+
+def combined_markdown(docs):
+    """One table over several runs (e.g. Triton 3.6 and 3.8): a row per variant, two cells per run."""
+    order, by_run = [], []
+    for d in docs:
+        m = {}
+        for r in d["rows"]:
+            k = (r["kernel"], r["dtype"], r["variant"], r.get("KT"), r.get("SUB"), r["config"], r.get("launch"))
+            m[k] = r
+            if k not in order:
+                order.append(k)
+        by_run.append(m)
+    vers = [d["triton"] for d in docs]
+    head = "| kernel | dtype | cand | KT/SUB | config | " + " | ".join(
+        f"{v}: s / regs / spill B / smem B | {v}: wgdot / mma.sync / cp16 / bulk / ld16" for v in vers
+    )
+    lines = [head + " |", "|" + "---|" * (5 + 2 * len(docs))]
+    for k in order:
+        name = k[0].strip("_").replace("_kernel", "") + (f" {k[6]}" if k[6] else "")
+        kt = f"{k[3]}/{k[4]}" if k[3] else "-"
+        cells = [c for m in by_run for c in _cells(m.get(k))]
+        lines.append(f"| {name} | {k[1]} | {k[2]} | {kt} | {k[5]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -424,7 +463,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the results (and the specialisation of each variant) as JSON here")
     ap.add_argument("--md", help="write the markdown table here")
     ap.add_argument("--spec-only", action="store_true", help="print each variant's specialisation; compile nothing")
+    ap.add_argument("--from-json", help="comma-separated result JSONs: print one combined table, compile nothing")
     args = ap.parse_args(argv)
+    if args.from_json:
+        md = combined_markdown([json.loads(Path(p).read_text()) for p in args.from_json.split(",")])
+        if args.md:
+            Path(args.md).write_text(md)
+        print(md)
+        return 0
     target = GPUTarget("cuda", args.arch, 32)
     jobs = plan(args)
     print(f"triton {triton.__version__} ({Path(triton.__file__).parent}), target sm_{args.arch}, {len(jobs)} compiles"
