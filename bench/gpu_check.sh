@@ -13,22 +13,20 @@
 # What comes back from $OUT (at most 8 files): summary.md, summary.json, gpu_check.log (every section's log,
 # concatenated), results.tar.gz (the per-section JSON and logs, the register dumps).
 #
-# Budget on the H200 machine (estimate, PECM_TRITON_CONFIG=pinned: one config per kernel variant, so one
-# compile per specialisation; compile seconds from kernels/aot_check.py with Triton 3.6 on a 2-core CPU,
-# 1-8 s per KT = 64 variant, ~40-110 s for KT = 1024 half types; the GPU machine's cores are not slower):
-#   env             ~10 s   (python + torch import, nvidia-smi)                               cap  30 s
-#   correctness     ~100 s  (3 dtypes x 3 ops x (B = 1, 3, 64 prepared + B = 3 raw) = 36 compiles x ~2.5 s,
-#                            float64 reference at N = 2000 ~15 s, big planted winner (4.4 GB, 3 compiles) ~15 s) cap 170 s
-#   pytest          ~90 s   (-n 8 workers, each compiles what its tests need; shared cache)    cap 150 s
-#   ceilings        ~10 s   (512 MB copy, 8192^3 GEMM fp32/fp16/bf16)                          cap  40 s
-#   timings         ~80 s   (11 compiles ~30 s; data generation 13 GB on the GPU ~5 s; top-k B = 1024 over
-#                            N = 32768 ~1 s a call x ~20 with the peer; the rest is milliseconds) cap 150 s
-#   regs            ~5 s                                                                        cap  30 s
-#   k1000           ~70 s   (KT = 1024 float16 compile 40-110 s, then 7 calls)                 cap 150 s
-#   summary         ~3 s                                                                        cap  20 s
-#   total           ~6.5 min expected (<= 8 min); the caps add up to 12.3 min, so a run whose every section hits
-#                   its cap overruns the 10-minute command limit: give the command timeout_s 600 and read
-#                   summary.md / gpu_check.log (written as the sections finish).
+# Budget on the H200 machine (estimate; bench/gpu_notes.md has the table). PECM_TRITON_CONFIG=pinned: one config per
+# kernel variant, so one compile per specialisation; compile seconds from kernels/aot_check.py with Triton 3.6 on a
+# 2-core CPU: 1-3 s per KT = 64 variant (raw top-k up to 11 s), 74-174 s for KT = 1024 float16 top-k.
+#   env             ~10 s   (python + torch import, nvidia-smi)                                        cap  20 s
+#   correctness     ~100 s  (3 dtypes x 3 ops x (B = 1, 3, 64 prepared + B = 3 raw) = 36 compiles x ~2.5 s;
+#                            float64 reference at N = 2000 ~15 s; planted winner, 4.4 GB, 3 compiles ~15 s)  cap 135 s
+#   pytest          ~90 s   (-n 8 workers, each compiles what its tests need)                          cap 100 s
+#   ceilings        ~10 s   (512 MB copy, 8192^3 GEMM fp32/fp16/bf16)                                 cap  30 s
+#   timings         ~80 s   (~11 compiles ~30 s; 13 GB of data drawn on the GPU ~5 s; top-k B = 1024 over
+#                            N = 32768 ~1 s a call x ~20 with the peer; the rest is milliseconds)     cap 120 s
+#   regs            ~5 s                                                                               cap  20 s
+#   k1000           70-150 s (KT = 1024 float16 compile, then 7 calls)                                 cap 150 s
+#   summary         ~3 s                                                                               cap  15 s
+#   total           ~6.5 min expected (<= 8 min); caps 590 s: run it with the device tool's timeout_s=600.
 set -uo pipefail   # not -e: every section runs; its rc is recorded and summarised
 
 cd "$(dirname "$0")/.."
