@@ -421,9 +421,11 @@ def combined_markdown(docs):
     """One table over several runs (e.g. Triton 3.6 and 3.8): a row per variant, two cells per run."""
     order, by_run = [], []
     for d in docs:
-        m = {}
+        m, seen = {}, {}
         for r in d["rows"]:
             k = (r["kernel"], r["dtype"], r["variant"], r.get("KT"), r.get("SUB"), r["config"], r.get("launch"))
+            seen[k] = seen.get(k, 0) + 1
+            k = k + (seen[k],)  # two launches of one shape label that specialise differently (strides)
             m[k] = r
             if k not in order:
                 order.append(k)
