@@ -304,6 +304,8 @@ DAMAGE = {
     "config not an object": ("config.json", lambda d: (d / "config.json").write_text("[1, 2]")),
     "config truncated": ("config.json", _truncate("config.json")),
     "config wrong type": ("config.json", _edit_json("config.json", lambda c: {**c, "D": "16"})),
+    "config huge hidden": ("text_hidden", _edit_json("config.json", lambda c: {**c, "text_hidden": 2**40})),
+    "config huge layers": ("text_layers", _edit_json("config.json", lambda c: {**c, "text_layers": 10**7})),
     "manifest truncated": ("checkpoint.json", _truncate("checkpoint.json")),
     "manifest bad version": ("checkpoint.json", _edit_json("checkpoint.json", lambda m: {**m, "format_version": "3"})),
     "weights truncated": ("model.safetensors", _truncate("model.safetensors")),
@@ -366,3 +368,24 @@ def test_no_unpickling_on_any_load_path():
                     if re.search(r"torch\.load\(", line) and "weights_only=True" not in line:
                         hits.append(f"{os.path.relpath(path, PKG)}:{n}: {line.strip()}")
     assert hits == []
+
+
+def test_text_encoder_config_sizes_are_bounded():
+    from types import SimpleNamespace
+
+    from pecm.model.text import check_encoder_size
+
+    ok = SimpleNamespace(
+        hidden_size=768,
+        num_hidden_layers=12,
+        intermediate_size=3072,
+        vocab_size=30522,
+        max_position_embeddings=512,
+        num_attention_heads=12,
+    )
+    check_encoder_size(ok, "enc")  # BERT-base passes
+    for field, v in [("hidden_size", 10**9), ("num_hidden_layers", -1), ("vocab_size", "30522")]:
+        with pytest.raises(ValueError, match=field):
+            check_encoder_size(SimpleNamespace(**{**vars(ok), field: v}), "enc")
+    with pytest.raises(ValueError, match="parameters"):  # each size within bounds, the product not
+        check_encoder_size(SimpleNamespace(**{**vars(ok), "hidden_size": 16384, "num_hidden_layers": 200}), "enc")

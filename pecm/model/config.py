@@ -7,6 +7,23 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
+# upper bounds of the integer fields: far above any real model, low enough that a damaged or crafted
+# config.json cannot make loading a checkpoint allocate unbounded memory
+LIMITS = {
+    "K": 4097,
+    "D": 65536,
+    "grid": 64,
+    "image_size": 8192,
+    "text_hidden": 16384,
+    "text_layers": 256,
+    "text_heads": 1024,
+    "text_max_len": 131072,
+    "doc2vec_dim": 65536,
+    "doc2vec_epochs": 100000,
+    "doc2vec_min_count": 10**9,
+    "head_hidden": 65536,
+}
+
 
 @dataclass
 class PECMConfig:
@@ -41,11 +58,10 @@ class PECMConfig:
             raise ValueError(
                 f"K: expected grid*grid + 1 = {self.grid * self.grid + 1} (global + regions), got {self.K}"
             )
-        ints = ("K", "D", "grid", "image_size", "text_hidden", "text_layers", "text_heads", "text_max_len")
-        for name in ints + ("doc2vec_dim", "doc2vec_epochs", "doc2vec_min_count", "head_hidden"):
+        for name, hi in LIMITS.items():
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= hi:
+                raise ValueError(f"{name}: expected an int in [1, {hi}], got {v!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed: expected an int >= 0, got {self.seed!r}")
         if self.text_hidden % self.text_heads:

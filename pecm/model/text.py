@@ -42,6 +42,38 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TINY_VOCAB = 8192
 
 
+MAX_ENCODER_PARAMS = 2_000_000_000  # a checkpoint's text encoder config may not ask for more (~8 GB float32)
+ENCODER_LIMITS = {
+    "hidden_size": 16384,
+    "num_hidden_layers": 256,
+    "intermediate_size": 131072,
+    "vocab_size": 4_000_000,
+    "max_position_embeddings": 131072,
+    "num_attention_heads": 1024,
+}
+
+
+def check_encoder_size(hf_config, where: str) -> None:
+    """Refuse a text-encoder config whose sizes would exhaust memory when the model is built (a damaged or
+    crafted checkpoint), naming the field; the bounds are far above any BERT-family encoder."""
+    vals = {}
+    for name, hi in ENCODER_LIMITS.items():
+        v = getattr(hf_config, name, None)
+        if v is None:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= hi:
+            raise ValueError(f"checkpoint: {where}/config.json: {name}: expected an int in [1, {hi}], got {v!r}")
+        vals[name] = v
+    h, n = vals.get("hidden_size", 0), vals.get("num_hidden_layers", 0)
+    inter = vals.get("intermediate_size", 4 * h)
+    est = vals.get("vocab_size", 0) * h + vals.get("max_position_embeddings", 0) * h + n * (4 * h * h + 2 * h * inter)
+    if est > MAX_ENCODER_PARAMS:
+        raise ValueError(
+            f"checkpoint: {where}/config.json: the text encoder would have ~{est / 1e9:.1f}e9 parameters "
+            f"(limit {MAX_ENCODER_PARAMS / 1e9:.0f}e9): refusing to build it"
+        )
+
+
 def split_sentences(text: str) -> List[str]:
     return [s.strip() for s in _SPLIT.split(text.strip()) if s and s.strip()]
 
@@ -100,6 +132,7 @@ class TextFeatures(nn.Module):
                 log.warning("text encoder: tiny random BERT (%d hidden, %d layers)", h, n)
         elif encoder_config is not None:
             hf_config = AutoConfig.from_pretrained(encoder_config, local_files_only=True, trust_remote_code=False)
+            check_encoder_size(hf_config, encoder_config)
             self.encoder = AutoModel.from_config(hf_config, trust_remote_code=False).eval()  # as from_pretrained
             log.info("text encoder: %s from the config in %s", type(self.encoder).__name__, encoder_config)
         else:
