@@ -161,7 +161,9 @@ def check_weights(t: Tensor) -> None:
         raise ValueError("w: weights must be non-negative")
 
 
-def _weights(w, k: int, device, acc: torch.dtype) -> Tensor:
+def _weights(w, k: int, device, acc: torch.dtype, exact: bool = False) -> Tensor:
+    """Validated weights [K] in `acc` on `device`: host data (and ``exact=True``) checked exactly, device
+    tensors by a queued `assert_async` (no host sync)."""
     # numpy arrays / lists are validated on the host before they move to the device
     t = as_tensor(w, "w", device if isinstance(w, Tensor) else None)
     if tuple(t.shape) != (k,):
@@ -169,7 +171,7 @@ def _weights(w, k: int, device, acc: torch.dtype) -> Tensor:
     if t.dtype != acc:
         t = t.to(acc)
     if not _compiling() and t.numel():
-        if on_device(t):
+        if on_device(t) and not exact:
             v = t.detach()
             assert_async(torch.isfinite(v) & (v >= 0), _W_MSG)
         else:
@@ -435,7 +437,7 @@ def unit(x: Tensor, dim: int = -1) -> Tensor:
     with an exact power-of-two pre-scale (`_unit_scaled`). Under torch.compile and on CUDA the
     pre-scaled form is always used (no data-dependent branch, no device sync).
     """
-    if _compiling() or x.device.type != "cpu":
+    if _compiling() or on_device(x):
         return _unit_scaled(x, dim)
     n = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
     ok = (n >= _N_LO) & (n <= _N_HI)

@@ -169,7 +169,7 @@ def prepare_queries(
     if k < 1 or d < 1:
         raise ValueError(f"q: K and D must be >= 1, got K={k}, D={d}")
     acc = acc_dtype(q_t.dtype)
-    w_t = w if _w_checked else _weights(w, k, device, acc)  # _w_checked: the ops pass validated weights
+    w_t = w if _w_checked else _weights(w, k, device, acc, exact=check)  # _w_checked: the ops validated them
     qm = _mask(q_mask, "q_mask", b, k, "B", device)
     qp = _pooled(q_pooled, "q_pooled", b, d, "B", device)
     if check:
@@ -206,10 +206,19 @@ def prepare_candidates(
     (then ``c`` is only wrapped, not copied). Differentiable when c, w or c_pooled require gradients.
     The result is what an archive index stores: pass it as ``c`` to every op (``w=None``).
     """
+    if check:
+        _check_weights_first(c, w)
     cs = Candidates(c, w, c_mask, c_pooled, normalized, normalized and c_pooled is not None)
     if check:
         _check_candidates_finite(cs)
     return _prepared(cs, refuse_nonfinite=True)
+
+
+def _check_weights_first(c, w) -> None:
+    """check=True: the exact weights check (ValueError) before `Candidates` would queue its device assert."""
+    c_t = as_tensor(c, "c")
+    if c_t.ndim == 3 and w is not None:
+        _weights(w, c_t.shape[1], None if not isinstance(w, Tensor) else w.device, acc_dtype(c_t.dtype), exact=True)
 
 
 def _check_candidates_finite(cs: Candidates) -> None:
@@ -303,6 +312,8 @@ def _operands(q, c, w, q_mask, c_mask, q_pooled, c_pooled, normalized: bool, che
         q_dev = q.device if isinstance(q, (Tensor, Queries)) else None
         if q_dev is not None and q_dev != c_t.device:
             raise ValueError(f"q: on device {q_dev} but c is on {c_t.device} (all tensors must share a device)")
+        if check:
+            _check_weights_first(c_t, w)
         cs = Candidates(c_t, w, c_mask, c_pooled, normalized, normalized and c_pooled is not None)
         if check:
             _check_candidates_finite(cs)
