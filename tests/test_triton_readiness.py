@@ -351,3 +351,25 @@ def test_big_topk_tiles_only_for_large_half_batches():
     for kw in (dict(MODE=1, B_BUCKET=16), dict(MODE=0, B_BUCKET=1024)):
         got = topk._prune(base + big, {"c_ptr": c16 if kw["MODE"] else c32}, **kw, **args)
         assert got and not any(getattr(c, "pecm_big", False) for c in got)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_device_sync_on_cuda():
+    """On a GPU: the three ops (prepared operands and raw ones) run under torch's sync debug mode "error"."""
+    q, c, w, qm, cm = (None if t is None else t.cuda() for t in make_inputs(4, 300, 5, 32, masks=True, seed=10))
+    cand = torch.randint(-1, 300, (4, 50), device="cuda")
+    cs, qs = ops.prepare_candidates(c, w, c_mask=cm), ops.prepare_queries(q, w, q_mask=qm)
+    ops.pecm_topk(qs, cs, None, 5)  # compile / warm up outside the checked region
+    ops.pecm_rerank(qs, cs, cand, None, 5)
+    ops.pecm_scores(q, c, w, q_mask=qm, c_mask=cm)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.pecm_topk(qs, cs, None, 5)
+        ops.pecm_rerank(qs, cs, cand, None, 5)
+        ops.pecm_topk(q, c, w, 5, q_mask=qm, c_mask=cm)
+        ops.pecm_rerank(q, c, cand, w, 5, q_mask=qm, c_mask=cm)
+        ops.pecm_scores(q, c, w, q_mask=qm, c_mask=cm)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
