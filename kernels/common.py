@@ -48,9 +48,10 @@
 # scaled by inv_k in float32.
 #
 # Configs: PECM_TRITON_CONFIG=autotune (default) autotunes each kernel over its small `_GPU_CONFIGS`
-# set; PECM_TRITON_CONFIG=pinned launches one fixed config per kernel (the module's `PINNED` /
-# `PINNED_RAW`, see `pinned`), so a test run compiles once per specialisation and never benchmarks.
-# Read at every launch (`config_mode`); any other value is a ValueError naming the variable.
+# set; PECM_TRITON_CONFIG=pinned makes the autotuner keep exactly one config per kernel (the module's
+# `PINNED` / `PINNED_RAW`, `pinned_prune`) and time nothing (`bench_or_skip`), so a test run compiles once
+# per specialisation. Validated at every launch (`config_mode`; any other value is a ValueError naming
+# the variable); it applies to the autotune keys first launched after it is set (set it before).
 #
 # Grids: every kernel has a 1-D grid of at most MAX_GRID programs and walks its tiles with a grid
 # stride (`for t in range(program_id, tiles, num_programs)`): CUDA caps grid axes 1 and 2 at 65,535,
@@ -128,20 +129,36 @@ def grid_1d(tiles: int):
     return (max(1, min(int(tiles), int(MAX_GRID))),)
 
 
-def pinned(entry, raw_entry=None, raw: bool = False):
-    """The (meta, num_warps, num_stages) a pinned launch uses: the interpreter config under
-    TRITON_INTERPRET=1, else `raw_entry` for raw candidates (when given), else `entry`."""
-    return raw_entry if raw and raw_entry is not None else entry
-
-
-def launch(tuned, fn, entry, grid, *args, **kwargs):
-    """Launch `tuned` (the autotuned kernel) or, pinned / under the interpreter, `fn` (the same @triton.jit
-    function without the autotuner) with the config `entry` = (meta, num_warps, num_stages); `grid` is a
-    function of the meta-parameters."""
-    if entry is None:
-        return tuned[grid](*args, **kwargs)
+def _same_config(cfg, entry) -> bool:
     meta, warps, stages = entry
-    return fn[lambda _: grid(meta)](*args, **kwargs, **meta, num_warps=warps, num_stages=stages)
+    return cfg.kwargs == dict(meta) and cfg.num_warps == warps and cfg.num_stages == stages
+
+
+def pinned_prune(prune, pinned, pinned_raw=None):
+    """`early_config_prune` of an autotuned kernel: `prune` (or all configs when None) with
+    PECM_TRITON_CONFIG=autotune; with =pinned exactly the config equal to `pinned` (`pinned_raw` for raw
+    candidates, NORM or POOL != 0), so the autotuner compiles one config and (`bench_or_skip`) times nothing."""
+
+    def run(cfgs, named_args, **kwargs):
+        if config_mode() == "pinned":
+            allargs = {**named_args, **kwargs}
+            raw = bool(allargs.get("NORM", False)) or int(allargs.get("POOL", 0)) != 0
+            entry = pinned_raw if raw and pinned_raw is not None else pinned
+            got = [cfg for cfg in cfgs if _same_config(cfg, entry)]
+            if got:
+                return got[:1]
+        return prune(cfgs, named_args, **kwargs) if prune is not None else cfgs
+
+    return run
+
+
+def bench_or_skip(fn, quantiles=(0.5, 0.2, 0.8)):
+    """The autotuner's timing function: no timing with PECM_TRITON_CONFIG=pinned (one config is left)."""
+    if config_mode() == "pinned":
+        return [0.0] * len(quantiles)
+    from triton.testing import do_bench
+
+    return do_bench(fn, quantiles=quantiles)
 
 
 def kt_floor() -> int:

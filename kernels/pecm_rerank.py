@@ -31,8 +31,8 @@
 #
 # Pinned configs (PECM_TRITON_CONFIG=pinned, kernels/common.py `config_mode`): `PINNED` (prepared rows)
 # and `PINNED_RAW` (raw rows), each (meta dict, num_warps, num_stages); `pinned_config(raw)` returns the
-# one a launch uses. kernels/aot_check.py compiles exactly these. Kernel: `_pecm_rerank_kernel` (the
-# @triton.jit function; `_pecm_rerank_tuned` is its autotuner).
+# one a launch uses. kernels/aot_check.py compiles exactly these. `_pecm_rerank_kernel` is the autotuner
+# (its `.fn` the @triton.jit function).
 #
 # Grid: 1-D, min(B x S, common.MAX_GRID) programs with a grid stride over the (query, split) pairs. For
 # small B the scored tile (SUB ids) shrinks down to 16 ids so that B x S reaches ~4 programs per SM
@@ -55,14 +55,15 @@ from .common import (
     _lane_keys,
     _merge_topk1,
     _pack_keys,
+    bench_or_skip,
     cand_operands,
     configs,
     d_pad,
     decode_keys,
     grid_1d,
     kt_floor,
-    launch,
     next_pow2,
+    pinned_prune,
     prepare_qsum,
     query_operands,
     raw_sub,
@@ -214,6 +215,12 @@ def _gather_raw(
     return num, sim
 
 
+@triton.autotune(
+    configs=configs(_GPU_CONFIGS, _INTERP_CONFIG),
+    key=["K", "D", "KT", "HAS_CM", "NORM", "POOL"],
+    prune_configs_by={"early_config_prune": pinned_prune(_prune_gather, PINNED, PINNED_RAW)},
+    do_bench=bench_or_skip,
+)
 @triton.jit
 def _pecm_rerank_kernel(
     qw_ptr, qden_ptr, qsum_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, w_ptr, cand_ptr, part_ptr,
@@ -267,13 +274,6 @@ def _pecm_rerank_kernel(
         tl.store(part_ptr + (b * N_SPLIT + pid_s) * KT + cols, best)
 
 
-_pecm_rerank_tuned = triton.autotune(
-    configs=configs(_GPU_CONFIGS, _INTERP_CONFIG),
-    key=["K", "D", "KT", "HAS_CM", "NORM", "POOL"],
-    prune_configs_by={"early_config_prune": _prune_gather},
-)(_pecm_rerank_kernel)
-
-
 MIN_SUB = 16  # narrowest scored tile when small batches split M finely (more programs)
 
 
@@ -305,10 +305,8 @@ def pecm_rerank(qs, cs, cand, k: int, by: int = 0):
         per_prog = triton.cdiv(triton.cdiv(m, n_split), sub) * sub
     n_split = triton.cdiv(m, per_prog)
     part = torch.empty((b, n_split, kt), dtype=torch.int64, device=qw.device)
-    raw = flags["NORM"] or flags["POOL"] != 0
-    entry = pinned_config(raw) if common.config_mode() == "pinned" or common.interpret() else None
-    launch(
-        _pecm_rerank_tuned, _pecm_rerank_kernel, entry, lambda meta: grid_1d(b * n_split),
+    common.config_mode()  # validates PECM_TRITON_CONFIG
+    _pecm_rerank_kernel[grid_1d(b * n_split)](
         qw, qden, prepare_qsum(qden, cm), qp, c, cm, cp, w, cand, part,
         b, n, m, kq, d, per_prog, n_split,
         BY=int(by), BLOCK_K=next_pow2(kq), KT=kt, SUB=sub, D_PAD=d_pad(d), H_ELEMS=budget,

@@ -22,7 +22,7 @@
 # Pinned configs (PECM_TRITON_CONFIG=pinned, kernels/common.py `config_mode`): `PINNED` (prepared
 # candidates) and `PINNED_RAW` (raw candidates, NORM or POOL != 0), each (meta dict, num_warps,
 # num_stages); `pinned_config(raw)` returns the one a launch uses. kernels/aot_check.py compiles exactly
-# these. Kernel: `_pecm_scores_kernel` (the @triton.jit function; `_pecm_scores_tuned` is its autotuner).
+# these. `_pecm_scores_kernel` is the autotuner (its `.fn` the @triton.jit function).
 #
 # Grid: 1-D, min(tiles, common.MAX_GRID) programs with a grid stride over the (query block, candidate
 # block) tiles, query blocks fastest (programs that run together share a candidate tile in L2).
@@ -43,13 +43,14 @@ from .common import (
     _epilogue,
     _pecm_tile,
     b_bucket,
+    bench_or_skip,
     cand_operands,
     configs,
     d_pad,
     dot_mode,
     grid_1d,
-    launch,
     next_pow2,
+    pinned_prune,
     prepare_qsum,
     prune_configs,
     query_operands,
@@ -85,6 +86,16 @@ def pinned_config(raw: bool = False):
     return PINNED_RAW if raw else PINNED
 
 
+@triton.autotune(
+    configs=configs(_GPU_CONFIGS, _INTERP_CONFIG, _RAW_GPU_CONFIGS),
+    key=["K", "D", "B_BUCKET", "HAS_CM", "NORM", "POOL", "MODE"],
+    prune_configs_by={
+        "early_config_prune": pinned_prune(
+            prune_configs("BLOCK_B", "BLOCK_N", f32_budget=1024, half_budget=1024), PINNED, PINNED_RAW
+        )
+    },
+    do_bench=bench_or_skip,
+)
 @triton.jit
 def _pecm_scores_kernel(
     qw_ptr, qden_ptr, qsum_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, w_ptr, sim_ptr, conf_ptr, score_ptr,
@@ -111,13 +122,6 @@ def _pecm_scores_kernel(
         tl.store(score_ptr + out, score, mask=m)
 
 
-_pecm_scores_tuned = triton.autotune(
-    configs=configs(_GPU_CONFIGS, _INTERP_CONFIG, _RAW_GPU_CONFIGS),
-    key=["K", "D", "B_BUCKET", "HAS_CM", "NORM", "POOL", "MODE"],
-    prune_configs_by={"early_config_prune": prune_configs("BLOCK_B", "BLOCK_N", f32_budget=1024, half_budget=1024)},
-)(_pecm_scores_kernel)
-
-
 def pecm_scores_fwd(qs, cs) -> Tuple[torch.Tensor, ...]:
     """Launch the fused forward on duck-typed `Queries` / `Candidates` (see kernels/common.py):
     (sim, conf, score) float32 [B, N]. No autograd. Raw candidates are normalised (and pooled) on the fly."""
@@ -129,10 +133,8 @@ def pecm_scores_fwd(qs, cs) -> Tuple[torch.Tensor, ...]:
     conf = torch.empty_like(sim)
     score = torch.empty_like(sim)
     grid = lambda meta: grid_1d(triton.cdiv(b, meta["BLOCK_B"]) * triton.cdiv(n, meta["BLOCK_N"]))
-    raw = flags["NORM"] or flags["POOL"] != 0
-    entry = pinned_config(raw) if common.config_mode() == "pinned" or common.interpret() else None
-    launch(
-        _pecm_scores_tuned, _pecm_scores_kernel, entry, grid,
+    common.config_mode()  # validates PECM_TRITON_CONFIG
+    _pecm_scores_kernel[grid](
         qw, qden, prepare_qsum(qden, cm), qp, c, cm, cp, w, sim, conf, score,
         b, n, k, d, b_bucket(b),
         MODE=dot_mode(c.dtype), BLOCK_K=max(16, next_pow2(k)), D_PAD=d_pad(d), H_ELEMS=common.H_ELEMS, **flags,

@@ -23,7 +23,7 @@
 #
 # Pinned config (PECM_TRITON_CONFIG=pinned, kernels/common.py `config_mode`): `PINNED` = (meta dict,
 # num_warps, num_stages) of `_mm_kernel` (`pinned_config()` returns the one a launch uses);
-# kernels/aot_check.py compiles exactly it. `_mm_tuned` is the autotuner of `_mm_kernel`.
+# kernels/aot_check.py compiles exactly it. `_mm_kernel` is the autotuner (its `.fn` the @triton.jit function).
 # `_grad_prologue_kernel` has no config (BLOCK = 1024, 4 warps).
 #
 # Grids: 1-D with a grid stride (common.MAX_GRID): the den GEMM has P = N, so a 2-D grid's axis 1 would
@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from . import common
-from .common import _dot_acc, configs, dot_mode, grid_1d, launch
+from .common import _dot_acc, bench_or_skip, configs, dot_mode, grid_1d, pinned_prune
 
 _GPU_MM_CONFIGS = [
     ({"BLOCK_M": 32, "BLOCK_P": 64, "BLOCK_R": 32}, 4, 3),
@@ -57,6 +57,12 @@ def _bucket(x: int) -> int:
     return 1 << min(20, max(4, (int(x) - 1).bit_length()))
 
 
+@triton.autotune(
+    configs=configs(_GPU_MM_CONFIGS, _INTERP_MM_CONFIG),
+    key=["M_BUCKET", "P_BUCKET", "R_BUCKET", "MODE"],
+    prune_configs_by={"early_config_prune": pinned_prune(None, PINNED)},
+    do_bench=bench_or_skip,
+)
 @triton.jit
 def _mm_kernel(
     a_ptr, b_ptr, out_ptr, M, P, R,
@@ -83,11 +89,6 @@ def _mm_kernel(
         tl.store(out_ptr + rm[:, None] * s_om + rp[None, :] * s_op, out, mask=mm[:, None] & mp[None, :])
 
 
-_mm_tuned = triton.autotune(
-    configs=configs(_GPU_MM_CONFIGS, _INTERP_MM_CONFIG), key=["M_BUCKET", "P_BUCKET", "R_BUCKET", "MODE"]
-)(_mm_kernel)
-
-
 def mm(a: torch.Tensor, bm: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """a [M, R] float32 (any strides) @ bm [R, P] (float32/f16/bf16, any strides) -> [M, P] out_dtype."""
     if a.dtype != torch.float32:
@@ -102,9 +103,8 @@ def mm(a: torch.Tensor, bm: torch.Tensor, out_dtype: torch.dtype = torch.float32
     if r == 0:
         return out.zero_()
     grid = lambda meta: grid_1d(triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_P"]))
-    entry = pinned_config() if common.config_mode() == "pinned" or common.interpret() else None
-    launch(
-        _mm_tuned, _mm_kernel, entry, grid,
+    common.config_mode()  # validates PECM_TRITON_CONFIG
+    _mm_kernel[grid](
         a, bm, out, m, p, r,
         a.stride(0), a.stride(1), bm.stride(0), bm.stride(1), out.stride(0), out.stride(1),
         _bucket(m), _bucket(p), _bucket(r), MODE=dot_mode(bm.dtype, fast=False),  # gradients: always exact

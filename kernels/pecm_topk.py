@@ -34,7 +34,7 @@
 # Pinned configs (PECM_TRITON_CONFIG=pinned, kernels/common.py `config_mode`): `PINNED` (prepared
 # candidates) and `PINNED_RAW` (raw candidates), each (meta dict, num_warps, num_stages);
 # `pinned_config(raw)` returns the one a launch uses. kernels/aot_check.py compiles exactly these.
-# Kernel: `_pecm_topk_kernel` (the @triton.jit function; `_pecm_topk_tuned` is its autotuner).
+# `_pecm_topk_kernel` is the autotuner (its `.fn` the @triton.jit function).
 #
 # Grid: 1-D, min(query blocks x splits, common.MAX_GRID) programs with a grid stride over the
 # (query block, split) pairs; the split count is a kernel argument (N_SPLIT), not a grid axis.
@@ -58,6 +58,7 @@ from .common import (
     _pack_keys,
     _pecm_tile,
     b_bucket,
+    bench_or_skip,
     cand_operands,
     configs,
     d_pad,
@@ -65,8 +66,8 @@ from .common import (
     dot_mode,
     grid_1d,
     kt_floor,
-    launch,
     next_pow2,
+    pinned_prune,
     prepare_qsum,
     prune_configs,
     query_operands,
@@ -144,6 +145,12 @@ def _all_configs():
     return cfgs
 
 
+@triton.autotune(
+    configs=_all_configs(),
+    key=["K", "D", "KT", "B_BUCKET", "HAS_CM", "NORM", "POOL", "MODE"],
+    prune_configs_by={"early_config_prune": pinned_prune(_prune, PINNED, PINNED_RAW)},
+    do_bench=bench_or_skip,
+)
 @triton.jit
 def _pecm_topk_kernel(
     qw_ptr, qden_ptr, qsum_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, w_ptr, part_ptr,
@@ -178,13 +185,6 @@ def _pecm_topk_kernel(
         tl.store(part_ptr + rows * KT + cols[None, :], best, mask=mb[:, None])
 
 
-_pecm_topk_tuned = triton.autotune(
-    configs=_all_configs(),
-    key=["K", "D", "KT", "B_BUCKET", "HAS_CM", "NORM", "POOL", "MODE"],
-    prune_configs_by={"early_config_prune": _prune},
-)(_pecm_topk_kernel)
-
-
 def _splits(b: int, n: int, kt: int, chunk_size: Optional[int], device: torch.device) -> int:
     tiles = triton.cdiv(n, kt)
     if chunk_size:
@@ -215,10 +215,8 @@ def pecm_topk(qs, cs, k: int, by: int = 0, chunk_size: Optional[int] = None):
     part = torch.empty((b, n_split, kt), dtype=torch.int64, device=qw.device)
     grid = lambda meta: grid_1d(triton.cdiv(b, meta["BLOCK_B"]) * n_split)
     hb = common.H_ELEMS
-    raw = flags["NORM"] or flags["POOL"] != 0
-    entry = pinned_config(raw) if common.config_mode() == "pinned" or common.interpret() else None
-    launch(
-        _pecm_topk_tuned, _pecm_topk_kernel, entry, grid,
+    common.config_mode()  # validates PECM_TRITON_CONFIG
+    _pecm_topk_kernel[grid](
         qw, qden, prepare_qsum(qden, cm), qp, c, cm, cp, w, part,
         b, n, kq, d, per_prog, n_split, b_bucket(b),
         MODE=dot_mode(c.dtype), BY=int(by), BLOCK_K=max(16, next_pow2(kq)), KT=kt,

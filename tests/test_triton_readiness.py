@@ -279,6 +279,21 @@ def test_pinned_config_switch(monkeypatch):
         else:
             assert mod.pinned_config(False) == mod.PINNED and mod.pinned_config(True) == mod.PINNED_RAW
             assert mod.PINNED in mod._GPU_CONFIGS
+    # the autotuners keep exactly the pinned config and time nothing
+    import triton
+
+    topk = _mod("pecm_topk")
+    cfgs = topk._all_configs()  # the GPU set (interpret() is patched off above)
+    prune = topk._pecm_topk_kernel.early_config_prune
+    c16 = torch.empty(1, 8, dtype=torch.float16)
+    args = dict(KT=64, SUB=64, MODE=1, B_BUCKET=1024)
+    for raw, want in ((False, topk.PINNED), (True, topk.PINNED_RAW)):
+        got = prune(cfgs, {"c_ptr": c16}, NORM=raw, POOL=2 if raw else 0, D_PAD=256, H_ELEMS=8192, **args)
+        assert len(got) == 1 and common._same_config(got[0], want)
+    assert common.bench_or_skip(lambda: pytest.fail("timed in pinned mode")) == [0.0, 0.0, 0.0]
+    monkeypatch.setenv("PECM_TRITON_CONFIG", "autotune")
+    assert len(prune(cfgs, {"c_ptr": c16}, NORM=False, POOL=0, **args)) > 1
+    assert isinstance(cfgs[0], triton.Config)
     monkeypatch.setenv("PECM_TRITON_CONFIG", "tuned")
     with pytest.raises(ValueError, match="PECM_TRITON_CONFIG"):
         common.config_mode()
@@ -306,13 +321,17 @@ def test_rerank_small_batch_splits_m_finely(device, monkeypatch):
     rr = _mod("pecm_rerank")
     monkeypatch.setattr(rr, "target_programs", lambda dev: 64)
     seen = {}
-    orig = rr.launch
+    orig = rr._pecm_rerank_kernel
 
-    def spy(tuned, fn, entry, grid, *args, **kw):
-        seen.update(kw, grid=grid(None))
-        return orig(tuned, fn, entry, grid, *args, **kw)
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                seen.update(kw, grid=grid)
+                return orig[grid](*args, **kw)
 
-    monkeypatch.setattr(rr, "launch", spy)
+            return run
+
+    monkeypatch.setattr(rr, "_pecm_rerank_kernel", Spy())
     q, c, w, qm, cm = make_inputs(1, 40, 4, 16, masks=True, seed=8, ties=True)
     cand = make_cand(40, 1, 100, pad_frac=0.1)
     dev = lambda t: t.to(device)  # noqa: E731
