@@ -38,9 +38,24 @@
 # query tile is split into hi = round_T(q) and lo = round_T(q - hi) and accumulated as
 # hi.c + lo.c in float32. The candidate tile is exact in T, so only the residual rounding of lo is
 # lost (~2^-22 relative for float16, ~2^-16 for bfloat16) -- far below the half-type tolerance and
-# far better than casting q to T once. Under TRITON_INTERPRET=1 bfloat16 uses MODE 0, because the
-# Triton interpreter's bfloat16 `tl.dot` returns garbage (seen with Triton 3.8). Raw prototypes are
-# never rounded: the per-prototype partial dot of the stored c_k is scaled by inv_k in float32.
+# far better than casting q to T once. MODE 2 (PECM_TRITON_PRECISION=fast, half types only) is that
+# cast: the query tile is rounded once to T and one tensor-core dot is run (half the MMAs of MODE 1;
+# within the 2e-2 half-type tolerance of DESIGN §2, see docs/triton.md). Under TRITON_INTERPRET=1 a
+# bfloat16 `tl.dot` returns garbage (the interpreter has no numpy bfloat16), so there the split is
+# computed exactly as on the GPU and the two products are run as IEEE float32 dots of the upcast
+# bfloat16 operands (`_EMU_BF16`; mathematically the tensor-core product with float32
+# accumulation). Raw prototypes are never rounded: the per-prototype partial dot of the stored c_k is
+# scaled by inv_k in float32.
+#
+# Configs: PECM_TRITON_CONFIG=autotune (default) autotunes each kernel over its small `_GPU_CONFIGS`
+# set; PECM_TRITON_CONFIG=pinned makes the autotuner keep exactly one config per kernel (the module's
+# `PINNED` / `PINNED_RAW`, `pinned_prune`) and time nothing (`bench_or_skip`), so a test run compiles once
+# per specialisation. Validated at every launch (`config_mode`; any other value is a ValueError naming
+# the variable); it applies to the autotune keys first launched after it is set (set it before).
+#
+# Grids: every kernel has a 1-D grid of at most MAX_GRID programs and walks its tiles with a grid
+# stride (`for t in range(program_id, tiles, num_programs)`): CUDA caps grid axes 1 and 2 at 65,535,
+# axis 0 at 2^31 - 1 (tests lower MAX_GRID to run the looped path).
 #
 # Top-k keys (`_pack_keys` / `decode_keys`): a float32 value and a 32-bit candidate id are packed
 # into one int64 whose signed order is the order of the value (ties: larger id first). Sorting,
@@ -74,6 +89,11 @@ NORM_MAX = tl.constexpr(2.0**120)
 # D = 256 spill with Triton 3.6 (aot_check, docs/triton.md). A module attribute read at every launch
 # (tests lower it to reach every scheme).
 H_ELEMS = 8192
+# Largest 1-D grid a launcher uses (CUDA's grid axis 0 limit); more tiles are walked with a grid stride.
+# A module attribute read at every launch (tests lower it to run the looped path at small sizes).
+MAX_GRID = 2**31 - 1
+CONFIG_ENV = "PECM_TRITON_CONFIG"
+PRECISION_ENV = "PECM_TRITON_PRECISION"
 
 
 def interpret() -> bool:
@@ -84,6 +104,61 @@ def interpret() -> bool:
 # `triton.jit` decides interpreted vs compiled when the kernels are *defined* (module import), so a
 # process must set TRITON_INTERPRET before importing pecm.kernels; this records what was seen.
 INTERPRET_AT_IMPORT = interpret()
+_EMU_BF16 = tl.constexpr(INTERPRET_AT_IMPORT)  # bfloat16 products as float32 dots (interpreter only, see above)
+
+
+def config_mode() -> str:
+    """`PECM_TRITON_CONFIG`: "autotune" (default) or "pinned" (one fixed config per kernel)."""
+    v = os.environ.get(CONFIG_ENV, "autotune").strip().lower() or "autotune"
+    if v not in ("autotune", "pinned"):
+        raise ValueError(f"{CONFIG_ENV}: expected 'autotune' or 'pinned', got {os.environ.get(CONFIG_ENV)!r}")
+    return v
+
+
+def precision_mode() -> str:
+    """`PECM_TRITON_PRECISION`: "exact" (default: hi/lo split, docs/triton.md) or "fast" (the query rounded
+    once to the half storage type, one tensor-core dot; float32 storage is unaffected)."""
+    v = os.environ.get(PRECISION_ENV, "exact").strip().lower() or "exact"
+    if v not in ("exact", "fast"):
+        raise ValueError(f"{PRECISION_ENV}: expected 'exact' or 'fast', got {os.environ.get(PRECISION_ENV)!r}")
+    return v
+
+
+def grid_1d(tiles: int):
+    """The 1-D grid for `tiles` program tiles: min(tiles, MAX_GRID) programs (a grid stride covers the rest)."""
+    return (max(1, min(int(tiles), int(MAX_GRID))),)
+
+
+def _same_config(cfg, entry) -> bool:
+    meta, warps, stages = entry
+    return cfg.kwargs == dict(meta) and cfg.num_warps == warps and cfg.num_stages == stages
+
+
+def pinned_prune(prune, pinned, pinned_raw=None):
+    """`early_config_prune` of an autotuned kernel: `prune` (or all configs when None) with
+    PECM_TRITON_CONFIG=autotune; with =pinned exactly the config equal to `pinned` (`pinned_raw` for raw
+    candidates, NORM or POOL != 0), so the autotuner compiles one config and (`bench_or_skip`) times nothing."""
+
+    def run(cfgs, named_args, **kwargs):
+        if config_mode() == "pinned":
+            allargs = {**named_args, **kwargs}
+            raw = bool(allargs.get("NORM", False)) or int(allargs.get("POOL", 0)) != 0
+            entry = pinned_raw if raw and pinned_raw is not None else pinned
+            got = [cfg for cfg in cfgs if _same_config(cfg, entry)]
+            if got:
+                return got[:1]
+        return prune(cfgs, named_args, **kwargs) if prune is not None else cfgs
+
+    return run
+
+
+def bench_or_skip(fn, quantiles=(0.5, 0.2, 0.8)):
+    """The autotuner's timing function: no timing with PECM_TRITON_CONFIG=pinned (one config is left)."""
+    if config_mode() == "pinned":
+        return [0.0] * len(quantiles)
+    from triton.testing import do_bench
+
+    return do_bench(fn, quantiles=quantiles)
 
 
 def kt_floor() -> int:
@@ -101,13 +176,14 @@ def b_bucket(b: int) -> int:
     return 16 if b <= 16 else (128 if b <= 128 else 1024)
 
 
-def dot_mode(dtype: torch.dtype) -> int:
-    """0: float32 IEEE dot on upcast tiles; 1: hi/lo split of the float32 operand into `dtype`."""
+def dot_mode(dtype: torch.dtype, fast: Optional[bool] = None) -> int:
+    """0: float32 IEEE dot on upcast tiles (float32 storage); 1: hi/lo split of the float32 operand into
+    `dtype`; 2: the float32 operand rounded once to `dtype` (`fast`, default: PECM_TRITON_PRECISION=fast)."""
     if dtype == torch.float32:
         return 0
-    if dtype == torch.bfloat16 and interpret():
-        return 0
-    return 1
+    if fast is None:
+        fast = precision_mode() == "fast"
+    return 2 if fast else 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -200,15 +276,28 @@ def prune_configs(rows: str, cols: str, f32_budget: int, half_budget: int, h_per
 
 
 @triton.jit
+def _half_dot(acc, x, b):
+    """acc += x @ b for x, b in the storage dtype: a tensor-core dot with float32 accumulation (interpreter,
+    bfloat16: the same product as an IEEE float32 dot of the exactly upcast operands)."""
+    if _EMU_BF16 and b.dtype == tl.bfloat16:
+        acc = tl.dot(x.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(x, b, acc)
+    return acc
+
+
+@triton.jit
 def _dot_acc(acc, a, b, MODE: tl.constexpr):
     """acc += a @ b with a float32 [M, R] and b [R, P] in the storage dtype (see MODE above)."""
     if MODE == 0:
         acc = tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
+    elif MODE == 2:
+        acc = _half_dot(acc, a.to(b.dtype), b)
     else:
         hi = a.to(b.dtype)
         lo = (a - hi.to(tl.float32)).to(b.dtype)
-        acc = tl.dot(hi, b, acc)
-        acc = tl.dot(lo, b, acc)
+        acc = _half_dot(acc, hi, b)
+        acc = _half_dot(acc, lo, b)
     return acc
 
 
@@ -269,8 +358,8 @@ def _pecm_tile(
         bt = tl.load(cm_ptr + rn[None, :] * K + kq[:, None], mask=mk[:, None] & mn[None, :], other=0)
         if MODE == 0:  # mask bytes -> 0/1 in the dot's operand type (exact)
             bt = bt.to(tl.float32)
-        else:
-            bt = bt.to(c_ptr.dtype.element_ty)
+        else:  # via float32 (exact): the interpreter's uint8 -> bfloat16 cast gives 0
+            bt = bt.to(tl.float32).to(c_ptr.dtype.element_ty)
         den = _dot_acc(tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32), a, bt, MODE)
     else:
         qs = tl.load(qsum_ptr + offs_b, mask=mb, other=0.0)
@@ -454,6 +543,17 @@ def _epilogue(sim, num, den, BY: tl.constexpr):
 BY_SCORE, BY_SIM, BY_CONF = 0, 1, 2
 
 
+HAS_BITONIC_MERGE = tl.constexpr(hasattr(tl, "bitonic_merge"))  # Triton 3.6 and 3.8 have it
+
+
+@triton.jit
+def _lane_keys(val, idx, valid):
+    """`_pack_keys` where `valid`, else the key of an empty lane (padded query rows, columns past the end,
+    -1 ids): value -inf, id 0 -- the smallest key of the initial lists, so an empty lane never makes a
+    tile enter a list (the per-row skip test of `_merge_topk` then holds for padded rows too)."""
+    return _pack_keys(tl.where(valid, val, float("-inf")), tl.where(valid, idx, 0))
+
+
 @triton.jit
 def _pack_keys(val, idx):
     """int64 keys ordered like the float32 `val` (then by `idx`, a non-negative int32 id). NaN packs as -inf:
@@ -475,24 +575,40 @@ def decode_keys(keys: torch.Tensor):
 
 
 @triton.jit
+def _merge_sorted(best):
+    """Sort the bitonic sequence max(best desc, key asc) descending: one bitonic merge (log2 KT
+    compare-exchange stages) where the installed Triton has `tl.bitonic_merge` (3.6 and 3.8 do), else a
+    full sort."""
+    if HAS_BITONIC_MERGE:
+        return tl.bitonic_merge(best, descending=True)
+    else:
+        return tl.sort(best, dim=len(best.shape) - 1, descending=True)
+
+
+@triton.jit
 def _merge_topk(best, key, BLOCK_B: tl.constexpr, KT: tl.constexpr, SUB: tl.constexpr):
     """best [BLOCK_B, KT] sorted descending, key [BLOCK_B, SUB] a scored tile: the new best (exact).
 
-    Skips tiles that cannot enter any row's list. SUB == KT: best = sort(max(best, sort(key))) (the
-    bitonic-merge step). SUB < KT (narrower raw tiles): the ascending tile padded in front with -inf
-    to KT entries only meets the last SUB entries of best, so only that group (a reshape to
-    [BLOCK_B, KT / SUB, SUB]) takes the elementwise max before the sort.
+    Skips the tile when no row of it can enter its own row's list (per-row test: max of the row's
+    tile <= min of the row's list; empty lanes carry the key of `_lane_keys`, which never enters).
+    SUB == KT: best = merge(max(best, sort(key))) (the bitonic-merge step: the elementwise max of a
+    descending and an ascending list is bitonic and holds exactly the top KT of their union).
+    SUB < KT (narrower raw tiles): the ascending tile padded in front with -inf to KT entries only
+    meets the last SUB entries of best, so only that group (a reshape to [BLOCK_B, KT / SUB, SUB])
+    takes the elementwise max before the merge (still bitonic).
     """
-    if tl.max(tl.max(key, 1), 0) > tl.min(tl.min(best, 1), 0):
+    enter = tl.max(key, 1) > tl.min(best, 1)
+    if tl.max(enter.to(tl.int32), 0) > 0:
         key = tl.sort(key, dim=1)
         if SUB == KT:
-            best = tl.sort(tl.maximum(best, key), dim=1, descending=True)
+            best = tl.maximum(best, key)
         else:
             G: tl.constexpr = KT // SUB
             b3 = tl.reshape(best, (BLOCK_B, G, SUB))
             g = tl.arange(0, G)
             b3 = tl.where((g == G - 1)[None, :, None], tl.maximum(b3, key[:, None, :]), b3)
-            best = tl.sort(tl.reshape(b3, (BLOCK_B, KT)), dim=1, descending=True)
+            best = tl.reshape(b3, (BLOCK_B, KT))
+        best = _merge_sorted(best)
     return best
 
 
@@ -502,13 +618,14 @@ def _merge_topk1(best, key, KT: tl.constexpr, SUB: tl.constexpr):
     if tl.max(key, 0) > tl.min(best, 0):
         key = tl.sort(key)
         if SUB == KT:
-            best = tl.sort(tl.maximum(best, key), descending=True)
+            best = tl.maximum(best, key)
         else:
             G: tl.constexpr = KT // SUB
             b2 = tl.reshape(best, (G, SUB))
             g = tl.arange(0, G)
             b2 = tl.where((g == G - 1)[:, None], tl.maximum(b2, key[None, :]), b2)
-            best = tl.sort(tl.reshape(b2, (KT,)), descending=True)
+            best = tl.reshape(b2, (KT,))
+        best = _merge_sorted(best)
     return best
 
 

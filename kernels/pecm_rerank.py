@@ -24,8 +24,20 @@
 # partials hold every candidate's key ([B, M] int64, the size of `cand` itself) and the torch.topk
 # merge is exact. A list of M ids with k >= M is simply fully sorted.
 #
-# Autotune: BLOCK_KD and warps keyed on (K, D, KT, HAS_CM, NORM, POOL) + dtypes; one config under the
-# interpreter.
+# Autotune: BLOCK_KD, STAGES and warps keyed on (K, D, KT, HAS_CM, NORM, POOL) + dtypes; one config under
+# the interpreter. The gather loops hold no tl.dot, so they are `tl.range(..., num_stages=STAGES)` loops
+# (the kernel-level num_stages pipelines only dot loops), and they accumulate elementwise into a
+# [SUB, BLOCK_KD] register tile that is reduced once after the loop (no tl.sum per iteration).
+#
+# Pinned configs (PECM_TRITON_CONFIG=pinned, kernels/common.py `config_mode`): `PINNED` (prepared rows)
+# and `PINNED_RAW` (raw rows), each (meta dict, num_warps, num_stages); `pinned_config(raw)` returns the
+# one a launch uses. kernels/aot_check.py compiles exactly these. `_pecm_rerank_kernel` is the autotuner
+# (its `.fn` the @triton.jit function).
+#
+# Grid: 1-D, min(B x S, common.MAX_GRID) programs with a grid stride over the (query, split) pairs. For
+# small B the scored tile (SUB ids) shrinks down to 16 ids so that B x S reaches ~4 programs per SM
+# (B = 1, M = 1000: 63 programs instead of 16); each program still keeps a KT-long list.
+# Ids outside [-1, N) are never loaded (treated as padding) whatever the host-side check did.
 
 from __future__ import annotations
 
@@ -40,14 +52,18 @@ from .common import (
     _inv_h,
     _inv_norm,
     _inv_vec,
+    _lane_keys,
     _merge_topk1,
     _pack_keys,
+    bench_or_skip,
     cand_operands,
     configs,
     d_pad,
     decode_keys,
+    grid_1d,
     kt_floor,
     next_pow2,
+    pinned_prune,
     prepare_qsum,
     query_operands,
     raw_sub,
@@ -55,13 +71,22 @@ from .common import (
 )
 
 _GPU_CONFIGS = [
-    ({"BLOCK_KD": 16}, 8, 2),
-    ({"BLOCK_KD": 32}, 4, 2),
-    ({"BLOCK_KD": 64}, 4, 2),
-    ({"BLOCK_KD": 128}, 4, 2),
-    ({"BLOCK_KD": 64}, 8, 2),
+    ({"BLOCK_KD": 16, "STAGES": 3}, 8, 3),
+    ({"BLOCK_KD": 32, "STAGES": 3}, 4, 3),
+    ({"BLOCK_KD": 64, "STAGES": 3}, 4, 3),
+    ({"BLOCK_KD": 128, "STAGES": 2}, 4, 2),
+    ({"BLOCK_KD": 64, "STAGES": 4}, 8, 4),
 ]
-_INTERP_CONFIG = ({"BLOCK_KD": 64}, 4, 1)
+_INTERP_CONFIG = ({"BLOCK_KD": 64, "STAGES": 1}, 4, 1)
+PINNED = _GPU_CONFIGS[0]
+PINNED_RAW = _GPU_CONFIGS[0]  # raw rows: the same (4 gathered elements per thread at SUB 32, 8 warps)
+
+
+def pinned_config(raw: bool = False):
+    """The config of a pinned launch: (meta, num_warps, num_stages); the interpreter's under TRITON_INTERPRET=1."""
+    if common.interpret():
+        return _INTERP_CONFIG
+    return PINNED_RAW if raw else PINNED
 
 
 GATHER_PER_THREAD = 16  # gathered elements per thread; above it the sm_90 compile spills (kernels/aot_check.py)
@@ -89,24 +114,25 @@ def _prune_gather(cfgs, named_args, **kwargs):
 
 @triton.jit
 def _gather_sim(
-    b, rid, valid, qp_ptr, cp_ptr, D, POOL: tl.constexpr, SUB: tl.constexpr, BLOCK_KD: tl.constexpr
+    b, rid, valid, qp_ptr, cp_ptr, D, POOL: tl.constexpr, SUB: tl.constexpr, BLOCK_KD: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
     """sim [SUB] from given pooled rows; POOL 1 scales by 1/||cp|| (`common._inv_vec`)."""
-    sim = tl.zeros((SUB,), dtype=tl.float32)
+    acc = tl.zeros((SUB, BLOCK_KD), dtype=tl.float32)
     if POOL == 1:
-        ss = tl.zeros((SUB,), dtype=tl.float64)
-    for t in range(0, D, BLOCK_KD):
+        ss = tl.zeros((SUB, BLOCK_KD), dtype=tl.float64)
+    for t in tl.range(0, D, BLOCK_KD, num_stages=STAGES):
         dd = t + tl.arange(0, BLOCK_KD)
         md = dd < D
         qv = tl.load(qp_ptr + b * D + dd, mask=md, other=0.0)
         cv = tl.load(cp_ptr + rid[:, None] * D + dd[None, :], mask=valid[:, None] & md[None, :], other=0.0)
-        cf = cv.to(tl.float32)
-        sim += tl.sum(cf * qv[None, :], axis=1)
+        acc += cv.to(tl.float32) * qv[None, :]
         if POOL == 1:
             cd = cv.to(tl.float64)
-            ss += tl.sum(cd * cd, axis=1)
+            ss += cd * cd
+    sim = tl.sum(acc, axis=1)
     if POOL == 1:
-        sim = sim * _inv_vec(ss)
+        sim = sim * _inv_vec(tl.sum(ss, axis=1))
     return sim
 
 
@@ -122,7 +148,7 @@ def _gather_live(cm_ptr, rid, valid, K, t, HAS_CM: tl.constexpr):
 def _gather_raw(
     b, rid, valid, qw_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, w_ptr, K, D,
     HAS_CM: tl.constexpr, NORM: tl.constexpr, POOL: tl.constexpr, SUB: tl.constexpr, BLOCK_KD: tl.constexpr,
-    BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, H_ELEMS: tl.constexpr,
+    BLOCK_K: tl.constexpr, D_PAD: tl.constexpr, H_ELEMS: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """(num, sim) [SUB] of gathered rows that are not prepared, normalised on the fly (GEMV form of
     `common._pecm_tile`): per prototype t the partial dot and the sum of squares of the same gathered
@@ -143,22 +169,21 @@ def _gather_raw(
         a2d = tl.zeros((SUB, BLOCK_K), dtype=tl.float32)
     for t in range(0, K):
         live = _gather_live(cm_ptr, rid, valid, K, t, HAS_CM)
-        part = tl.zeros((SUB,), dtype=tl.float32)
-        ss = tl.zeros((SUB,), dtype=tl.float64)
-        for s in range(0, D, BD):
+        part = tl.zeros((SUB, BD), dtype=tl.float32)
+        ss = tl.zeros((SUB, BD), dtype=tl.float64)
+        for s in tl.range(0, D, BD, num_stages=STAGES):
             dd = s + tl.arange(0, BD)
             md = dd < D
             qv = tl.load(qw_ptr + b * kd_total + t * D + dd, mask=md, other=0.0)
             cv = tl.load(
                 c_ptr + rid[:, None] * kd_total + t * D + dd[None, :], mask=live[:, None] & md[None, :], other=0.0
             )
-            cf = cv.to(tl.float32)
-            part += tl.sum(cf * qv[None, :], axis=1)
+            part += cv.to(tl.float32) * qv[None, :]
             if NORM:
                 cd = cv.to(tl.float64)
-                ss += tl.sum(cd * cd, axis=1)
-        inv = _inv_norm(ss, live, NORM)
-        num += part * inv
+                ss += cd * cd
+        inv = _inv_norm(tl.sum(ss, axis=1), live, NORM)
+        num += tl.sum(part, axis=1) * inv
         if H_REGS:
             a = tl.load(w_ptr + t) * inv
             lm = (valid & (a != 0.0))[:, None] & mh[None, :]
@@ -186,65 +211,70 @@ def _gather_raw(
             sim += tl.sum(hc * qv[None, :], axis=1)
         sim = sim * _inv_h(hh)
     else:
-        sim = _gather_sim(b, rid, valid, qp_ptr, cp_ptr, D, POOL, SUB, BLOCK_KD)
+        sim = _gather_sim(b, rid, valid, qp_ptr, cp_ptr, D, POOL, SUB, BLOCK_KD, STAGES)
     return num, sim
 
 
 @triton.autotune(
     configs=configs(_GPU_CONFIGS, _INTERP_CONFIG),
     key=["K", "D", "KT", "HAS_CM", "NORM", "POOL"],
-    prune_configs_by={"early_config_prune": _prune_gather},
+    prune_configs_by={"early_config_prune": pinned_prune(_prune_gather, PINNED, PINNED_RAW)},
+    do_bench=bench_or_skip,
 )
 @triton.jit
 def _pecm_rerank_kernel(
     qw_ptr, qden_ptr, qsum_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, w_ptr, cand_ptr, part_ptr,
-    M, K, D, per_prog,
+    B, N, M, K, D, per_prog, N_SPLIT,
     HAS_CM: tl.constexpr, NORM: tl.constexpr, POOL: tl.constexpr, BY: tl.constexpr, BLOCK_K: tl.constexpr,
     KT: tl.constexpr, SUB: tl.constexpr, D_PAD: tl.constexpr, H_ELEMS: tl.constexpr, BLOCK_KD: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1)
-    n_split = tl.num_programs(1)
     cols = tl.arange(0, KT)
     sub = tl.arange(0, SUB)
-    start = pid_s * per_prog
-    end = tl.minimum(start + per_prog, M)
     kd_total = K * D
-    best = _pack_keys(tl.full((KT,), float("-inf"), dtype=tl.float32), cols)
-    for s in range(start, end, SUB):
-        pos = s + sub
-        ids = tl.load(cand_ptr + b * M + pos, mask=pos < end, other=-1)
-        valid = ids >= 0
-        rid = tl.where(valid, ids, 0).to(tl.int64)
-        if NORM or POOL == 2:
-            num, sim = _gather_raw(
-                b, rid, valid, qw_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, w_ptr, K, D,
-                HAS_CM, NORM, POOL, SUB, BLOCK_KD, BLOCK_K, D_PAD, H_ELEMS,
-            )  # fmt: skip
-        else:
-            num = tl.zeros((SUB,), dtype=tl.float32)
-            for t in range(0, kd_total, BLOCK_KD):
-                kk = t + tl.arange(0, BLOCK_KD)
-                mk = kk < kd_total
-                qv = tl.load(qw_ptr + b * kd_total + kk, mask=mk, other=0.0)
-                cv = tl.load(
-                    c_ptr + rid[:, None] * kd_total + kk[None, :], mask=valid[:, None] & mk[None, :], other=0.0
-                )
-                num += tl.sum(cv.to(tl.float32) * qv[None, :], axis=1)
-            sim = _gather_sim(b, rid, valid, qp_ptr, cp_ptr, D, POOL, SUB, BLOCK_KD)
-        if HAS_CM:
-            kq = tl.arange(0, BLOCK_K)
-            mk = kq < K
-            qv = tl.load(qden_ptr + b * K + kq, mask=mk, other=0.0)
-            cv = tl.load(cm_ptr + rid[:, None] * K + kq[None, :], mask=valid[:, None] & mk[None, :], other=0)
-            den = tl.sum(cv.to(tl.float32) * qv[None, :], axis=1)
-        else:
-            den = tl.load(qsum_ptr + b) + tl.zeros((SUB,), dtype=tl.float32)
-        val = _epilogue(sim, num, den, BY)
-        val = tl.where(valid, val, float("-inf"))
-        key = _pack_keys(val, rid.to(tl.int32))
-        best = _merge_topk1(best, key, KT, SUB)
-    tl.store(part_ptr + (b * n_split + pid_s) * KT + cols, best)
+    for tile in range(tl.program_id(0), B * N_SPLIT, tl.num_programs(0)):
+        b = (tile // N_SPLIT).to(tl.int64)
+        pid_s = tile % N_SPLIT
+        start = pid_s * per_prog
+        end = tl.minimum(start + per_prog, M)
+        best = _pack_keys(tl.full((KT,), float("-inf"), dtype=tl.float32), cols)
+        for s in range(start, end, SUB):
+            pos = s + sub
+            ids = tl.load(cand_ptr + b * M + pos, mask=pos < end, other=-1)
+            valid = (ids >= 0) & (ids < N)  # out-of-range ids are never loaded (padding)
+            rid = tl.where(valid, ids, 0).to(tl.int64)
+            if NORM or POOL == 2:
+                num, sim = _gather_raw(
+                    b, rid, valid, qw_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, w_ptr, K, D,
+                    HAS_CM, NORM, POOL, SUB, BLOCK_KD, BLOCK_K, D_PAD, H_ELEMS, STAGES,
+                )  # fmt: skip
+            else:
+                acc = tl.zeros((SUB, BLOCK_KD), dtype=tl.float32)
+                for t in tl.range(0, kd_total, BLOCK_KD, num_stages=STAGES):
+                    kk = t + tl.arange(0, BLOCK_KD)
+                    mk = kk < kd_total
+                    qv = tl.load(qw_ptr + b * kd_total + kk, mask=mk, other=0.0)
+                    cv = tl.load(
+                        c_ptr + rid[:, None] * kd_total + kk[None, :], mask=valid[:, None] & mk[None, :], other=0.0
+                    )
+                    acc += cv.to(tl.float32) * qv[None, :]
+                num = tl.sum(acc, axis=1)
+                sim = _gather_sim(b, rid, valid, qp_ptr, cp_ptr, D, POOL, SUB, BLOCK_KD, STAGES)
+            if HAS_CM:
+                kq = tl.arange(0, BLOCK_K)
+                mk = kq < K
+                qv = tl.load(qden_ptr + b * K + kq, mask=mk, other=0.0)
+                cv = tl.load(cm_ptr + rid[:, None] * K + kq[None, :], mask=valid[:, None] & mk[None, :], other=0)
+                den = tl.sum(cv.to(tl.float32) * qv[None, :], axis=1)
+            else:
+                den = tl.load(qsum_ptr + b) + tl.zeros((SUB,), dtype=tl.float32)
+            val = _epilogue(sim, num, den, BY)
+            key = _lane_keys(val, rid.to(tl.int32), valid)
+            best = _merge_topk1(best, key, KT, SUB)
+        tl.store(part_ptr + (b * N_SPLIT + pid_s) * KT + cols, best)
+
+
+MIN_SUB = 16  # narrowest scored tile when small batches split M finely (more programs)
 
 
 def pecm_rerank(qs, cs, cand, k: int, by: int = 0):
@@ -262,18 +292,24 @@ def pecm_rerank(qs, cs, cand, k: int, by: int = 0):
     if n >= 2**31:
         raise ValueError(f"c: at most {2**31 - 1} rows for rerank (int32 ids in the keys), got N={n}")
     kt = max(kt_floor(), next_pow2(min(k, max(m, 1))))
+    budget = common.H_ELEMS
     if kt > MAX_KT:  # k > MAX_KT: every program keeps its whole slice of MAX_KT ids (exact)
         kt = per_prog = MAX_KT
+        sub = raw_sub(kt, d, flags, budget)
     else:
-        n_split = max(1, min(triton.cdiv(m, kt), target_programs(qw.device) // b))
-        per_prog = triton.cdiv(triton.cdiv(m, n_split), kt) * kt
+        sub = raw_sub(kt, d, flags, budget)
+        target = target_programs(qw.device)
+        while sub > MIN_SUB and b * triton.cdiv(m, sub) < target:  # small B: narrower slices, more programs
+            sub //= 2
+        n_split = max(1, min(triton.cdiv(m, sub), target // b))
+        per_prog = triton.cdiv(triton.cdiv(m, n_split), sub) * sub
     n_split = triton.cdiv(m, per_prog)
     part = torch.empty((b, n_split, kt), dtype=torch.int64, device=qw.device)
-    budget = common.H_ELEMS
-    _pecm_rerank_kernel[(b, n_split)](
+    common.config_mode()  # validates PECM_TRITON_CONFIG
+    _pecm_rerank_kernel[grid_1d(b * n_split)](
         qw, qden, prepare_qsum(qden, cm), qp, c, cm, cp, w, cand, part,
-        m, kq, d, per_prog,
-        BY=int(by), BLOCK_K=next_pow2(kq), KT=kt, SUB=raw_sub(kt, d, flags, budget), D_PAD=d_pad(d), H_ELEMS=budget,
+        b, n, m, kq, d, per_prog, n_split,
+        BY=int(by), BLOCK_K=next_pow2(kq), KT=kt, SUB=sub, D_PAD=d_pad(d), H_ELEMS=budget,
         **flags,
     )  # fmt: skip
     keys = torch.topk(part.view(b, -1), min(k, n_split * kt), dim=1, largest=True, sorted=True).values

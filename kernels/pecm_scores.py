@@ -19,6 +19,14 @@
 # dtypes (Triton adds the dtype of every tensor argument to the key); raw candidates try their own
 # configs (`_RAW_GPU_CONFIGS`); one config under TRITON_INTERPRET=1.
 #
+# Pinned configs (PECM_TRITON_CONFIG=pinned, kernels/common.py `config_mode`): `PINNED` (prepared
+# candidates) and `PINNED_RAW` (raw candidates, NORM or POOL != 0), each (meta dict, num_warps,
+# num_stages); `pinned_config(raw)` returns the one a launch uses. kernels/aot_check.py compiles exactly
+# these. `_pecm_scores_kernel` is the autotuner (its `.fn` the @triton.jit function).
+#
+# Grid: 1-D, min(tiles, common.MAX_GRID) programs with a grid stride over the (query block, candidate
+# block) tiles, query blocks fastest (programs that run together share a candidate tile in L2).
+#
 # Backward: `PecmScoresFn` (prepared tensors only) saves (sim, conf) and calls
 # `pecm_scores_bwd.pecm_scores_backward`; `pecm.library` uses the backend's `scores_backward` instead.
 
@@ -35,11 +43,14 @@ from .common import (
     _epilogue,
     _pecm_tile,
     b_bucket,
+    bench_or_skip,
     cand_operands,
     configs,
     d_pad,
     dot_mode,
+    grid_1d,
     next_pow2,
+    pinned_prune,
     prepare_qsum,
     prune_configs,
     query_operands,
@@ -64,12 +75,26 @@ _RAW_GPU_CONFIGS = [
     ({"BLOCK_B": 16, "BLOCK_N": 16, "BLOCK_KD": 32}, 8, 2),  # h in registers up to D = 512
 ]
 _INTERP_CONFIG = ({"BLOCK_B": 16, "BLOCK_N": 32, "BLOCK_KD": 64}, 4, 1)
+PINNED = _GPU_CONFIGS[0]
+PINNED_RAW = _RAW_GPU_CONFIGS[0]
+
+
+def pinned_config(raw: bool = False):
+    """The config of a pinned launch: (meta, num_warps, num_stages); the interpreter's under TRITON_INTERPRET=1."""
+    if common.interpret():
+        return _INTERP_CONFIG
+    return PINNED_RAW if raw else PINNED
 
 
 @triton.autotune(
     configs=configs(_GPU_CONFIGS, _INTERP_CONFIG, _RAW_GPU_CONFIGS),
     key=["K", "D", "B_BUCKET", "HAS_CM", "NORM", "POOL", "MODE"],
-    prune_configs_by={"early_config_prune": prune_configs("BLOCK_B", "BLOCK_N", f32_budget=1024, half_budget=1024)},
+    prune_configs_by={
+        "early_config_prune": pinned_prune(
+            prune_configs("BLOCK_B", "BLOCK_N", f32_budget=1024, half_budget=1024), PINNED, PINNED_RAW
+        )
+    },
+    do_bench=bench_or_skip,
 )
 @triton.jit
 def _pecm_scores_kernel(
@@ -79,21 +104,22 @@ def _pecm_scores_kernel(
     D_PAD: tl.constexpr, H_ELEMS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KD: tl.constexpr,
 ):  # fmt: skip
-    pid_b = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    sim, num, den = _pecm_tile(
-        qw_ptr, qden_ptr, qsum_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, w_ptr, offs_b, offs_n, B, N, K, D,
-        HAS_CM, NORM, POOL, MODE, BLOCK_B, BLOCK_N, BLOCK_KD, BLOCK_K, D_PAD, H_ELEMS,
-    )  # fmt: skip
-    conf = _epilogue(sim, num, den, 2)
-    score = sim * conf
-    out = offs_b.to(tl.int64)[:, None] * N + offs_n[None, :]
-    m = (offs_b < B)[:, None] & (offs_n < N)[None, :]
-    tl.store(sim_ptr + out, sim, mask=m)
-    tl.store(conf_ptr + out, conf, mask=m)
-    tl.store(score_ptr + out, score, mask=m)
+    nb = tl.cdiv(B, BLOCK_B)
+    tiles = nb * tl.cdiv(N, BLOCK_N)
+    for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
+        offs_b = (tile % nb) * BLOCK_B + tl.arange(0, BLOCK_B)
+        offs_n = (tile // nb) * BLOCK_N + tl.arange(0, BLOCK_N)
+        sim, num, den = _pecm_tile(
+            qw_ptr, qden_ptr, qsum_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, w_ptr, offs_b, offs_n, B, N, K, D,
+            HAS_CM, NORM, POOL, MODE, BLOCK_B, BLOCK_N, BLOCK_KD, BLOCK_K, D_PAD, H_ELEMS,
+        )  # fmt: skip
+        conf = _epilogue(sim, num, den, 2)
+        score = sim * conf
+        out = offs_b.to(tl.int64)[:, None] * N + offs_n[None, :]
+        m = (offs_b < B)[:, None] & (offs_n < N)[None, :]
+        tl.store(sim_ptr + out, sim, mask=m)
+        tl.store(conf_ptr + out, conf, mask=m)
+        tl.store(score_ptr + out, score, mask=m)
 
 
 def pecm_scores_fwd(qs, cs) -> Tuple[torch.Tensor, ...]:
@@ -106,7 +132,8 @@ def pecm_scores_fwd(qs, cs) -> Tuple[torch.Tensor, ...]:
     sim = torch.empty((b, n), dtype=torch.float32, device=qw.device)
     conf = torch.empty_like(sim)
     score = torch.empty_like(sim)
-    grid = lambda meta: (triton.cdiv(b, meta["BLOCK_B"]), triton.cdiv(n, meta["BLOCK_N"]))
+    grid = lambda meta: grid_1d(triton.cdiv(b, meta["BLOCK_B"]) * triton.cdiv(n, meta["BLOCK_N"]))
+    common.config_mode()  # validates PECM_TRITON_CONFIG
     _pecm_scores_kernel[grid](
         qw, qden, prepare_qsum(qden, cm), qp, c, cm, cp, w, sim, conf, score,
         b, n, k, d, b_bucket(b),

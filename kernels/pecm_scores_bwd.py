@@ -19,7 +19,15 @@
 # float32 accumulation. Gradients of c and cp are returned in their storage dtype. The one torch op
 # is the rowsum for grad_qden without cm (a memory-bound [B, N] reduction; a kernel would not help).
 #
-# Autotune: the GEMM tiles, keyed on (P, R buckets, dtypes); one config under the interpreter.
+# Autotune: the GEMM tiles, keyed on (M, P, R buckets, MODE, dtypes); one config under the interpreter.
+#
+# Pinned config (PECM_TRITON_CONFIG=pinned, kernels/common.py `config_mode`): `PINNED` = (meta dict,
+# num_warps, num_stages) of `_mm_kernel` (`pinned_config()` returns the one a launch uses);
+# kernels/aot_check.py compiles exactly it. `_mm_kernel` is the autotuner (its `.fn` the @triton.jit function).
+# `_grad_prologue_kernel` has no config (BLOCK = 1024, 4 warps).
+#
+# Grids: 1-D with a grid stride (common.MAX_GRID): the den GEMM has P = N, so a 2-D grid's axis 1 would
+# pass CUDA's 65,535 limit for N > ~4.2M.
 
 from __future__ import annotations
 
@@ -27,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _dot_acc, configs, dot_mode
+from . import common
+from .common import _dot_acc, bench_or_skip, configs, dot_mode, grid_1d, pinned_prune
 
 _GPU_MM_CONFIGS = [
     ({"BLOCK_M": 32, "BLOCK_P": 64, "BLOCK_R": 32}, 4, 3),
@@ -36,37 +45,48 @@ _GPU_MM_CONFIGS = [
     ({"BLOCK_M": 128, "BLOCK_P": 128, "BLOCK_R": 32}, 8, 3),
 ]
 _INTERP_MM_CONFIG = ({"BLOCK_M": 32, "BLOCK_P": 32, "BLOCK_R": 32}, 4, 1)
+PINNED = _GPU_MM_CONFIGS[0]  # M32 P64 R32 w4 s3: 96 regs, no spills for float32 (aot_check, Triton 3.8)
+
+
+def pinned_config():
+    """The config of a pinned launch: (meta, num_warps, num_stages); the interpreter's under TRITON_INTERPRET=1."""
+    return _INTERP_MM_CONFIG if common.interpret() else PINNED
 
 
 def _bucket(x: int) -> int:
     return 1 << min(20, max(4, (int(x) - 1).bit_length()))
 
 
-@triton.autotune(configs=configs(_GPU_MM_CONFIGS, _INTERP_MM_CONFIG), key=["M_BUCKET", "P_BUCKET", "R_BUCKET", "MODE"])
+@triton.autotune(
+    configs=configs(_GPU_MM_CONFIGS, _INTERP_MM_CONFIG),
+    key=["M_BUCKET", "P_BUCKET", "R_BUCKET", "MODE"],
+    prune_configs_by={"early_config_prune": pinned_prune(None, PINNED)},
+    do_bench=bench_or_skip,
+)
 @triton.jit
 def _mm_kernel(
     a_ptr, b_ptr, out_ptr, M, P, R,
     s_am, s_ar, s_br, s_bp, s_om, s_op, M_BUCKET, P_BUCKET, R_BUCKET,
     MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    om = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    op = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mm = om < M
-    mp = op < P
-    rm = om.to(tl.int64)
-    rp = op.to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
-    for s in range(0, R, BLOCK_R):
-        rr = s + tl.arange(0, BLOCK_R)
-        mr = rr < R
-        rr64 = rr.to(tl.int64)
-        a = tl.load(a_ptr + rm[:, None] * s_am + rr64[None, :] * s_ar, mask=mm[:, None] & mr[None, :], other=0.0)
-        bt = tl.load(b_ptr + rr64[:, None] * s_br + rp[None, :] * s_bp, mask=mr[:, None] & mp[None, :], other=0.0)
-        acc = _dot_acc(acc, a, bt, MODE)
-    out = acc.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + rm[:, None] * s_om + rp[None, :] * s_op, out, mask=mm[:, None] & mp[None, :])
+    nm = tl.cdiv(M, BLOCK_M)
+    for tile in range(tl.program_id(0), nm * tl.cdiv(P, BLOCK_P), tl.num_programs(0)):
+        om = (tile % nm) * BLOCK_M + tl.arange(0, BLOCK_M)
+        op = (tile // nm) * BLOCK_P + tl.arange(0, BLOCK_P)
+        mm = om < M
+        mp = op < P
+        rm = om.to(tl.int64)
+        rp = op.to(tl.int64)
+        acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+        for s in range(0, R, BLOCK_R):
+            rr = s + tl.arange(0, BLOCK_R)
+            mr = rr < R
+            rr64 = rr.to(tl.int64)
+            a = tl.load(a_ptr + rm[:, None] * s_am + rr64[None, :] * s_ar, mask=mm[:, None] & mr[None, :], other=0.0)
+            bt = tl.load(b_ptr + rr64[:, None] * s_br + rp[None, :] * s_bp, mask=mr[:, None] & mp[None, :], other=0.0)
+            acc = _dot_acc(acc, a, bt, MODE)
+        out = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rm[:, None] * s_om + rp[None, :] * s_op, out, mask=mm[:, None] & mp[None, :])
 
 
 def mm(a: torch.Tensor, bm: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -82,11 +102,12 @@ def mm(a: torch.Tensor, bm: torch.Tensor, out_dtype: torch.dtype = torch.float32
         return out
     if r == 0:
         return out.zero_()
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(p, meta["BLOCK_P"]))
+    grid = lambda meta: grid_1d(triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_P"]))
+    common.config_mode()  # validates PECM_TRITON_CONFIG
     _mm_kernel[grid](
         a, bm, out, m, p, r,
         a.stride(0), a.stride(1), bm.stride(0), bm.stride(1), out.stride(0), out.stride(1),
-        _bucket(m), _bucket(p), _bucket(r), MODE=dot_mode(bm.dtype),
+        _bucket(m), _bucket(p), _bucket(r), MODE=dot_mode(bm.dtype, fast=False),  # gradients: always exact
     )  # fmt: skip
     return out
 
@@ -96,20 +117,21 @@ def _grad_prologue_kernel(
     g_sim_ptr, g_conf_ptr, g_score_ptr, sim_ptr, conf_ptr, den_ptr, d_sim_ptr, d_num_ptr, d_den_ptr,
     total, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < total
-    gs = tl.load(g_sim_ptr + offs, mask=m, other=0.0)
-    gc = tl.load(g_conf_ptr + offs, mask=m, other=0.0)
-    gr = tl.load(g_score_ptr + offs, mask=m, other=0.0)
-    sim = tl.load(sim_ptr + offs, mask=m, other=0.0)
-    conf = tl.load(conf_ptr + offs, mask=m, other=0.0)
-    den = tl.load(den_ptr + offs, mask=m, other=0.0)
-    d_conf = gc + gr * sim
-    pos = den > 0
-    safe = tl.where(pos, den, 1.0)
-    tl.store(d_sim_ptr + offs, gs + gr * conf, mask=m)
-    tl.store(d_num_ptr + offs, tl.where(pos, d_conf / safe, 0.0), mask=m)
-    tl.store(d_den_ptr + offs, tl.where(pos, -d_conf * conf / safe, 0.0), mask=m)
+    for blk in range(tl.program_id(0), tl.cdiv(total, BLOCK), tl.num_programs(0)):
+        offs = (tl.zeros((BLOCK,), dtype=tl.int64) + blk) * BLOCK + tl.arange(0, BLOCK)  # int64: B * N > 2**31
+        m = offs < total
+        gs = tl.load(g_sim_ptr + offs, mask=m, other=0.0)
+        gc = tl.load(g_conf_ptr + offs, mask=m, other=0.0)
+        gr = tl.load(g_score_ptr + offs, mask=m, other=0.0)
+        sim = tl.load(sim_ptr + offs, mask=m, other=0.0)
+        conf = tl.load(conf_ptr + offs, mask=m, other=0.0)
+        den = tl.load(den_ptr + offs, mask=m, other=0.0)
+        d_conf = gc + gr * sim
+        pos = den > 0
+        safe = tl.where(pos, den, 1.0)
+        tl.store(d_sim_ptr + offs, gs + gr * conf, mask=m)
+        tl.store(d_num_ptr + offs, tl.where(pos, d_conf / safe, 0.0), mask=m)
+        tl.store(d_den_ptr + offs, tl.where(pos, -d_conf * conf / safe, 0.0), mask=m)
 
 
 def _grad_or_zeros(g, like):
@@ -132,7 +154,7 @@ def pecm_scores_backward(
     d_den = torch.empty_like(sim)
     total = b * n
     block = 1024
-    _grad_prologue_kernel[(triton.cdiv(total, block),)](
+    _grad_prologue_kernel[grid_1d(triton.cdiv(total, block))](
         g_sim, g_conf, g_score, sim, conf, den, d_sim, d_num, d_den, total, BLOCK=block
     )
     g_qw = mm(d_num, c) if need_qw else None

@@ -28,7 +28,18 @@
 #
 # Autotune: BLOCK_B, BLOCK_KD and warps keyed on (K, D, KT, B bucket, HAS_CM, NORM, POOL, MODE) + dtypes;
 # raw candidates try `_RAW_GPU_CONFIGS`; one config under the interpreter. KT, SUB and the split count
-# are chosen by the launcher.
+# are chosen by the launcher. `_BIG_GPU_CONFIGS` (marked ``pecm_big``): 64- and 128-row query blocks with
+# 3-4 stages (wgmma needs M >= 64) for large batches (B bucket > 16) and half-type storage only.
+#
+# Pinned configs (PECM_TRITON_CONFIG=pinned, kernels/common.py `config_mode`): `PINNED` (prepared
+# candidates) and `PINNED_RAW` (raw candidates), each (meta dict, num_warps, num_stages);
+# `pinned_config(raw)` returns the one a launch uses. kernels/aot_check.py compiles exactly these.
+# `_pecm_topk_kernel` is the autotuner (its `.fn` the @triton.jit function).
+#
+# Grid: 1-D, min(query blocks x splits, common.MAX_GRID) programs with a grid stride over the
+# (query block, split) pairs; the split count is a kernel argument (N_SPLIT), not a grid axis.
+# Padded query rows (B not a multiple of BLOCK_B) and columns past the end carry the empty-lane key
+# (-inf, `common._lane_keys`), so the per-row skip test of `_merge_topk` is not defeated by them.
 
 from __future__ import annotations
 
@@ -42,17 +53,21 @@ from . import common
 from .common import (
     MAX_KT,
     _epilogue,
+    _lane_keys,
     _merge_topk,
     _pack_keys,
     _pecm_tile,
     b_bucket,
+    bench_or_skip,
     cand_operands,
     configs,
     d_pad,
     decode_keys,
     dot_mode,
+    grid_1d,
     kt_floor,
     next_pow2,
+    pinned_prune,
     prepare_qsum,
     prune_configs,
     query_operands,
@@ -74,46 +89,100 @@ _RAW_GPU_CONFIGS = [
     ({"BLOCK_B": 16, "BLOCK_KD": 32}, 8, 2),
     ({"BLOCK_B": 32, "BLOCK_KD": 16}, 8, 2),
 ]
+# large batches, half types (tensor-core tiles of M >= 64 rows, 3-4 stages); not measured on a device
+_BIG_GPU_CONFIGS = [
+    ({"BLOCK_B": 64, "BLOCK_KD": 64}, 8, 3),
+    ({"BLOCK_B": 64, "BLOCK_KD": 32}, 8, 4),
+    ({"BLOCK_B": 128, "BLOCK_KD": 32}, 8, 3),
+]
 # interpreter: BLOCK_B 4 (no tl.dot size limit there; its tl.sort cost grows with the tile size)
 _INTERP_CONFIG = ({"BLOCK_B": 4, "BLOCK_KD": 64}, 4, 1)
 FALLBACK_CHUNK = 8192
+PINNED = _GPU_CONFIGS[0]
+PINNED_RAW = _RAW_GPU_CONFIGS[0]
+
+
+def pinned_config(raw: bool = False):
+    """The config of a pinned launch: (meta, num_warps, num_stages); the interpreter's under TRITON_INTERPRET=1."""
+    if common.interpret():
+        return _INTERP_CONFIG
+    return PINNED_RAW if raw else PINNED
+
+
+def _prune(cfgs, named_args, **kwargs):
+    """`common.prune_configs` for the regular configs; the big ones are kept only for half types (MODE != 0)
+    and B bucket > 16, against the shared-memory budget alone (they are meant to exceed the per-thread
+    work budget measured for the 2-stage tiles)."""
+    allargs = {**named_args, **kwargs}
+    big = [cfg for cfg in cfgs if getattr(cfg, "pecm_big", False)]
+    rest = [cfg for cfg in cfgs if not getattr(cfg, "pecm_big", False)]
+    kept = _prune_regular(rest, named_args, **kwargs)
+    raw = bool(allargs.get("NORM", False)) or int(allargs.get("POOL", 0)) != 0
+    if raw or int(allargs.get("MODE", 0)) == 0 or int(allargs.get("B_BUCKET", 16)) <= 16:
+        return kept
+    if int(allargs.get("KT", 0)) >= 512:
+        return kept
+    c = allargs.get("c_ptr")
+    elt = c.element_size() if hasattr(c, "element_size") else 2
+    sub = int(allargs.get("SUB", allargs.get("KT", 64)))
+    for cfg in big:
+        r, kd = cfg.kwargs["BLOCK_B"], cfg.kwargs["BLOCK_KD"]
+        if cfg.num_stages * (r * kd * 4 + kd * sub * elt) <= common.SMEM_BUDGET:
+            kept.append(cfg)
+    return kept
+
+
+_prune_regular = prune_configs("BLOCK_B", "SUB", f32_budget=256, half_budget=256)
+
+
+def _all_configs():
+    cfgs = configs(_GPU_CONFIGS, _INTERP_CONFIG, _RAW_GPU_CONFIGS)
+    if not common.interpret():
+        big = configs(_BIG_GPU_CONFIGS, _INTERP_CONFIG)
+        for cfg in big:
+            cfg.pecm_big = True
+        cfgs = cfgs + big
+    return cfgs
 
 
 @triton.autotune(
-    configs=configs(_GPU_CONFIGS, _INTERP_CONFIG, _RAW_GPU_CONFIGS),
+    configs=_all_configs(),
     key=["K", "D", "KT", "B_BUCKET", "HAS_CM", "NORM", "POOL", "MODE"],
-    prune_configs_by={"early_config_prune": prune_configs("BLOCK_B", "SUB", f32_budget=256, half_budget=256)},
+    prune_configs_by={"early_config_prune": pinned_prune(_prune, PINNED, PINNED_RAW)},
+    do_bench=bench_or_skip,
 )
 @triton.jit
 def _pecm_topk_kernel(
     qw_ptr, qden_ptr, qsum_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, w_ptr, part_ptr,
-    B, N, K, D, per_prog, B_BUCKET,
+    B, N, K, D, per_prog, N_SPLIT, B_BUCKET,
     HAS_CM: tl.constexpr, NORM: tl.constexpr, POOL: tl.constexpr, MODE: tl.constexpr, BY: tl.constexpr,
     BLOCK_K: tl.constexpr, KT: tl.constexpr, SUB: tl.constexpr, D_PAD: tl.constexpr, H_ELEMS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_KD: tl.constexpr,
 ):  # fmt: skip
-    pid_b = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    n_split = tl.num_programs(1)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    nb = tl.cdiv(B, BLOCK_B)
     cols = tl.arange(0, KT)
     sub = tl.arange(0, SUB)
-    start = pid_s * per_prog
-    end = tl.minimum(start + per_prog, N)
-    neg = tl.full((BLOCK_B, KT), float("-inf"), dtype=tl.float32)
-    best = _pack_keys(neg, cols[None, :] + tl.zeros((BLOCK_B, KT), dtype=tl.int32))
-    for s in range(start, end, SUB):
-        offs_n = s + sub
-        sim, num, den = _pecm_tile(
-            qw_ptr, qden_ptr, qsum_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, w_ptr, offs_b, offs_n, B, end, K, D,
-            HAS_CM, NORM, POOL, MODE, BLOCK_B, SUB, BLOCK_KD, BLOCK_K, D_PAD, H_ELEMS,
-        )  # fmt: skip
-        val = _epilogue(sim, num, den, BY)
-        val = tl.where((offs_n < end)[None, :], val, float("-inf"))
-        key = _pack_keys(val, offs_n[None, :] + tl.zeros((BLOCK_B, SUB), dtype=tl.int32))
-        best = _merge_topk(best, key, BLOCK_B, KT, SUB)
-    rows = offs_b.to(tl.int64)[:, None] * n_split + pid_s
-    tl.store(part_ptr + rows * KT + cols[None, :], best, mask=(offs_b < B)[:, None])
+    for tile in range(tl.program_id(0), nb * N_SPLIT, tl.num_programs(0)):
+        pid_b = tile % nb
+        pid_s = tile // nb
+        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        mb = offs_b < B
+        start = pid_s * per_prog
+        end = tl.minimum(start + per_prog, N)
+        neg = tl.full((BLOCK_B, KT), float("-inf"), dtype=tl.float32)
+        best = _pack_keys(neg, cols[None, :] + tl.zeros((BLOCK_B, KT), dtype=tl.int32))
+        for s in range(start, end, SUB):
+            offs_n = s + sub
+            sim, num, den = _pecm_tile(
+                qw_ptr, qden_ptr, qsum_ptr, qp_ptr, c_ptr, cm_ptr, cp_ptr, w_ptr, offs_b, offs_n, B, end, K, D,
+                HAS_CM, NORM, POOL, MODE, BLOCK_B, SUB, BLOCK_KD, BLOCK_K, D_PAD, H_ELEMS,
+            )  # fmt: skip
+            val = _epilogue(sim, num, den, BY)
+            valid = mb[:, None] & (offs_n < end)[None, :]
+            key = _lane_keys(val, offs_n[None, :] + tl.zeros((BLOCK_B, SUB), dtype=tl.int32), valid)
+            best = _merge_topk(best, key, BLOCK_B, KT, SUB)
+        rows = offs_b.to(tl.int64)[:, None] * N_SPLIT + pid_s
+        tl.store(part_ptr + rows * KT + cols[None, :], best, mask=mb[:, None])
 
 
 def _splits(b: int, n: int, kt: int, chunk_size: Optional[int], device: torch.device) -> int:
@@ -144,11 +213,12 @@ def pecm_topk(qs, cs, k: int, by: int = 0, chunk_size: Optional[int] = None):
     per_prog = triton.cdiv(triton.cdiv(n, n_split), kt) * kt
     n_split = triton.cdiv(n, per_prog)
     part = torch.empty((b, n_split, kt), dtype=torch.int64, device=qw.device)
-    grid = lambda meta: (triton.cdiv(b, meta["BLOCK_B"]), n_split)
+    grid = lambda meta: grid_1d(triton.cdiv(b, meta["BLOCK_B"]) * n_split)
     hb = common.H_ELEMS
+    common.config_mode()  # validates PECM_TRITON_CONFIG
     _pecm_topk_kernel[grid](
         qw, qden, prepare_qsum(qden, cm), qp, c, cm, cp, w, part,
-        b, n, kq, d, per_prog, b_bucket(b),
+        b, n, kq, d, per_prog, n_split, b_bucket(b),
         MODE=dot_mode(c.dtype), BY=int(by), BLOCK_K=max(16, next_pow2(kq)), KT=kt,
         SUB=raw_sub(kt, d, flags, hb), D_PAD=d_pad(d), H_ELEMS=hb, **flags,
     )  # fmt: skip

@@ -26,7 +26,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .backends import get_backend_by_name
-from .operands import By, Candidates, Queries
+from .operands import By, Candidates, Queries, assert_async, on_device
 
 Tensor = torch.Tensor
 
@@ -41,13 +41,22 @@ def _cs(c: Tensor, w: Tensor, c_mask: Optional[Tensor], c_pooled: Optional[Tenso
     return Candidates.trusted(c, w, c_mask, c_pooled, c_flags)
 
 
-def check_candidate_ids(cand: Tensor, n: int) -> None:
-    """Candidate ids must lie in [-1, N) (-1 = padding): a ValueError naming the first bad one."""
-    if cand.numel():
-        lo, hi = (int(x) for x in torch.aminmax(cand))
-        if lo < -1 or hi >= n:
-            bad = lo if lo < -1 else hi
-            raise ValueError(f"candidates: ids must be in [-1, N={n}) (-1 = padding), got {bad}")
+def check_candidate_ids(cand: Tensor, n: int, exact: bool = False) -> None:
+    """Candidate ids must lie in [-1, N) (-1 = padding): a ValueError naming the first bad one.
+
+    Device tensors (`operands.on_device`) are checked exactly only with ``exact=True`` (``check=True`` of
+    the ops: one host sync); otherwise the check is queued on the device (`operands.assert_async`, no
+    host sync) and the kernels never read an out-of-range row whatever the check does.
+    """
+    if not cand.numel():
+        return
+    if on_device(cand) and not exact:
+        assert_async((cand >= -1) & (cand < n), f"candidates: ids must be in [-1, N={n}) (-1 = padding)")
+        return
+    lo, hi = (int(x) for x in torch.aminmax(cand))
+    if lo < -1 or hi >= n:
+        bad = lo if lo < -1 else hi
+        raise ValueError(f"candidates: ids must be in [-1, N={n}) (-1 = padding), got {bad}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,8 +152,8 @@ def topk_impl(qs: Queries, cs: Candidates, k: int, by: By, chunk_size: Optional[
     return vals.contiguous(), ids.contiguous()
 
 
-def rerank_impl(qs: Queries, cs: Candidates, cand: Tensor, k: int, by: By, backend: str):
-    check_candidate_ids(cand, cs.n)
+def rerank_impl(qs: Queries, cs: Candidates, cand: Tensor, k: int, by: By, backend: str, check: bool = False):
+    check_candidate_ids(cand, cs.n, exact=check)
     vals, ids = get_backend_by_name(backend).rerank(qs, cs, cand, k, by)
     return vals.contiguous(), ids.contiguous()
 

@@ -128,23 +128,56 @@ def _pooled(p, name: str, rows: int, d: int, rows_name: str, device, dtype=None)
     return t.contiguous()
 
 
-def _weights(w, k: int, device, acc: torch.dtype) -> Tensor:
-    t = as_tensor(w, "w", device)
+def on_device(t: Tensor) -> bool:
+    """True when reading a value of ``t`` on the host would wait for a device (any non-CPU tensor).
+
+    The op path never does that unless asked to (``check=True``): data-dependent checks of device tensors
+    (w >= 0 and finite, candidate ids in [-1, N), equal weights) are queued as `assert_async` instead, so
+    a bad value fails the stream (a device-side assert at the next synchronisation) rather than
+    stalling every call on a host sync. CPU tensors are checked exactly (a ValueError), as before.
+    """
+    return t.device.type != "cpu"
+
+
+def assert_async(cond: Tensor, msg: str) -> None:
+    """Queue a check of the bool tensor ``cond`` (all true) without a host sync (`torch._assert_async`)."""
+    torch._assert_async(cond.all(), msg)
+
+
+_W_MSG = "w: weights must be finite and non-negative"
+
+
+def check_weights(t: Tensor) -> None:
+    """Exact check of the weights (a host sync for device tensors): finite and non-negative."""
+    v = t.detach()
+    if v.device.type == "cpu":  # K values: numpy is cheaper than two torch ops per call
+        a = v.numpy()
+        finite, nonneg = bool(np.isfinite(a).all()), bool((a >= 0).all())
+    else:
+        finite, nonneg = bool(torch.isfinite(v).all()), bool((v >= 0).all())
+    if not finite:
+        raise ValueError("w: contains NaN or inf values")
+    if not nonneg:
+        raise ValueError("w: weights must be non-negative")
+
+
+def _weights(w, k: int, device, acc: torch.dtype, exact: bool = False) -> Tensor:
+    """Validated weights [K] in `acc` on `device`: host data (and ``exact=True``) checked exactly, device
+    tensors by a queued `assert_async` (no host sync)."""
+    # numpy arrays / lists are validated on the host before they move to the device
+    t = as_tensor(w, "w", device if isinstance(w, Tensor) else None)
     if tuple(t.shape) != (k,):
         raise ValueError(f"w: expected shape [K={k}], got {list(t.shape)}")
     if t.dtype != acc:
         t = t.to(acc)
     if not _compiling() and t.numel():
-        v = t.detach()
-        if v.device.type == "cpu":  # K values: numpy is cheaper than two torch ops per call
-            a = v.numpy()
-            finite, nonneg = bool(np.isfinite(a).all()), bool((a >= 0).all())
+        if on_device(t) and not exact:
+            v = t.detach()
+            assert_async(torch.isfinite(v) & (v >= 0), _W_MSG)
         else:
-            finite, nonneg = bool(torch.isfinite(v).all()), bool((v >= 0).all())
-        if not finite:
-            raise ValueError("w: contains NaN or inf values")
-        if not nonneg:
-            raise ValueError("w: weights must be non-negative")
+            check_weights(t)
+    if device is not None and t.device != device:
+        t = t.to(device)
     return t
 
 
@@ -404,7 +437,7 @@ def unit(x: Tensor, dim: int = -1) -> Tensor:
     with an exact power-of-two pre-scale (`_unit_scaled`). Under torch.compile and on CUDA the
     pre-scaled form is always used (no data-dependent branch, no device sync).
     """
-    if _compiling() or x.device.type != "cpu":
+    if _compiling() or on_device(x):
         return _unit_scaled(x, dim)
     n = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
     ok = (n >= _N_LO) & (n <= _N_HI)

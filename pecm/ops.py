@@ -37,6 +37,11 @@ Decisions the contract left open (documented here and in the README):
 - Under torch.compile the data-dependent argument checks (w >= 0, ``check=True``) run only when the
   operands are built outside the compiled region (e.g. `prepare_candidates`); candidate ids are
   checked inside the op, compiled or not.
+- No host sync in the op path for device (CUDA) tensors: w >= 0 / finite, candidate ids in [-1, N)
+  and "same weights" are queued as device-side asserts (`torch._assert_async`: a bad value fails the
+  CUDA stream at the next synchronisation, it is never silently used; the kernels never read an
+  out-of-range row). ``check=True`` checks them exactly on the host (a ValueError, one sync). CPU
+  tensors are always checked exactly.
 """
 
 from __future__ import annotations
@@ -61,10 +66,13 @@ from .operands import (
     _weights,
     acc_dtype,
     as_tensor,
+    assert_async,
     check_finite,
     check_float,
+    check_weights,
     fold_queries,
     normalize_block,
+    on_device,
 )
 from .operands import (
     unit as unit_vectors,
@@ -161,7 +169,7 @@ def prepare_queries(
     if k < 1 or d < 1:
         raise ValueError(f"q: K and D must be >= 1, got K={k}, D={d}")
     acc = acc_dtype(q_t.dtype)
-    w_t = w if _w_checked else _weights(w, k, device, acc)  # _w_checked: the ops pass validated weights
+    w_t = w if _w_checked else _weights(w, k, device, acc, exact=check)  # _w_checked: the ops validated them
     qm = _mask(q_mask, "q_mask", b, k, "B", device)
     qp = _pooled(q_pooled, "q_pooled", b, d, "B", device)
     if check:
@@ -198,15 +206,26 @@ def prepare_candidates(
     (then ``c`` is only wrapped, not copied). Differentiable when c, w or c_pooled require gradients.
     The result is what an archive index stores: pass it as ``c`` to every op (``w=None``).
     """
+    if check:
+        _check_weights_first(c, w)
     cs = Candidates(c, w, c_mask, c_pooled, normalized, normalized and c_pooled is not None)
     if check:
         _check_candidates_finite(cs)
     return _prepared(cs, refuse_nonfinite=True)
 
 
+def _check_weights_first(c, w) -> None:
+    """check=True: the exact weights check (ValueError) before `Candidates` would queue its device assert."""
+    c_t = as_tensor(c, "c")
+    if c_t.ndim == 3 and w is not None:
+        _weights(w, c_t.shape[1], None if not isinstance(w, Tensor) else w.device, acc_dtype(c_t.dtype), exact=True)
+
+
 def _check_candidates_finite(cs: Candidates) -> None:
     for t, nm in ((cs.prototypes, "c"), (cs.weights, "w"), (cs.pooled, "c_pooled")):
         check_finite(t, nm)
+    if cs.weights is not None and cs.weights.numel():
+        check_weights(cs.weights)  # exact (device tensors were only checked asynchronously)
 
 
 _NOT_FINITE = "c: a prototype's norm is not finite (it holds NaN or inf values)"
@@ -260,12 +279,18 @@ def _prepared(cs: Candidates, refuse_nonfinite: bool = False) -> Candidates:
 # ----------------------------------------------------------------------------------------------
 # argument handling shared by the three ops
 # ----------------------------------------------------------------------------------------------
-def _same_weights(a: Tensor, b: Tensor) -> bool:
+def _same_weights(a: Tensor, b: Tensor, exact: bool = False) -> bool:
     if a is b:
         return True
     if _compiling():
         return True  # identity could not be shown while tracing; values are compared eagerly only
-    return a.shape == b.shape and bool(torch.equal(a.detach().to(b.dtype), b.detach()))
+    if a.shape != b.shape:
+        return False
+    a, b = a.detach().to(b.dtype), b.detach()
+    if (on_device(a) or on_device(b)) and not exact:  # no host sync in the op path: a queued check (operands.on_device)
+        assert_async(a == b.to(a.device), "w: differs from the weights the operands were prepared with")
+        return True
+    return bool(torch.equal(a, b))
 
 
 def _operands(q, c, w, q_mask, c_mask, q_pooled, c_pooled, normalized: bool, check: bool):
@@ -276,7 +301,7 @@ def _operands(q, c, w, q_mask, c_mask, q_pooled, c_pooled, normalized: bool, che
         if normalized:
             raise ValueError("normalized: must be False when c is a Candidates (it records its own promises)")
         cs = c
-        if w is not None and not _same_weights(as_tensor(w, "w", cs.device), cs.weights):
+        if w is not None and not _same_weights(as_tensor(w, "w", cs.device), cs.weights, check):
             raise ValueError("w: differs from the weights c was prepared with (pass w=None to use them)")
         if check:
             _check_candidates_finite(cs)
@@ -287,6 +312,8 @@ def _operands(q, c, w, q_mask, c_mask, q_pooled, c_pooled, normalized: bool, che
         q_dev = q.device if isinstance(q, (Tensor, Queries)) else None
         if q_dev is not None and q_dev != c_t.device:
             raise ValueError(f"q: on device {q_dev} but c is on {c_t.device} (all tensors must share a device)")
+        if check:
+            _check_weights_first(c_t, w)
         cs = Candidates(c_t, w, c_mask, c_pooled, normalized, normalized and c_pooled is not None)
         if check:
             _check_candidates_finite(cs)
@@ -298,7 +325,7 @@ def _operands(q, c, w, q_mask, c_mask, q_pooled, c_pooled, normalized: bool, che
             raise ValueError(f"q: on device {q.device} but c is on {cs.device} (all tensors must share a device)")
         if (q.k, q.d) != (cs.k, cs.d):
             raise ValueError(f"q: expected K={cs.k}, D={cs.d} to match c, got K={q.k}, D={q.d}")
-        if q.weights is not None and not _same_weights(q.weights, cs.weights):
+        if q.weights is not None and not _same_weights(q.weights, cs.weights, check):
             raise ValueError("q: was prepared with other weights than c")
         return q, cs
     q_t = as_tensor(q, "q", cs.device) if not isinstance(q, Tensor) else q
@@ -432,10 +459,10 @@ def pecm_rerank(
         be = _backend(backend, qs, cs, False)
         if qs.b == 0 or cs.n == 0 or cand.shape[1] == 0:
             if cs.n == 0:
-                library.check_candidate_ids(cand, 0)
+                library.check_candidate_ids(cand, 0, exact=check)
             return _squeeze(qs, *empty_topk(qs.b, k, cs.device))
         if _compiling():
             vals, ids = library.rerank(*library.operand_args(qs, cs), cand, k, int(by), be)
         else:
-            vals, ids = library.rerank_impl(qs, cs, cand, k, by, be)
+            vals, ids = library.rerank_impl(qs, cs, cand, k, by, be, check=check)
     return _squeeze(qs, vals, ids)

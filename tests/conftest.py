@@ -4,7 +4,8 @@ Without CUDA the Triton kernels can only run under the interpreter, and ``TRITON
 when Triton first binds a ``@triton.jit`` function. The Triton test modules set it at import, but any
 module collected earlier that imports ``pecm.kernels`` (e.g. through ``available_backends()``) would
 bind the kernels in compiled mode first. Setting it here, before any test module is imported, gives
-one consistent mode for the whole session (the same as ``make test-triton``).
+one consistent mode for the whole session (the same as ``make test-triton``). With CUDA it sets
+``PECM_TRITON_CONFIG=pinned`` when unset (docs/triton.md, "GPU readiness").
 
 Also the ``simd`` fixture shared by the C++ extension tests.
 """
@@ -18,6 +19,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # GPU test runs: one fixed config per kernel (a handful of compiles, no autotune benchmarking);
+    # autotuning is for the benchmarks (bench/). Set PECM_TRITON_CONFIG=autotune to test the tuned configs.
+    os.environ.setdefault("PECM_TRITON_CONFIG", "pinned")
 
 try:
     from pecm import _C
