@@ -205,6 +205,16 @@ def configs_for(kern, args, kwargs, mode: str):
         cfgs = prune(cfgs, named, **kwargs)
     if mode == "all":
         return [(c, "autotune set after pruning") for c in cfgs]
+    if mode == "pinned" and hasattr(mod, "pinned_config"):  # the launch's own choice (raw rows: PINNED_RAW)
+        allargs = {**named, **kwargs}
+        raw = bool(allargs.get("NORM", False)) or int(allargs.get("POOL", 0) or 0) != 0
+        try:
+            pin = mod.pinned_config(raw)
+        except TypeError:  # pinned_config() without a raw argument (the backward GEMMs)
+            pin = mod.pinned_config()
+        pin = _as_config(pin)
+        name = "PINNED_RAW" if raw and hasattr(mod, "PINNED_RAW") else "PINNED"
+        return [(pin, f"{mod.__name__.rsplit('.', 1)[-1]}.{name}")]
     if mode == "pinned" and hasattr(mod, "PINNED"):
         pin = mod.PINNED
         if isinstance(pin, dict) and not (set(pin) & {"BLOCK_B", "BLOCK_N", "BLOCK_KD", "BLOCK_M"}):
