@@ -527,12 +527,7 @@ class ArchiveIndex:
         self.rows_of(ids)  # KeyError for unknown / already deleted
         m = dict(self.manifest)
         m["tombstones"] = sorted(set(m["tombstones"]) | set(ids.tolist()))
-        try:
-            fmt.write_manifest(self.root, m)
-        except BaseException:
-            self._after_failed_commit(m)
-            raise
-        self._reload(m)
+        self._commit(m)
         return int(ids.size)
 
     def compact(self, progress=None) -> None:
