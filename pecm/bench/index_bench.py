@@ -166,6 +166,11 @@ def build(args) -> dict:
         idx.add(x.numpy(), progress=not args.no_progress)
         add_s += time.perf_counter() - t
     ann = None
+    if args.ann == "auto":
+        try:
+            import faiss  # noqa: F401
+        except ImportError:  # base install: no ANN (pip install "pecm[ann]")
+            args.ann, ann = "none", {"skipped": "faiss is not installed (pip install 'pecm[ann]')"}
     if args.ann != "none":  # the FAISS first stage of mode="ann" over the pooled vectors
         t = time.perf_counter()
         entry = idx.build_ann(None if args.ann == "auto" else args.ann, progress=not args.no_progress)
@@ -311,7 +316,7 @@ def _parser(prog) -> argparse.ArgumentParser:
         "--ann",
         default="auto",
         choices=("auto", "none", "flat", "ivf_flat", "ivf_pq", "hnsw"),
-        help="ANN first stage built after the adds (auto: chosen from N; none: no ann searches)",
+        help="ANN first stage built after the adds (auto: kind chosen from N, skipped without faiss; none: no ann)",
     )
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument(

@@ -36,8 +36,8 @@ BLOCK = 65536  # pooled rows read and added per block
 def _faiss():
     try:
         import faiss
-    except ImportError as e:  # pragma: no cover - faiss-cpu is a dependency of the index extra
-        raise ImportError("ANN search needs faiss (pip install faiss-cpu)") from e
+    except ImportError as e:  # the base install has no faiss
+        raise ImportError("the ANN first stage needs faiss: pip install 'pecm[ann]' (faiss-cpu)") from e
     return faiss
 
 
