@@ -212,8 +212,8 @@ class ArchiveIndex:
 
     @staticmethod
     def _read_consistent(path: str, verify: bool):
-        """(manifest, its data files, manifest stamp) of one generation, retrying while a concurrent
-        `compact` switches generations between our reads."""
+        """(manifest, its data files, manifest stamp) of one commit, retrying while a concurrent commit
+        (`compact`, `build_ann`) replaces files between our reads."""
         for _ in range(20):
             stamp = _manifest_stamp(path)
             m = fmt.read_manifest(path)
@@ -227,7 +227,7 @@ class ArchiveIndex:
             except IndexCorruptError:
                 if files is not None:
                     files.close()
-                if fmt.read_manifest(path).get("generation") != m["generation"]:
+                if fmt.read_manifest(path) != m:  # a commit replaced (and removed) files we had not opened yet
                     continue
                 raise
             return m, files, stamp
