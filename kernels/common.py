@@ -544,6 +544,8 @@ BY_SCORE, BY_SIM, BY_CONF = 0, 1, 2
 
 
 HAS_BITONIC_MERGE = tl.constexpr(hasattr(tl, "bitonic_merge"))  # Triton 3.6 and 3.8 have it
+# the packed key of an empty lane, `_lane_keys(-inf, 0)`: (key32(-inf) << 32) | 0 (checked in the tests)
+PAD_KEY = tl.constexpr(-9187343244130779136)
 
 
 @triton.jit
@@ -589,26 +591,28 @@ def _merge_sorted(best):
 def _merge_topk(best, key, BLOCK_B: tl.constexpr, KT: tl.constexpr, SUB: tl.constexpr):
     """best [BLOCK_B, KT] sorted descending, key [BLOCK_B, SUB] a scored tile: the new best (exact).
 
-    Skips the tile when no row of it can enter its own row's list (per-row test: max of the row's
-    tile <= min of the row's list; empty lanes carry the key of `_lane_keys`, which never enters).
+    SUB == KT: skips the tile when no row of it can enter its own row's list (per-row test: max of the
+    row's tile <= min of the row's list; empty lanes carry the key of `_lane_keys`, which never enters).
     SUB == KT: best = merge(max(best, sort(key))) (the bitonic-merge step: the elementwise max of a
     descending and an ascending list is bitonic and holds exactly the top KT of their union).
     SUB < KT (narrower raw tiles): the ascending tile padded in front with -inf to KT entries only
     meets the last SUB entries of best, so only that group (a reshape to [BLOCK_B, KT / SUB, SUB])
     takes the elementwise max before the merge (still bitonic).
     """
-    enter = tl.max(key, 1) > tl.min(best, 1)
-    if tl.max(enter.to(tl.int32), 0) > 0:
-        key = tl.sort(key, dim=1)
-        if SUB == KT:
-            best = tl.maximum(best, key)
-        else:
-            G: tl.constexpr = KT // SUB
-            b3 = tl.reshape(best, (BLOCK_B, G, SUB))
-            g = tl.arange(0, G)
-            b3 = tl.where((g == G - 1)[None, :, None], tl.maximum(b3, key[:, None, :]), b3)
-            best = tl.reshape(b3, (BLOCK_B, KT))
-        best = _merge_sorted(best)
+    if SUB < KT:
+        # the tile widened to KT lanes: the first SUB hold it, the others the padding key (-inf, never
+        # enters); sorted ascending it is the tile padded in front, which only meets the last SUB entries
+        # of best. No skip branch here: with the reshape's layout flowing into an scf.if, Triton 3.8's
+        # TritonGPURemoveLayoutConversions fails for sm_90 (half-precision raw tiles; aot_check found it)
+        G: tl.constexpr = KT // SUB
+        g = tl.arange(0, G)
+        wide = tl.broadcast_to(key[:, None, :], (BLOCK_B, G, SUB))
+        wide = tl.where((g == 0)[None, :, None], wide, PAD_KEY)
+        best = _merge_sorted(tl.maximum(best, tl.sort(tl.reshape(wide, (BLOCK_B, KT)), dim=1)))
+    else:
+        enter = tl.max(key, 1) > tl.min(best, 1)
+        if tl.max(enter.to(tl.int32), 0) > 0:
+            best = _merge_sorted(tl.maximum(best, tl.sort(key, dim=1)))
     return best
 
 
