@@ -544,8 +544,6 @@ BY_SCORE, BY_SIM, BY_CONF = 0, 1, 2
 
 
 HAS_BITONIC_MERGE = tl.constexpr(hasattr(tl, "bitonic_merge"))  # Triton 3.6 and 3.8 have it
-# the packed key of an empty lane, `_lane_keys(-inf, 0)`: (key32(-inf) << 32) | 0 (checked in the tests)
-PAD_KEY = tl.constexpr(-9187343244130779136)
 
 
 @triton.jit
@@ -600,15 +598,14 @@ def _merge_topk(best, key, BLOCK_B: tl.constexpr, KT: tl.constexpr, SUB: tl.cons
     takes the elementwise max before the merge (still bitonic).
     """
     if SUB < KT:
-        # the tile widened to KT lanes: the first SUB hold it, the others the padding key (-inf, never
-        # enters); sorted ascending it is the tile padded in front, which only meets the last SUB entries
-        # of best. No skip branch here: with the reshape's layout flowing into an scf.if, Triton 3.8's
+        # the ascending tile only meets the last SUB entries of best (a reshape to [BLOCK_B, KT / SUB, SUB]).
+        # No skip branch here: with the reshape's layout flowing into an scf.if, Triton 3.8's
         # TritonGPURemoveLayoutConversions fails for sm_90 (half-precision raw tiles; aot_check found it)
         G: tl.constexpr = KT // SUB
+        b3 = tl.reshape(best, (BLOCK_B, G, SUB))
         g = tl.arange(0, G)
-        wide = tl.broadcast_to(key[:, None, :], (BLOCK_B, G, SUB))
-        wide = tl.where((g == 0)[None, :, None], wide, PAD_KEY)
-        best = _merge_sorted(tl.maximum(best, tl.sort(tl.reshape(wide, (BLOCK_B, KT)), dim=1)))
+        b3 = tl.where((g == G - 1)[None, :, None], tl.maximum(b3, tl.sort(key, dim=1)[:, None, :]), b3)
+        best = _merge_sorted(tl.reshape(b3, (BLOCK_B, KT)))
     else:
         enter = tl.max(key, 1) > tl.min(best, 1)
         if tl.max(enter.to(tl.int32), 0) > 0:

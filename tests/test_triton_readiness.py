@@ -394,21 +394,10 @@ def test_no_device_sync_on_cuda():
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_pad_key_is_the_empty_lane_key():
-    """`common.PAD_KEY` (the SUB < KT widening of `_merge_topk`) equals `_lane_keys(-inf, 0)` and decodes as padding."""
-    import struct
-
-    common = _mod("common")
-    bits = struct.unpack("<i", struct.pack("<f", float("-inf")))[0]
-    assert common.PAD_KEY.value == (bits ^ ((bits >> 31) & 0x7FFFFFFF)) << 32
-    v, i = common.decode_keys(torch.tensor([common.PAD_KEY.value], dtype=torch.int64))
-    assert v.item() == float("-inf") and i.item() == -1
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_topk_raw_narrow_tiles_sub_below_kt(device, dtype):
-    """Raw candidates use SUB = 32 < KT = 64 tiles (the widened-key merge): exact against float64, k = 40."""
+    """Raw candidates use SUB = 32 < KT = 64 tiles (the branchless narrow-tile merge): exact against float64."""
     assert _mod("common").raw_sub(64, 256, {"POOL": 2}) == 32  # D = 256 pooled on the fly: SUB 32 < KT 64
     q, c, w, qm, cm = make_inputs(3, 150, 3, 256, dtype=dtype, masks=True, seed=11)
     v, i = ops.pecm_topk(
