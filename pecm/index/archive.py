@@ -83,15 +83,6 @@ def _manifest_stamp(root: str):
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def _id_array(ids) -> np.ndarray:
-    a = np.asarray(ids)
-    if a.dtype.kind not in "iu" and not (a.size == 0 and a.dtype.kind == "f"):
-        raise TypeError(f"ids: expected integer ids, got dtype {a.dtype}")
-    if a.dtype.kind == "u" and a.size and a.max() > np.iinfo(np.int64).max:
-        raise ValueError("ids: out of the int64 range")
-    return a.astype(np.int64).reshape(-1)
-
-
 def _verify_meta(root: str, m: dict, fds: Dict[str, int]) -> None:
     """Recompute ``meta_crc32`` of every append record (records of indexes written before it existed have
     none and are skipped); the ids of a record's rows are read through the snapshot's ``ids.bin``."""
@@ -382,7 +373,7 @@ class ArchiveIndex:
         """Metadata rows of the given ids; with ``vectors=True`` each row also holds ``prototypes``
         (unit, float32 [K, D]), ``mask`` (bool [K]) and ``pooled`` (float32 [D])."""
         v = self._current()
-        ids = _id_array(ids)
+        ids = fmt.id_array(ids)
         rows = v.rows_of(ids)
         out = v.meta.rows(ids.tolist())
         if vectors:
@@ -523,7 +514,7 @@ class ArchiveIndex:
     def delete(self, ids) -> int:
         """Tombstone items (search never returns them; `compact` reclaims the space). Returns the count."""
         self._require_writer()
-        ids = np.unique(_id_array(ids))
+        ids = np.unique(fmt.id_array(ids))
         self.rows_of(ids)  # KeyError for unknown / already deleted
         m = dict(self.manifest)
         m["tombstones"] = sorted(set(m["tombstones"]) | set(ids.tolist()))
@@ -567,7 +558,8 @@ class ArchiveIndex:
         seq = (m["ann"]["seq"] if m.get("ann") else 0) + 1
         name = f"ann.g{m['generation']}.s{seq}.faiss"
         try:
-            m["ann"] = self._write_ann(name, seq, kind, params, self.count, self.read_rows_fn("pooled"), progress)
+            pooled = lambda r: self.read_rows("pooled", r)  # noqa: E731
+            m["ann"] = self._write_ann(name, seq, kind, params, self.count, pooled, progress)
             fmt.write_manifest(self.root, m)
         except BaseException:
             self._after_failed_commit(m)
@@ -613,9 +605,6 @@ class ArchiveIndex:
             raise
         self._reload(m)
 
-    def read_rows_fn(self, logical: str):
-        return lambda rows: self.read_rows(logical, rows)
-
     def _write_ann(self, name, seq, kind, params, rows, pooled_rows, progress) -> dict:
         """Build, serialise, write and fsync an ANN file (not yet committed); its manifest entry."""
         from tqdm.auto import tqdm
@@ -628,13 +617,7 @@ class ArchiveIndex:
         bar.close()
         data = ann.serialize(index)
         del index
-        path = os.path.join(self.root, name)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | fmt.NOFOLLOW, 0o644)
-        try:
-            fmt.write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fmt.write_file(os.path.join(self.root, name), data)
         fmt.fsync_dir(self.root)
         return {
             "file": name,

@@ -15,6 +15,7 @@ from typing import Optional
 
 import numpy as np
 
+from .format import id_array
 from .meta import COLUMNS
 
 KINDS = (str, int, float, bool)
@@ -52,10 +53,9 @@ def check_where(where) -> Optional[dict]:
 def check_ids(ids) -> Optional[np.ndarray]:
     if ids is None:
         return None
-    a = np.asarray(ids)
-    if a.ndim > 1 or (a.size and a.dtype.kind not in "iu"):
-        raise TypeError(f"ids: expected a 1-D list of integer item ids, got dtype {a.dtype}, shape {list(a.shape)}")
-    return np.unique(a.astype(np.int64))
+    if np.ndim(ids) > 1:
+        raise TypeError(f"ids: expected a 1-D list of integer item ids, got shape {list(np.shape(ids))}")
+    return np.unique(id_array(ids))
 
 
 def where_sql(where: dict) -> tuple:

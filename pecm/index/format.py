@@ -109,17 +109,32 @@ def write_all(fd: int, data) -> None:
         view = view[os.write(fd, view) :]
 
 
+def write_file(path: str, data) -> None:
+    """Create (or truncate) ``path`` without following a symlink, write every byte and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o644)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def id_array(ids) -> np.ndarray:
+    """Item ids as int64 [n]: TypeError for non-integer ids, ValueError beyond the int64 range."""
+    a = np.asarray(ids)
+    if a.dtype.kind not in "iu" and not (a.size == 0 and a.dtype.kind == "f"):
+        raise TypeError(f"ids: expected integer ids, got dtype {a.dtype}")
+    if a.dtype.kind == "u" and a.size and a.max() > np.iinfo(np.int64).max:
+        raise ValueError("ids: out of the int64 range")
+    return a.astype(np.int64).reshape(-1)
+
+
 def write_manifest(root: str, manifest: dict) -> None:
     """Atomic replace: write a temp file, fsync it, os.replace, fsync the directory."""
     tmp = os.path.join(root, f".{MANIFEST}.{os.getpid()}.tmp")
     data = json.dumps(manifest, indent=1, sort_keys=True).encode()
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o644)
-        try:
-            write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_file(tmp, data)
         os.replace(tmp, os.path.join(root, MANIFEST))
     except BaseException:
         try:

@@ -25,6 +25,8 @@ import sqlite3
 import zlib
 from typing import Dict, Iterable, List, Optional, Sequence
 
+import numpy as np
+
 from .format import IndexCorruptError
 
 COLUMNS = ("modality", "source", "text")
@@ -151,8 +153,6 @@ class MetaStore:
 
     def ids_where(self, cond: str, args: list, next_id: int):
         """Sorted ids (< next_id) of the rows that satisfy an SQL condition built by `pecm.index.filters`."""
-        import numpy as np
-
         rows = self._query(f"SELECT id FROM items WHERE id < ? AND ({cond}) ORDER BY id", [int(next_id), *args])
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 

@@ -249,10 +249,10 @@ def _rerank_group(index, qs: Queries, cand, k, by, backend, device=None):
     return tv.cpu().float(), rows
 
 
-def _two_stage(index, qs: Queries, k, by, m, backend, start, end, chunk, device=None, allow=None, sel=None, ann=None):
+def _two_stage(index, qs: Queries, k, by, m, backend, start, end, chunk, device, allow, sel, mode, nprobe):
     pchunk = max(chunk, POOLED_CHUNK)
-    if ann is not None and sel is None:  # mode="ann" (a selective filter is scanned exactly instead)
-        cand = _ann_topm(index, qs.qp, m, pchunk, start, end, allow, ann["nprobe"])[1].numpy()
+    if mode == "ann" and sel is None:  # (a selective filter is scanned exactly instead)
+        cand = _ann_topm(index, qs.qp, m, pchunk, start, end, allow, nprobe)[1].numpy()
     else:
         cand = _pooled_topm(index, qs.qp, m, pchunk, start, end, allow, sel)[1].numpy()
     # gather at most ~chunk candidate rows at a time: queries are reranked in groups
@@ -342,8 +342,9 @@ def search(
         if mode == "exhaustive":
             vals, r = _exhaustive(index, qs, k, by, chunk, backend, start, end, device, allow, sel)
         else:
-            a = {"nprobe": nprobe} if mode == "ann" else None
-            vals, r = _two_stage(index, qs, k, by, max(m, k), backend, start, end, chunk, device, allow, sel, a)
+            vals, r = _two_stage(
+                index, qs, k, by, max(m, k), backend, start, end, chunk, device, allow, sel, mode, nprobe
+            )
     r = r.numpy()
     ids = np.full(r.shape, -1, dtype=np.int64)
     if (r >= 0).any():

@@ -56,7 +56,7 @@ def sample_queries(index, n: int, seed: int = 0):
     return np.stack([r["prototypes"] for r in rows]), np.stack([r["mask"] for r in rows])
 
 
-def grid(index, k: int, kinds: dict) -> list:
+def grid(index, k: int) -> list:
     live = len(index)
     out = []
     ms = sorted({min(live, max(k, f * k)) for f in SHORTLIST_FACTORS})
@@ -94,7 +94,7 @@ def tune(
         q = q[None]
     kw = dict(with_metadata=False, backend=backend)
     _, exact, _ = index.search(q, k, q_mask=q_mask, **kw)
-    settings = [("exhaustive", None, None)] + grid(index, k, {})
+    settings = [("exhaustive", None, None)] + grid(index, k)
     rows = []
     from tqdm.auto import tqdm
 
