@@ -9,6 +9,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <string>
 
 #include "dispatch.h"
@@ -162,10 +163,107 @@ Problem problem(const PyQueries& q, const PyCandidates& c) {
     return Problem{q.raw(), c.raw(), c.K, c.D};
 }
 
+// _C.PQCandidates: views of product-quantised candidate buffers (pq_impl.h): codes uint8 [N, K, M],
+// scales float32 [N, K], unit pooled vectors [N, D] (float32 or float16), weights [K], mask or None.
+struct PyPQCandidates {
+    py::array codes, pooled;
+    F32 scales, w;
+    py::object mask;
+    py::array mask_arr;
+    int dtype = 0;
+    int64_t N = 0, K = 0, M = 0, D = 0;
+
+    PyPQCandidates(const py::array& codes_in, const py::array& scales_in, const py::array& pooled_in,
+                   const std::string& dtype_s, const py::array& w_in, const py::object& mask_in)
+        : codes(codes_in), pooled(pooled_in), mask(mask_in) {
+        if (codes.ndim() != 3 || codes.itemsize() != 1 || codes.dtype().kind() != 'u' ||
+            !(codes.flags() & py::array::c_style))
+            throw py::value_error("codes: expected a C-contiguous uint8 array [N, K, M], got dtype " +
+                                  std::string(py::str(codes.dtype())) + " shape " + shape_str(codes));
+        N = codes.shape(0);
+        K = codes.shape(1);
+        M = codes.shape(2);
+        if (N < 1 || K < 1 || M < 1) throw py::value_error("codes: N, K and M must be >= 1, got " + shape_str(codes));
+        dtype = parse_dtype(dtype_s);
+        if (dtype == pecm::kBF16) throw py::value_error("dtype: PQ pooled vectors are 'float32' or 'float16'");
+        check_storage(pooled, "c_pooled", dtype);
+        if (pooled.ndim() != 2 || pooled.shape(0) != N)
+            throw py::value_error("c_pooled: expected shape [N=" + std::to_string(N) + ", D], got " + shape_str(pooled));
+        D = pooled.shape(1);
+        if (D < 1) throw py::value_error("c_pooled: D must be >= 1");
+        if (!(scales_in.flags() & py::array::c_style) || scales_in.dtype().kind() != 'f' || scales_in.itemsize() != 4)
+            throw py::value_error("scales: expected a C-contiguous float32 array [N, K]");
+        scales = F32::ensure(scales_in);
+        check_shape(scales, "scales", N, K, "N", "K");
+        w = F32::ensure(w_in);
+        if (!w || w.ndim() != 1 || w.shape(0) != K)
+            throw py::value_error("w: expected float32 shape [K=" + std::to_string(K) + "], got " + shape_str(w_in));
+        byte_mask(mask, "c_mask", N, K, "N", mask_arr);
+    }
+    // The problem of queries `q` (qden/qp; qw unused) with lookup tables `lut` [B, K*M*256].
+    Problem problem(const PyQueries& q, const F32& lut) const {
+        if (q.K != K || q.D != D)
+            throw py::value_error("queries: K=" + std::to_string(q.K) + ", D=" + std::to_string(q.D) +
+                                  " do not match the PQ candidates' K=" + std::to_string(K) + ", D=" + std::to_string(D));
+        check_shape(lut, "lut", q.B, K * M * 256, "B", "K*M*256");
+        pecm::Queries qr = q.raw();
+        qr.lut = lut.data();
+        const uint8_t* pm = mask.is_none() ? nullptr : (const uint8_t*)mask_arr.data();
+        pecm::Candidates c{nullptr, pm, pooled.data(), w.data(), dtype, N, true, true, true, 1e-12f};
+        c.codes = (const uint8_t*)codes.data();
+        c.scales = scales.data();
+        Problem p{qr, c, K, D};
+        p.M = M;
+        return p;
+    }
+};
+
 int64_t check_k(int64_t k) {
     if (k < 1) throw py::value_error("k: expected an int >= 1, got " + std::to_string(k));
     if (k > 2147483647) throw py::value_error("k: expected an int <= 2147483647, got " + std::to_string(k));
     return k;
+}
+
+// cand [B, M] rows in [-1, N) (the one check of the re-rank candidates).
+const int64_t* check_cand(const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& cand, int64_t B,
+                          int64_t N) {
+    if (cand.ndim() != 2 || cand.shape(0) != B)
+        throw py::value_error("candidates: expected shape [B=" + std::to_string(B) + ", M], got " + shape_str(cand));
+    const int64_t* pc = cand.data();
+    for (int64_t i = 0; i < B * cand.shape(1); i++)
+        if (pc[i] < -1 || pc[i] >= N)
+            throw py::value_error("candidates: ids must be in [-1, N=" + std::to_string(N) + "), got " +
+                                  std::to_string(pc[i]));
+    return pc;
+}
+
+// (values [B, k], ids [B, k]) of run_topk (cand null) or run_rerank.
+py::tuple topk_call(const Problem& p, const int64_t* cand, int64_t m, int64_t k, pecm::By by) {
+    check_k(k);
+    const auto B = p.q.B;
+    py::array_t<float> vals({B, k});
+    py::array_t<int64_t> ids({B, k});
+    float* pv = vals.mutable_data();
+    int64_t* pi = ids.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        if (cand)
+            pecm::run_rerank(p, cand, m, k, by, pv, pi);
+        else
+            pecm::run_topk(p, k, by, pv, pi);
+    }
+    return py::make_tuple(vals, ids);
+}
+
+py::tuple scores_call(const Problem& p) {
+    const auto B = p.q.B, N = p.c.N;
+    py::array_t<float> sim({B, N}), conf({B, N}), score({B, N});
+    float *ps = sim.mutable_data(), *pc = conf.mutable_data(), *pr = score.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        pecm::run_scores(p, ps, pc, pr);
+    }
+    return py::make_tuple(sim, conf, score);
 }
 
 }  // namespace
@@ -311,35 +409,13 @@ PYBIND11_MODULE(_C, m) {
         .def_readonly("pooled_normalized", &PyCandidates::pooled_unit);
 
     m.def(
-        "scores",
-        [](const PyQueries& q, const PyCandidates& c) {
-            const Problem p = problem(q, c);
-            const auto B = p.q.B, N = p.c.N;
-            py::array_t<float> sim({B, N}), conf({B, N}), score({B, N});
-            float *ps = sim.mutable_data(), *pc = conf.mutable_data(), *pr = score.mutable_data();
-            {
-                py::gil_scoped_release nogil;
-                pecm::run_scores(p, ps, pc, pr);
-            }
-            return py::make_tuple(sim, conf, score);
-        },
+        "scores", [](const PyQueries& q, const PyCandidates& c) { return scores_call(problem(q, c)); },
         py::arg("queries"), py::arg("candidates"), "(sim, conf, score) float32 [B, N] each.");
 
     m.def(
         "topk",
         [](const PyQueries& q, const PyCandidates& c, int64_t k, pecm::By by) {
-            const Problem p = problem(q, c);
-            check_k(k);
-            const auto B = p.q.B;
-            py::array_t<float> vals({B, k});
-            py::array_t<int64_t> ids({B, k});
-            float* pv = vals.mutable_data();
-            int64_t* pi = ids.mutable_data();
-            {
-                py::gil_scoped_release nogil;
-                pecm::run_topk(p, k, by, pv, pi);
-            }
-            return py::make_tuple(vals, ids);
+            return topk_call(problem(q, c), nullptr, 0, k, by);
         },
         py::arg("queries"), py::arg("candidates"), py::arg("k"), py::arg("by"),
         "Exhaustive fused top-k: (values f32 [B, k], ids int64 [B, k]).");
@@ -349,27 +425,88 @@ PYBIND11_MODULE(_C, m) {
         [](const PyQueries& q, const PyCandidates& c, py::array_t<int64_t, py::array::c_style | py::array::forcecast> cand,
            int64_t k, pecm::By by) {
             const Problem p = problem(q, c);
-            check_k(k);
-            const auto B = p.q.B;
-            if (cand.ndim() != 2 || cand.shape(0) != B)
-                throw py::value_error("candidates: expected shape [B=" + std::to_string(B) + ", M], got " +
-                                      shape_str(cand));
-            const int64_t M = cand.shape(1);
-            const int64_t* pc = cand.data();
-            for (int64_t i = 0; i < B * M; i++)
-                if (pc[i] < -1 || pc[i] >= p.c.N)
-                    throw py::value_error("candidates: ids must be in [-1, N=" + std::to_string(p.c.N) + "), got " +
-                                          std::to_string(pc[i]));
-            py::array_t<float> vals({B, k});
-            py::array_t<int64_t> ids({B, k});
-            float* pv = vals.mutable_data();
-            int64_t* pi = ids.mutable_data();
-            {
-                py::gil_scoped_release nogil;
-                pecm::run_rerank(p, pc, M, k, by, pv, pi);
-            }
-            return py::make_tuple(vals, ids);
+            return topk_call(p, check_cand(cand, p.q.B, p.c.N), cand.shape(1), k, by);
         },
         py::arg("queries"), py::arg("candidates"), py::arg("cand"), py::arg("k"), py::arg("by"),
         "Best k of gathered candidate rows (-1 = padding).");
+
+    py::class_<PyPQCandidates>(m, "PQCandidates",
+                               "Product-quantised candidates: codes uint8 [N, K, M], scales float32 [N, K], unit "
+                               "pooled [N, D] (dtype 'float32' | 'float16'), w [K], mask [N, K] or None.")
+        .def(py::init<const py::array&, const py::array&, const py::array&, const std::string&, const py::array&,
+                      const py::object&>(),
+             py::arg("codes"), py::arg("scales"), py::arg("pooled"), py::arg("dtype"), py::arg("w"),
+             py::arg("mask") = py::none())
+        .def_readonly("N", &PyPQCandidates::N)
+        .def_readonly("K", &PyPQCandidates::K)
+        .def_readonly("M", &PyPQCandidates::M)
+        .def_readonly("D", &PyPQCandidates::D);
+
+    m.def(
+        "pq_scores", [](const PyQueries& q, const F32& lut, const PyPQCandidates& c) { return scores_call(c.problem(q, lut)); },
+        py::arg("queries"), py::arg("lut"), py::arg("candidates"),
+        "PQ candidates scored from their codes: (sim, conf, score) float32 [B, N] each.");
+    m.def(
+        "pq_topk",
+        [](const PyQueries& q, const F32& lut, const PyPQCandidates& c, int64_t k, pecm::By by) {
+            return topk_call(c.problem(q, lut), nullptr, 0, k, by);
+        },
+        py::arg("queries"), py::arg("lut"), py::arg("candidates"), py::arg("k"), py::arg("by"),
+        "Exhaustive top-k of PQ candidates from their codes (ADC fused with the top-k).");
+    m.def(
+        "pq_rerank",
+        [](const PyQueries& q, const F32& lut, const PyPQCandidates& c,
+           py::array_t<int64_t, py::array::c_style | py::array::forcecast> cand, int64_t k, pecm::By by) {
+            const Problem p = c.problem(q, lut);
+            return topk_call(p, check_cand(cand, p.q.B, p.c.N), cand.shape(1), k, by);
+        },
+        py::arg("queries"), py::arg("lut"), py::arg("candidates"), py::arg("cand"), py::arg("k"), py::arg("by"),
+        "Best k of gathered PQ candidate rows (-1 = padding), scored from their codes.");
+    m.def(
+        "pq_encode",
+        [](const F32& x, const py::object& mask_in, const F32& codebook) {
+            if (x.ndim() != 3) throw py::value_error("prototypes: expected shape [n, K, D], got " + shape_str(x));
+            if (codebook.ndim() != 4 || codebook.shape(2) != 256)
+                throw py::value_error("codebook: expected shape [S, M, 256, D/M], got " + shape_str(codebook));
+            const int64_t n = x.shape(0), K = x.shape(1), D = x.shape(2);
+            const int64_t S = codebook.shape(0), M = codebook.shape(1), DS = codebook.shape(3);
+            if (M * DS != D || !(S == 1 || S == K))
+                throw py::value_error("codebook: shape " + shape_str(codebook) + " does not fit prototypes " +
+                                      shape_str(x) + " (expected [1 or K, M, 256, D/M])");
+            py::array keep;
+            const uint8_t* mk = byte_mask(mask_in, "masks", n, K, "n", keep);
+            std::vector<float> centT((size_t)(S * M * DS * 256)), hn((size_t)(S * M * 256)), n2((size_t)(S * M * 256));
+            const float* cb = codebook.data();
+            for (int64_t g = 0; g < S * M; g++)
+                for (int64_t c = 0; c < 256; c++) {
+                    double ss = 0.0;
+                    for (int64_t j = 0; j < DS; j++) {
+                        const float v = cb[(g * 256 + c) * DS + j];
+                        centT[(size_t)((g * DS + j) * 256 + c)] = v;
+                        ss += (double)v * v;
+                    }
+                    n2[(size_t)(g * 256 + c)] = (float)ss;
+                    hn[(size_t)(g * 256 + c)] = (float)(ss / 2);
+                }
+            py::array_t<uint8_t> codes({n, K, M});
+            py::array_t<float> scales({n, K});
+            uint8_t* pc = codes.mutable_data();
+            float* ps = scales.mutable_data();
+            const float* px = x.data();
+            {
+                py::gil_scoped_release nogil;
+                const auto enc = pecm::current_pq_encode();
+                const int64_t blk = 64;
+#pragma omp parallel for schedule(dynamic, 1) if (n * K * D >= 65536)
+                for (int64_t i0 = 0; i0 < n; i0 += blk) {
+                    const int64_t nb = std::min<int64_t>(blk, n - i0);
+                    enc(px + i0 * K * D, mk ? mk + i0 * K : nullptr, nb, K, D, M, S, centT.data(), hn.data(), n2.data(),
+                        pc + i0 * K * M, ps + i0 * K);
+                }
+            }
+            return py::make_tuple(codes, scales);
+        },
+        py::arg("prototypes"), py::arg("masks"), py::arg("codebook"),
+        "PQ-encode unit prototypes [n, K, D] float32 with codebook [S, M, 256, D/M] (S = 1 shared, or K per slot): "
+        "(codes uint8 [n, K, M], scales float32 [n, K] = mask / ||decoded||).");
 }

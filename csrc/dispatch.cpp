@@ -12,6 +12,8 @@ struct LevelFns {
     int lanes = 1;
     EncodeFn encode = nullptr;
     HalfFn to_half = nullptr;
+    TileFn pq_tile = nullptr;
+    PQEncodeFn pq_encode = nullptr;
 };
 
 LevelFns g_fns;
@@ -19,11 +21,15 @@ std::string g_level;
 
 LevelFns fns_for(const std::string& level) {
 #if defined(PECM_HAVE_X86)
-    if (level == "avx512") return {&avx512::tile, avx512::tile_lanes(), &avx512::encode, &avx512::to_half};
-    if (level == "avx2") return {&avx2::tile, avx2::tile_lanes(), &avx2::encode, &avx2::to_half};
+    if (level == "avx512")
+        return {&avx512::tile,    avx512::tile_lanes(), &avx512::encode,
+                &avx512::to_half, &avx512::pq_tile,     &avx512::pq_encode};
+    if (level == "avx2")
+        return {&avx2::tile, avx2::tile_lanes(), &avx2::encode, &avx2::to_half, &avx2::pq_tile, &avx2::pq_encode};
 #endif
     (void)level;
-    return {&scalar::tile, scalar::tile_lanes(), &scalar::encode, &scalar::to_half};
+    return {&scalar::tile,    scalar::tile_lanes(), &scalar::encode,
+            &scalar::to_half, &scalar::pq_tile,     &scalar::pq_encode};
 }
 
 void init_once() {
@@ -89,6 +95,16 @@ int current_lanes() {
 EncodeFn current_encode() {
     init_once();
     return g_fns.encode;
+}
+
+TileFn current_pq_tile() {
+    init_once();
+    return g_fns.pq_tile;
+}
+
+PQEncodeFn current_pq_encode() {
+    init_once();
+    return g_fns.pq_encode;
 }
 
 HalfFn current_to_half() {

@@ -15,5 +15,7 @@ TileFn current_tile();
 int current_lanes();         // tile_lanes() of the level in use (query lanes of the packed GEMM layout)
 EncodeFn current_encode();   // the index item encoder of the level in use
 HalfFn current_to_half();    // its float -> half store (a test hook)
+TileFn current_pq_tile();    // the PQ tile kernel (pq_impl.h) of the level in use
+PQEncodeFn current_pq_encode();
 
 }  // namespace pecm

@@ -4,3 +4,4 @@
 #define PECM_NS avx2
 #include "kernel_impl.h"
 #include "encode_impl.h"
+#include "pq_impl.h"

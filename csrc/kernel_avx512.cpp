@@ -4,3 +4,4 @@
 #define PECM_NS avx512
 #include "kernel_impl.h"
 #include "encode_impl.h"
+#include "pq_impl.h"

@@ -25,6 +25,8 @@ struct Queries {
     // the ISA whose tile kernel is used: tile_lanes()). Null -> the dot-product paths only.
     const float* qpk;
     int64_t qlanes;
+    // PQ problems (pq_impl.h): lookup tables [B][K][M][256] w_k mq_k <q̂_k|m, centroid>; null otherwise.
+    const float* lut = nullptr;
 };
 
 // pecm.operands.Candidates as raw C-contiguous buffers. Unless `unit`, the tile kernels normalise each
@@ -42,12 +44,16 @@ struct Candidates {
     bool pooled_unit;     // pooled vectors are unit length
     bool prepared;        // unit && pooled && pooled_unit: the rows are used as they are
     float eps;
+    // PQ candidates (pq_impl.h; then `c` is unused and `pooled` holds unit pooled vectors):
+    const uint8_t* codes = nullptr;  // [N, K, M] 8-bit codes
+    const float* scales = nullptr;   // [N, K] 1 / ||decoded prototype|| (0 when masked out)
 };
 
 struct Problem {
     Queries q;
     Candidates c;
     int64_t K, D;
+    int64_t M = 0;  // PQ subspaces per prototype (0: dense candidates)
 };
 
 // Tile geometry shared by all ISAs (the drivers size scratch buffers with it).
@@ -115,6 +121,31 @@ namespace avx2 { bool encode(const void*, int, const float*, const uint8_t*, int
                              uint16_t*, float*); }
 namespace avx512 { bool encode(const void*, int, const float*, const uint8_t*, int64_t, int64_t, int64_t, float,
                                uint16_t*, float*); }
+#endif
+
+// PQ candidates (pq_impl.h): a TileFn reading p.c.codes / p.c.scales / p.q.lut, and the encoder.
+using PQEncodeFn = void (*)(const float* x, const uint8_t* mask, int64_t n, int64_t K, int64_t D, int64_t M,
+                            int64_t S, const float* centT, const float* half_norm, const float* norm2, uint8_t* codes,
+                            float* scales);
+namespace scalar {
+void pq_tile(const Problem&, int64_t, int64_t, const int64_t*, int64_t, int, float*, float*, float*, int64_t,
+             const TileScratch&);
+void pq_encode(const float*, const uint8_t*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, const float*,
+               const float*, uint8_t*, float*);
+}  // namespace scalar
+#if defined(PECM_HAVE_X86)
+namespace avx2 {
+void pq_tile(const Problem&, int64_t, int64_t, const int64_t*, int64_t, int, float*, float*, float*, int64_t,
+             const TileScratch&);
+void pq_encode(const float*, const uint8_t*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, const float*,
+               const float*, uint8_t*, float*);
+}  // namespace avx2
+namespace avx512 {
+void pq_tile(const Problem&, int64_t, int64_t, const int64_t*, int64_t, int, float*, float*, float*, int64_t,
+             const TileScratch&);
+void pq_encode(const float*, const uint8_t*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, const float*,
+               const float*, uint8_t*, float*);
+}  // namespace avx512
 #endif
 
 }  // namespace pecm

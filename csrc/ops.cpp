@@ -80,7 +80,7 @@ void emit(std::vector<Entry>& e, int64_t k, float* values, int64_t* ids) {
 // (and, on a loaded machine, can cost milliseconds).
 constexpr double kParallelMinFlops = 4e6;
 inline bool worth_parallel(const Problem& p, double rows) {
-    return rows * (double)(p.K * p.D + p.D) >= kParallelMinFlops;
+    return rows * (double)(p.K * (p.M ? 4 * p.M : p.D) + p.D) >= kParallelMinFlops;  // a PQ lookup ~ 4 flops
 }
 
 // The GEMM path of the tile kernel wants the queries packed: [ceil(B/L)][K*D + D][L] float32 (the
@@ -88,7 +88,7 @@ inline bool worth_parallel(const Problem& p, double rows) {
 // points p.qpk at it; empty (p.qpk stays null) when B is too small for that path.
 std::vector<float> pack_queries(Problem& p, int lanes) {
     std::vector<float> pk;
-    if (p.q.B < kGemmMinQ || lanes < 1) return pk;
+    if (p.q.B < kGemmMinQ || lanes < 1 || p.M) return pk;  // (PQ problems have no dense rows)
     const int64_t KD = p.K * p.D, lt = KD + p.D, ng = (p.q.B + lanes - 1) / lanes;
     pk.assign((size_t)(ng * lt * lanes), 0.f);
     for (int64_t b = 0; b < p.q.B; b++) {
@@ -103,6 +103,9 @@ std::vector<float> pack_queries(Problem& p, int lanes) {
     return pk;
 }
 
+// The tile kernel of a problem: the PQ one for PQ candidates (pq_impl.h), else the dense one.
+inline TileFn p0_tile(const Problem& p) { return p.M ? current_pq_tile() : current_tile(); }
+
 }  // namespace
 
 int max_threads() {
@@ -114,7 +117,7 @@ int max_threads() {
 }
 
 void run_scores(const Problem& p0, float* sim, float* conf, float* score) {
-    const TileFn tile = current_tile();
+    const TileFn tile = p0_tile(p0);
     Problem p = p0;
     const std::vector<float> packed = pack_queries(p, current_lanes());
     const int64_t nblk = (p.c.N + kRowBlock - 1) / kRowBlock;
@@ -136,7 +139,7 @@ void run_scores(const Problem& p0, float* sim, float* conf, float* score) {
 }
 
 void run_topk(const Problem& p0, int64_t k, int by, float* values, int64_t* ids) {
-    const TileFn tile = current_tile();
+    const TileFn tile = p0_tile(p0);
     Problem p = p0;
     const std::vector<float> packed = pack_queries(p, current_lanes());
     const int64_t nblk = (p.c.N + kRowBlock - 1) / kRowBlock;
@@ -218,7 +221,7 @@ void run_topk(const Problem& p0, int64_t k, int by, float* values, int64_t* ids)
 }
 
 void run_rerank(const Problem& p, const int64_t* cand, int64_t m, int64_t k, int by, float* values, int64_t* ids) {
-    const TileFn tile = current_tile();
+    const TileFn tile = p0_tile(p);
     // Id blocks of at most kGatherRows rows (few cold block starts: within a block the next rows are
     // prefetched while the current ones are scored), as many per query as a multiple of the thread
     // count when there are few queries (so one query's gather, B = 1, is split evenly over the threads).

@@ -121,14 +121,40 @@ class ArchiveIndex:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def create(cls, path, K: int, D: int, dtype: str = "float16", weights=None, overwrite: bool = False):
-        """Create an empty index at ``path`` and return it open for appending."""
+    def create(
+        cls,
+        path,
+        K: int,
+        D: int,
+        dtype: str = "float16",
+        weights=None,
+        overwrite: bool = False,
+        pq_m: Optional[int] = None,
+        pq_per_slot: bool = False,
+    ):
+        """Create an empty index at ``path`` and return it open for appending.
+
+        ``dtype="pq"``: product-quantised prototypes (`pecm.pq`): ``pq_m`` codes of 8 bits per prototype
+        (default D / 8: 32 bytes at D = 256), one codebook shared by every slot or, with ``pq_per_slot``,
+        one per slot; the codebook is trained on the first `add` (or `train_pq`). Needs faiss-cpu.
+        """
         path = os.fspath(path)
         for name, v, hi in (("K", K, fmt.MAX_K), ("D", D, fmt.MAX_D)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= int(v) <= hi:
                 raise ValueError(f"{name}: expected an int in [1, {hi}], got {v!r}")
         if dtype not in fmt.DTYPES:
             raise ValueError(f"dtype: expected one of {fmt.DTYPES}, got {dtype!r}")
+        pq_entry = None
+        if dtype == "pq":
+            from .. import pq
+
+            m_sub = pq.default_m(int(D)) if pq_m is None else pq.check_m(pq_m, int(D))
+            if not isinstance(pq_per_slot, bool):
+                raise TypeError(f"pq_per_slot: expected a bool, got {pq_per_slot!r}")
+            pq._faiss()  # fail now, not at the first add, when FAISS is missing
+            pq_entry = {"m": m_sub, "per_slot": pq_per_slot, "codebook": None}
+        elif pq_m is not None or pq_per_slot:
+            raise ValueError(f"pq_m / pq_per_slot: only for dtype 'pq', got dtype {dtype!r}")
         w = np.ones(K, dtype=np.float64) if weights is None else _as_array(weights, "weights").astype(np.float64)
         if w.shape != (K,):
             raise ValueError(f"weights: expected shape [K={K}], got {list(w.shape)}")
@@ -139,7 +165,7 @@ class ArchiveIndex:
                 raise FileExistsError(f"index: {path!r} already holds an index (use overwrite=True)")
             shutil.rmtree(path)
         os.makedirs(path, exist_ok=True)
-        files = fmt.file_names(0, dtype == "int8")
+        files = fmt.file_names(0, fmt.has_scales(dtype))
         for name in files.values():
             open(os.path.join(path, name), "wb").close()
         MetaStore(os.path.join(path, fmt.META_DB), writable=True).close()
@@ -155,11 +181,13 @@ class ArchiveIndex:
             "normalized": True,
             "weights": [float(x) for x in w],
             "files": files,
-            "item_bytes": fmt.item_bytes(K, D, dtype),
+            "item_bytes": fmt.item_bytes(K, D, dtype, pq_entry["m"] if pq_entry else 0),
             "sizes": {n: 0 for n in files},
             "checksums": [],
             "tombstones": [],
         }
+        if pq_entry:
+            manifest["pq"] = pq_entry
         fmt.write_manifest(path, manifest)
         return cls.open(path, mode="a")
 
@@ -228,8 +256,20 @@ class ArchiveIndex:
         self.manifest = m
         self.K, self.D, self.dtype, self.count = m["K"], m["D"], m["dtype"], m["count"]
         self.weights = np.asarray(m["weights"], dtype=np.float32)
-        self.layout = fmt.layout(self.K, self.D, self.dtype)
-        self.item_bytes = fmt.item_bytes(self.K, self.D, self.dtype)
+        self.layout = fmt.layout(self.K, self.D, self.dtype, fmt.pq_m(m))
+        self.item_bytes = fmt.manifest_item_bytes(m)
+        self.codebook = None  # pecm.pq.Codebook of a pq index once trained
+        if (m.get("pq") or {}).get("codebook"):
+            from .. import pq
+
+            p = m["pq"]
+            raw = os.pread(files.fds["codebook"], p["codebook"]["bytes"], 0)
+            s_groups = self.K if p["per_slot"] else 1
+            cent = np.frombuffer(raw, dtype="<f4").reshape(s_groups, p["m"], pq.KSUB, self.D // p["m"])
+            try:
+                self.codebook = pq.Codebook(cent.astype(np.float32))
+            except ValueError as e:
+                raise IndexCorruptError(f"index: {fmt.PQ_CODEBOOK}: {e}") from e
         self.paths = {k: os.path.join(self.root, v) for k, v in m["files"].items()}
         self.tombstones = np.asarray(sorted(m["tombstones"]), dtype=np.int64)
         self._files = files
@@ -246,6 +286,8 @@ class ArchiveIndex:
         keep = set(self.manifest["files"].values()) | {fmt.META_DB, fmt.MANIFEST, fmt.LOCK_FILE}
         if self.manifest.get("ann"):
             keep.add(self.manifest["ann"]["file"])
+        if (self.manifest.get("pq") or {}).get("codebook"):
+            keep.add(fmt.PQ_CODEBOOK)
         for name in os.listdir(self.root):
             stray = name.endswith((".bin", ".faiss")) and name not in keep
             if stray or name.startswith(f".{fmt.MANIFEST}"):
@@ -363,15 +405,20 @@ class ArchiveIndex:
         return out
 
     def dequantize(self, rows: np.ndarray) -> np.ndarray:
-        """Stored prototypes of some rows as float32/float16 (int8 is dequantised per row)."""
+        """Stored prototypes of some rows as float32/float16 (int8 is dequantised per row, pq decoded)."""
         p = self.read_rows("prototypes", rows)
+        if self.dtype == "pq":
+            from .. import pq
+
+            return pq.decode(p, self.read_rows("scales", rows), self.codebook)
         if self.dtype != "int8":
             return p
         return p.astype(np.float32) * self.read_rows("scales", rows)[..., None]
 
     def get(self, ids, vectors: bool = False) -> List[dict]:
         """Metadata rows of the given ids; with ``vectors=True`` each row also holds ``prototypes``
-        (unit, float32 [K, D]), ``mask`` (bool [K]) and ``pooled`` (float32 [D])."""
+        (unit, float32 [K, D]; a pq index returns the decoded prototypes, the ones its scores use),
+        ``mask`` (bool [K]) and ``pooled`` (float32 [D])."""
         v = self._current()
         ids = fmt.id_array(ids)
         rows = v.rows_of(ids)
@@ -428,7 +475,10 @@ class ArchiveIndex:
         new_ids = np.arange(first_id, first_id + n, dtype=np.int64)
         try:
             self._truncate_uncommitted()  # bytes of an earlier failed append on this handle
-            crcs = self._write_rows(x, masks, pooled, new_ids, start, progress)
+            codebook = self.codebook
+            if self.dtype == "pq" and codebook is None:  # the first add trains the codebook on its items
+                codebook = self._train_codebook(m, x, masks)
+            crcs = self._write_rows(x, masks, pooled, new_ids, start, progress, codebook)
             # one transaction: rows left by failed/interrupted appends (id >= next_id) go, ours come in
             meta_crc = self.meta.replace_from(first_id, new_ids.tolist(), metadata)
             m["count"] = start + n
@@ -459,13 +509,64 @@ class ArchiveIndex:
             except (OSError, ValueError):
                 pass
 
-    def _write_rows(self, x, masks, pooled, new_ids, start: int, progress) -> Dict[str, int]:
+    def train_pq(self, prototypes, masks=None, seed: int = 0) -> None:
+        """Writer, pq index without items: train and commit the codebook on a sample of prototypes
+        ([n, K, D], any float; they are not added). Without it the first `add` trains on its own items."""
+        self._require_writer()
+        if self.dtype != "pq":
+            raise ValueError(f"index: train_pq is for dtype 'pq' indexes, this one is {self.dtype!r}")
+        if self.codebook is not None:
+            raise ValueError("index: the pq codebook is already trained (it is fixed once items use it)")
+        x = _as_array(prototypes, "prototypes")
+        if x.ndim != 3 or x.shape[1:] != (self.K, self.D) or x.dtype.kind != "f":
+            raise ValueError(f"prototypes: expected a float array [n, K={self.K}, D={self.D}], got {list(x.shape)}")
+        if masks is not None:
+            masks = _as_array(masks, "masks")
+            if masks.shape != x.shape[:2]:
+                raise ValueError(f"masks: expected shape {list(x.shape[:2])}, got {list(masks.shape)}")
+        m = dict(self.manifest)
+        try:
+            self._train_codebook(m, x, masks, seed)
+            fmt.write_manifest(self.root, m)
+        except BaseException:
+            self._after_failed_commit(m)
+            raise
+        self._reload(m)
+
+    def _train_codebook(self, m: dict, x, masks, seed: int = 0):
+        """Train a pq codebook on (a sample of) items ``x``, write and fsync it, and put its entry in ``m``
+        (not yet committed). Returns the `pecm.pq.Codebook`."""
+        from .. import pq
+
+        p = dict(m["pq"])
+        rng = np.random.default_rng(seed)
+        want = -(-pq.TRAIN_SAMPLE // (1 if p["per_slot"] else self.K))  # items giving TRAIN_SAMPLE prototypes
+        pick = np.sort(rng.choice(len(x), size=want, replace=False)) if len(x) > want else np.arange(len(x))
+        enc = fmt.BlockEncoder(self.K, self.D, self.weights, "float32", len(pick))
+        blk = enc.encode(np.asarray(x[pick]), None if masks is None else np.asarray(masks)[pick], None)
+        cb = pq.train(blk["prototypes"], blk["masks"].astype(bool), p["m"], p["per_slot"], seed)
+        data = np.ascontiguousarray(cb.centroids, dtype="<f4")
+        fmt.write_file(os.path.join(self.root, fmt.PQ_CODEBOOK), memoryview(data).cast("B"))
+        fmt.fsync_dir(self.root)
+        p["codebook"] = {
+            "file": fmt.PQ_CODEBOOK,
+            "bytes": data.nbytes,
+            "crc32": fmt.zlib.crc32(memoryview(data).cast("B")),
+            "trained_on": int(len(pick)),
+        }
+        m["pq"] = p
+        return cb
+
+    def _write_rows(self, x, masks, pooled, new_ids, start: int, progress, codebook=None) -> Dict[str, int]:
         """Encode and write rows ``start..`` of every data file (fsynced); returns their crc32s."""
         n = len(new_ids)
         crcs = {k: 0 for k in self.paths}
         show = sys.stderr.isatty() if progress is None else bool(progress)
         nslots = 2 if n > ADD_BLOCK else 1
-        encs = [fmt.BlockEncoder(self.K, self.D, self.weights, self.dtype, min(n, ADD_BLOCK)) for _ in range(nslots)]
+        encs = [
+            fmt.BlockEncoder(self.K, self.D, self.weights, self.dtype, min(n, ADD_BLOCK), codebook)
+            for _ in range(nslots)
+        ]
         fds: Dict[str, int] = {}
 
         def write(blk: dict, s: int) -> None:  # runs on the writer thread, in block order
@@ -671,6 +772,10 @@ class ArchiveIndex:
             "normalized": True,
             "weights": [float(x) for x in self.weights],
             "bytes": {k: self.count * self.item_bytes[k] for k in self.paths},
+            "pq": None
+            if self.dtype != "pq"
+            else {"m": self.manifest["pq"]["m"], "per_slot": self.manifest["pq"]["per_slot"],
+                  "codebook_bytes": (self.manifest["pq"]["codebook"] or {}).get("bytes", 0)},
             "files": dict(self.manifest["files"]),
         }
 

@@ -61,7 +61,7 @@ def _write_kept(index, paths: dict, progress) -> tuple:
 def compact_index(index, progress=None) -> dict:
     m = index.manifest
     gen = m["generation"] + 1
-    names = fmt.file_names(gen, index.dtype == "int8")
+    names = fmt.file_names(gen, fmt.has_scales(index.dtype))
     paths = {k: os.path.join(index.root, v) for k, v in names.items()}
     tomb = index.tombstones
     new = dict(m)

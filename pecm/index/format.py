@@ -4,8 +4,10 @@ An index is a directory::
 
     manifest.json     the only source of truth (format version, K, D, dtype, count, weights, ...)
     prototypes.bin    [N, K, D] unit prototypes, masked-out prototypes exactly zero
-                      (float16 default, float32, or int8 with scales.bin)
-    scales.bin        [N, K] float32 per-prototype dequantisation scale (int8 only)
+                      (float16 default, float32, or int8 with scales.bin); for dtype "pq"
+                      [N, K, M] uint8 product-quantisation codes (`pecm.pq`)
+    scales.bin        [N, K] float32 per-prototype scale (int8: dequantisation; pq: 1/||decoded||)
+    pq_codebook.bin   [S, M, 256, D/M] float32 PQ centroids (dtype "pq"; written once, at the first add)
     pooled.bin        [N, D] unit pooled vectors (Eq. 4 with the index weights, or given)
     masks.bin         [N, K] uint8 0/1
     ids.bin           [N] int64 global ids, strictly increasing (stable across `compact`)
@@ -42,7 +44,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 META_DB = "meta.sqlite"
 LOCK_FILE = "write.lock"
-DTYPES = ("float16", "float32", "int8")
+DTYPES = ("float16", "float32", "int8", "pq")
+PQ_CODEBOOK = "pq_codebook.bin"  # immutable once committed: every generation shares it
 EPS = 1e-12
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # index files are never followed through symbolic links
 
@@ -55,30 +58,43 @@ class IndexLockedError(RuntimeError):
     """Another process holds the index open for writing."""
 
 
-def file_names(generation: int, int8: bool) -> Dict[str, str]:
+def has_scales(dtype: str) -> bool:
+    return dtype in ("int8", "pq")
+
+
+def pq_m(m: dict) -> int:
+    """Subspaces per prototype of a manifest's pq index (0 for the other dtypes)."""
+    return int(m["pq"]["m"]) if m.get("dtype") == "pq" else 0
+
+
+def file_names(generation: int, scales: bool) -> Dict[str, str]:
     """Logical data file -> file name for one generation (generation 0 uses the plain names)."""
     suffix = "" if generation == 0 else f".g{generation}"
-    names = ["prototypes", "pooled", "masks", "ids"] + (["scales"] if int8 else [])
+    names = ["prototypes", "pooled", "masks", "ids"] + (["scales"] if scales else [])
     return {n: f"{n}{suffix}.bin" for n in names}
 
 
-def layout(k: int, d: int, dtype: str) -> Dict[str, tuple]:
-    """Logical file -> (numpy dtype, per-item shape)."""
-    store = np.int8 if dtype == "int8" else np.dtype(dtype)
+def layout(k: int, d: int, dtype: str, m: int = 0) -> Dict[str, tuple]:
+    """Logical file -> (numpy dtype, per-item shape); ``m``: PQ subspaces (dtype "pq")."""
+    store = {"int8": np.int8, "pq": np.uint8}.get(dtype) or np.dtype(dtype)
     pooled = np.float32 if dtype == "float32" else np.float16
     out = {
-        "prototypes": (np.dtype(store), (k, d)),
+        "prototypes": (np.dtype(store), (k, m) if dtype == "pq" else (k, d)),
         "pooled": (np.dtype(pooled), (d,)),
         "masks": (np.dtype(np.uint8), (k,)),
         "ids": (np.dtype(np.int64), ()),
     }
-    if dtype == "int8":
+    if has_scales(dtype):
         out["scales"] = (np.dtype(np.float32), (k,))
     return out
 
 
-def item_bytes(k: int, d: int, dtype: str) -> Dict[str, int]:
-    return {n: dt.itemsize * int(np.prod(shape, dtype=np.int64)) for n, (dt, shape) in layout(k, d, dtype).items()}
+def item_bytes(k: int, d: int, dtype: str, m: int = 0) -> Dict[str, int]:
+    return {n: dt.itemsize * int(np.prod(shape, dtype=np.int64)) for n, (dt, shape) in layout(k, d, dtype, m).items()}
+
+
+def manifest_item_bytes(m: dict) -> Dict[str, int]:
+    return item_bytes(m["K"], m["D"], m["dtype"], pq_m(m))
 
 
 def check_regular_files(root: str, names) -> None:
@@ -175,7 +191,8 @@ def validate_manifest(m: dict, path: str) -> dict:
     d = _int(m, "D", 1, MAX_D, path)
     if m["dtype"] not in DTYPES:
         raise IndexCorruptError(f"index: {path}: field 'dtype' must be one of {DTYPES}, got {m['dtype']!r}")
-    limit = (1 << 62) // max(item_bytes(k, d, m["dtype"]).values())
+    _validate_pq(m, path, d)
+    limit = (1 << 62) // max(manifest_item_bytes(m).values())
     count = _int(m, "count", 0, limit, path)
     next_id = _int(m, "next_id", count, 1 << 62, path)
     gen = _int(m, "generation", 0, 1 << 62, path)
@@ -186,7 +203,7 @@ def validate_manifest(m: dict, path: str) -> dict:
         or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0 for x in w)
     ):
         raise IndexCorruptError(f"index: {path}: field 'weights' must be a list of K={k} finite numbers >= 0")
-    want = file_names(gen, m["dtype"] == "int8")
+    want = file_names(gen, has_scales(m["dtype"]))
     if m["files"] != want:
         raise IndexCorruptError(
             f"index: {path}: field 'files' must name this generation's data files {sorted(want.values())}, "
@@ -213,6 +230,34 @@ def validate_manifest(m: dict, path: str) -> dict:
     if t and (min(t) < 0 or max(t) >= next_id or len(set(t)) != len(t)):
         raise IndexCorruptError(f"index: {path}: field 'tombstones' holds ids outside [0, {next_id}) or repeats")
     return m
+
+
+def pq_codebook_bytes(m: dict) -> int:
+    p = m["pq"]
+    return 4 * (m["K"] if p["per_slot"] else 1) * m["D"] * 256
+
+
+def _validate_pq(m: dict, path: str, d: int) -> None:
+    p = m.get("pq")
+    if m["dtype"] != "pq":
+        if p is not None:
+            raise IndexCorruptError(f"index: {path}: field 'pq' belongs to dtype 'pq' only")
+        return
+    bad = f"index: {path}: field 'pq'"
+    if not isinstance(p, dict) or set(p) - {"m", "per_slot", "codebook"} or not isinstance(p.get("per_slot"), bool):
+        raise IndexCorruptError(f"{bad} must be an object with m, per_slot and codebook")
+    mm = p.get("m")
+    if not isinstance(mm, int) or isinstance(mm, bool) or not 1 <= mm <= d or d % mm:
+        raise IndexCorruptError(f"{bad}: m must be an int in [1, D={d}] dividing D, got {mm!r}")
+    cb = p.get("codebook")
+    if cb is None:
+        if m["count"]:
+            raise IndexCorruptError(f"{bad}: an index with items must have a codebook")
+        return
+    if not isinstance(cb, dict) or cb.get("file") != PQ_CODEBOOK or not _crc(cb.get("crc32")):
+        raise IndexCorruptError(f"{bad}: codebook must name {PQ_CODEBOOK} with its crc32")
+    if cb.get("bytes") != pq_codebook_bytes(m):
+        raise IndexCorruptError(f"{bad}: codebook bytes must be {pq_codebook_bytes(m)}, got {cb.get('bytes')!r}")
 
 
 def _validate_ann(m: dict, path: str, count: int, gen: int) -> None:
@@ -286,6 +331,8 @@ def open_files(root: str, m: dict) -> Dict[str, int]:
     names = dict(m["files"])
     if m.get("ann"):
         names["ann"] = m["ann"]["file"]
+    if (m.get("pq") or {}).get("codebook"):
+        names["codebook"] = PQ_CODEBOOK
     try:
         for logical, name in names.items():
             fds[logical] = os.open(os.path.join(root, name), os.O_RDONLY | NOFOLLOW)
@@ -299,12 +346,16 @@ def open_files(root: str, m: dict) -> Dict[str, int]:
 
 def check_sizes(m: dict, fds: Dict[str, int]) -> None:
     """Cheap check on every open: every data file holds at least the committed bytes."""
-    sizes = item_bytes(m["K"], m["D"], m["dtype"])
+    sizes = manifest_item_bytes(m)
     for logical, name in m["files"].items():
         need = m["count"] * sizes[logical]
         have = os.fstat(fds[logical]).st_size
         if have < need:
             raise IndexCorruptError(f"index: {name} is truncated: {have} bytes, the manifest commits {need}")
+    cb = (m.get("pq") or {}).get("codebook")
+    if cb and os.fstat(fds["codebook"]).st_size != cb["bytes"]:
+        raise IndexCorruptError(f"index: {PQ_CODEBOOK} has {os.fstat(fds['codebook']).st_size} bytes, "
+                                f"the manifest {cb['bytes']}")
     a = m.get("ann")
     if a and os.fstat(fds["ann"]).st_size != a["bytes"]:
         raise IndexCorruptError(
@@ -326,7 +377,7 @@ def crc_range(fd: int, offset: int, length: int, block: int = 1 << 24) -> int:
 
 
 def verify_checksums(m: dict, fds: Dict[str, int]) -> None:
-    sizes = item_bytes(m["K"], m["D"], m["dtype"])
+    sizes = manifest_item_bytes(m)
     for rec in m["checksums"]:
         for logical, crc in rec["crc32"].items():
             name = m["files"][logical]
@@ -336,6 +387,13 @@ def verify_checksums(m: dict, fds: Dict[str, int]) -> None:
                     f"index: checksum mismatch in {name} for rows [{rec['start']}, {rec['start'] + rec['count']}) "
                     f"(crc32 {got:#010x}, manifest {crc:#010x})"
                 )
+    cb = (m.get("pq") or {}).get("codebook")
+    if cb:
+        got = crc_range(fds["codebook"], 0, cb["bytes"])
+        if got != cb["crc32"]:
+            raise IndexCorruptError(
+                f"index: checksum mismatch in {PQ_CODEBOOK} (crc32 {got:#010x}, manifest {cb['crc32']:#010x})"
+            )
     a = m.get("ann")
     if a:
         got = crc_range(fds["ann"], 0, a["bytes"])
@@ -383,8 +441,8 @@ class BlockEncoder:
     arrays up to float32 rounding (tested).
     """
 
-    def __init__(self, k: int, d: int, weights: np.ndarray, dtype: str, block: int):
-        self.k, self.d, self.dtype = k, d, dtype
+    def __init__(self, k: int, d: int, weights: np.ndarray, dtype: str, block: int, codebook=None):
+        self.k, self.d, self.dtype, self.codebook = k, d, dtype, codebook  # codebook: pecm.pq.Codebook (pq)
         self.native = _native_encoder() if dtype == "float16" else None
         self.w = torch.as_tensor(np.asarray(weights), dtype=torch.float32)
         self.x32 = torch.empty((block, k, d))
@@ -468,7 +526,12 @@ class BlockEncoder:
         if fix is not None:
             unit[bad] = fix.to(unit.dtype)
         out = {"masks": m}
-        if self.dtype == "int8":
+        if self.dtype == "pq":  # unit float32 prototypes -> codes + 1/||decoded|| (masked: code 0, scale 0)
+            from .. import pq
+
+            out["prototypes"], out["scales"] = pq.encode(unit.numpy(), m, self.codebook)
+            out["pooled"] = h.half().numpy()
+        elif self.dtype == "int8":
             scale = unit.abs().amax(-1) / 127.0
             safe = torch.where(scale > 0, scale, torch.ones_like(scale))
             out["prototypes"] = torch.round(unit / safe.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8).numpy()

@@ -121,8 +121,17 @@ def _read(index, names: List[str], rows: np.ndarray) -> Dict[str, np.ndarray]:
     return {k: index.read_rows(k, rows) for k in names}
 
 
-def _chunk_candidates(index, w: torch.Tensor, a: Dict[str, np.ndarray], device=None) -> Candidates:
-    """Rows read from the index as prepared Candidates (views of the read buffers; no validation)."""
+def _chunk_candidates(index, w: torch.Tensor, a: Dict[str, np.ndarray], device=None):
+    """Rows read from the index as prepared Candidates (views of the read buffers; no validation), or
+    as `pecm.pq.PQCandidates` for a pq index."""
+    if index.dtype == "pq":
+        from ..pq import PQCandidates
+
+        masks = a["masks"]
+        cm = None if masks.all() else torch.from_numpy(masks).view(torch.bool)
+        pc = PQCandidates(torch.from_numpy(a["prototypes"]), torch.from_numpy(a["scales"]),
+                          torch.from_numpy(a["pooled"]), cm, w)
+        return pc if device is None else pc.to(device)
     c = torch.from_numpy(a["prototypes"])
     if index.dtype == "int8":
         c = c.float() * torch.from_numpy(a["scales"]).unsqueeze(-1)
@@ -135,7 +144,30 @@ def _chunk_candidates(index, w: torch.Tensor, a: Dict[str, np.ndarray], device=N
 
 
 def _names(index) -> List[str]:
-    return ["prototypes", "pooled", "masks", "ids"] + (["scales"] if index.dtype == "int8" else [])
+    return ["prototypes", "pooled", "masks", "ids"] + (["scales"] if index.dtype in ("int8", "pq") else [])
+
+
+def _topk(index, qs: Queries, cs, k: int, by, backend, cand=None):
+    """`pecm.ops.pecm_topk` (cand None) / `pecm_rerank` of one chunk; a pq index scores the codes with the
+    queries' lookup tables (`pecm.pq.pq_topk`, computed once per search and kept in the queries' cache)."""
+    if index.dtype != "pq":
+        if cand is None:
+            return ops.pecm_topk(qs, cs, None, k, by=by, backend=backend)
+        return ops.pecm_rerank(qs, cs, cand, None, k, by=by, backend=backend)
+    from .. import pq
+
+    table = qs._cache.get("pq_lut")
+    if table is None:
+        table = qs._cache["pq_lut"] = pq.lut(qs, index.codebook)
+    return pq.pq_topk(qs, table, cs, k, by, cand=cand, backend=backend)
+
+
+def _slice(qs: Queries, g0: int, g1: int) -> Queries:
+    """Queries [g0, g1) keeping their pq lookup tables."""
+    out = qs.slice(g0, g1)
+    if "pq_lut" in qs._cache:
+        out._cache["pq_lut"] = qs._cache["pq_lut"][g0:g1]
+    return out
 
 
 def _exhaustive(index, qs: Queries, k, by, chunk, backend, start, end, device=None, allow=None, sel=None):
@@ -148,7 +180,7 @@ def _exhaustive(index, qs: Queries, k, by, chunk, backend, start, end, device=No
         for s in range(0, sel.size, chunk):
             r = sel[s : s + chunk]
             cs = _chunk_candidates(index, w, _read(index, names, r), device)
-            tv, ti = ops.pecm_topk(qs, cs, None, min(k, r.size), by=by, backend=backend)
+            tv, ti = _topk(index, qs, cs, min(k, r.size), by, backend)
             ti = ti.cpu()
             best.add(tv.cpu().float(), torch.where(ti >= 0, torch.from_numpy(r)[ti.clamp(min=0)], ti))
         return best.result()
@@ -159,7 +191,7 @@ def _exhaustive(index, qs: Queries, k, by, chunk, backend, start, end, device=No
             cs = _chunk_candidates(index, w, a, device)  # e.g. a CUDA device: scored there (triton under "auto")
             dead = _dead(index, a["ids"], allow)
             kk = min(n, k + (0 if dead is None else int(dead.sum())))
-            tv, ti = ops.pecm_topk(qs, cs, None, kk, by=by, backend=backend)
+            tv, ti = _topk(index, qs, cs, kk, by, backend)
             tv, ti = tv.cpu().float(), ti.cpu()
             if dead is not None:
                 bad = torch.from_numpy(dead)[ti.clamp(min=0)] | (ti < 0)
@@ -237,13 +269,13 @@ def _rerank_group(index, qs: Queries, cand, k, by, backend, device=None):
         qs = qs.to(device)
     rows = {"prototypes": index.read_rows("prototypes", uniq), "pooled": index.read_rows("pooled", uniq)}
     rows["masks"] = index.read_rows("masks", uniq)
-    if index.dtype == "int8":
+    if index.dtype in ("int8", "pq"):
         rows["scales"] = index.read_rows("scales", uniq)
     cs = _chunk_candidates(index, qs.weights, rows, device)
     local = torch.from_numpy(local)
     if device is not None:
         local = local.to(device)
-    tv, ti = ops.pecm_rerank(qs, cs, local, None, k, by=by, backend=backend)
+    tv, ti = _topk(index, qs, cs, k, by, backend, cand=local)
     ti = ti.cpu()
     rows = torch.where(ti >= 0, torch.from_numpy(uniq)[ti.clamp(min=0)], ti)
     return tv.cpu().float(), rows
@@ -258,7 +290,7 @@ def _two_stage(index, qs: Queries, k, by, m, backend, start, end, chunk, device,
     # gather at most ~chunk candidate rows at a time: queries are reranked in groups
     group = max(1, chunk // max(1, cand.shape[1]))
     outs = [
-        _rerank_group(index, qs.slice(g, g + group), cand[g : g + group], k, by, backend, device)
+        _rerank_group(index, _slice(qs, g, g + group), cand[g : g + group], k, by, backend, device)
         for g in range(0, qs.b, group)
     ]
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])

@@ -1,0 +1,317 @@
+"""Product-quantised (PQ) candidates: PECM scores computed from 8-bit codes (asymmetric distances).
+
+Math. A unit prototype ĉ_{n,k} (D floats) is split into M subvectors of DS = D / M dimensions; each is
+replaced by the index of its nearest of 256 centroids ``cent[s, m]`` (s = 0 when one codebook is shared
+by every slot k, s = k for per-slot codebooks). The *decoded* prototype is
+
+    ĉ'_{n,k} = a_{n,k} · concat_m cent[s(k), m, code_{n,k,m}],   a_{n,k} = mc_{n,k} / ||concat_m cent[...]||
+
+so it is unit length again (0 for a masked-out prototype). For a query, the lookup table
+
+    lut[b, k, m, c] = w_k mq_{b,k} · <q̂_{b,k} restricted to subspace m, cent[s(k), m, c]>
+
+gives the confidence numerator of DESIGN §1 exactly for the decoded prototypes:
+
+    num = Σ_k a_{n,k} Σ_m lut[b, k, m, code_{n,k,m}],   den = Σ_k w_k mq_{b,k} mc_{n,k},   conf = num / den
+
+(0 when den = 0). ``sim`` uses the stored unit pooled vectors (dense, float16/float32), ``score = sim·conf``.
+So every PQ score equals the float64 reference score of the decoded prototypes (`decode`) up to float32
+rounding — tested — and the fused kernels (cpp `pecm._C.pq_topk`, Triton `pecm.kernels.pq_topk`) never
+decompress a row: they gather K·M table entries per candidate.
+
+Storage per item at K = 26, D = 256, M = 32: 832 code bytes + 104 scale bytes (+ the pooled vector and
+mask, as in every index), against 13,312 bytes of float16 prototypes.
+
+Codebooks are trained with FAISS (`faiss.ProductQuantizer`, k-means per subspace) on a sample of unit
+prototypes (the optional ``faiss-cpu`` dependency, extra ``[ann]``); encoding uses the C++ extension
+(nearest centroid by squared L2, ties to the smaller code) or a torch fallback with the same rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from .operands import By, Queries
+
+KSUB = 256  # centroids per subspace (8-bit codes)
+TRAIN_SAMPLE = 65536  # prototypes sampled to train one codebook
+MIN_TRAIN = KSUB  # k-means needs at least one training vector per centroid
+TORCH_CHUNK = 2048  # candidate rows per step of the torch backend
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Codebook:
+    """``centroids`` float32 [S, M, 256, D/M]: S = 1 (shared by every slot) or K (one per slot)."""
+
+    centroids: np.ndarray
+
+    def __post_init__(self):
+        c = self.centroids
+        if not isinstance(c, np.ndarray) or c.dtype != np.float32 or c.ndim != 4 or c.shape[2] != KSUB:
+            raise ValueError(f"centroids: expected float32 [S, M, {KSUB}, D/M], got {getattr(c, 'shape', c)}")
+        if not np.all(np.isfinite(c)):
+            raise ValueError("centroids: contain NaN or inf values")
+
+    @property
+    def s(self) -> int:
+        return self.centroids.shape[0]
+
+    @property
+    def m(self) -> int:
+        return self.centroids.shape[1]
+
+    @property
+    def d(self) -> int:
+        return self.centroids.shape[1] * self.centroids.shape[3]
+
+    def slot_centroids(self, k: int) -> np.ndarray:
+        """[K, M, 256, D/M]: the codebook of every slot (a broadcast view when shared)."""
+        c = self.centroids
+        return np.broadcast_to(c, (k, *c.shape[1:])) if c.shape[0] == 1 else c
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PQCandidates:
+    """PQ-coded candidates (an index chunk): ``codes`` uint8 [N, K, M], ``scales`` float32 [N, K],
+    ``pooled`` unit [N, D] float16/float32, ``mask`` bool [N, K] or None, ``weights`` float32 [K]."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    pooled: torch.Tensor
+    mask: Optional[torch.Tensor]
+    weights: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return self.codes.shape[0]
+
+    def to(self, device) -> "PQCandidates":
+        if torch.device(device) == self.codes.device:
+            return self
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return PQCandidates(mv(self.codes), mv(self.scales), mv(self.pooled), mv(self.mask), mv(self.weights))
+
+
+def check_m(m, d: int) -> int:
+    """Subspaces per prototype: an int >= 1 dividing D."""
+    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or not 1 <= int(m) <= d or d % int(m):
+        raise ValueError(f"pq_m: expected an int in [1, D={d}] that divides D, got {m!r}")
+    return int(m)
+
+
+def default_m(d: int) -> int:
+    """D / 8 subspaces (8-dimensional subvectors: 32 bytes per prototype at D = 256), or the largest
+    divisor of D not above that."""
+    m = max(1, d // 8)
+    while d % m:
+        m -= 1
+    return m
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise ImportError(
+            "dtype 'pq' trains its codebook with FAISS; install faiss-cpu (pip install 'pecm[ann]')"
+        ) from None
+    return faiss
+
+
+def train(unit: np.ndarray, mask: Optional[np.ndarray], m: int, per_slot: bool, seed: int = 0,
+          sample: int = TRAIN_SAMPLE) -> Codebook:
+    """A codebook trained on (a sample of) the valid unit prototypes ``unit`` [n, K, D]."""
+    faiss = _faiss()
+    n, k, d = unit.shape
+    valid = np.ones((n, k), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(k)] if not per_slot else [np.array([t]) for t in range(k)]
+    out = []
+    for g in groups:
+        rows, slots = np.nonzero(valid[:, g])
+        have = rows.size
+        if have < MIN_TRAIN:
+            what = "all slots" if not per_slot else f"slot {int(g[0])}"
+            raise ValueError(
+                f"prototypes: training a PQ codebook needs at least {MIN_TRAIN} valid prototypes for {what}, got "
+                f"{have}; add more items in the first add (or call train_pq with a sample)"
+            )
+        pick = rng.choice(have, size=min(sample, have), replace=False) if have > sample else np.arange(have)
+        x = np.ascontiguousarray(unit[rows[pick], g[slots[pick]]], dtype=np.float32)
+        pq = faiss.ProductQuantizer(d, m, 8)
+        pq.cp.seed = int(seed)
+        pq.verbose = False
+        pq.cp.min_points_per_centroid = 1  # (small first adds: no FAISS warning; MIN_TRAIN is checked above)
+        pq.train(x)
+        out.append(faiss.vector_to_array(pq.centroids).reshape(m, KSUB, d // m).astype(np.float32))
+    return Codebook(np.ascontiguousarray(np.stack(out)))
+
+
+def encode(unit: np.ndarray, mask: Optional[np.ndarray], cb: Codebook) -> Tuple[np.ndarray, np.ndarray]:
+    """(codes uint8 [n, K, M], scales float32 [n, K]) of unit prototypes [n, K, D] (masked rows get code
+    0 and scale 0)."""
+    x = np.ascontiguousarray(unit, dtype=np.float32)
+    mk = None if mask is None else np.ascontiguousarray(mask, dtype=bool).view(np.uint8)
+    try:
+        from . import _C
+    except ImportError:
+        _C = None
+    if _C is not None:
+        return _C.pq_encode(x, mk, cb.centroids)
+    return _encode_torch(x, mk, cb)
+
+
+def _encode_torch(x: np.ndarray, mk: Optional[np.ndarray], cb: Codebook) -> Tuple[np.ndarray, np.ndarray]:
+    n, k, d = x.shape
+    m, ds = cb.m, d // cb.m
+    cent = torch.from_numpy(np.ascontiguousarray(cb.slot_centroids(k)))  # [K, M, 256, DS]
+    half = (cent * cent).sum(-1) / 2  # [K, M, 256]
+    codes = np.empty((n, k, m), dtype=np.uint8)
+    norm2 = torch.zeros((n, k), dtype=torch.float64)
+    xt = torch.from_numpy(x).view(n, k, m, ds)
+    for t in range(k):
+        s = torch.einsum("nmj,mcj->nmc", xt[:, t], cent[t]) - half[t]  # argmax = nearest (ties: first)
+        c = s.argmax(-1)
+        codes[:, t] = c.numpy().astype(np.uint8)
+        norm2[:, t] = (2 * half[t].double()).gather(1, c.T).T.sum(-1)
+    scales = torch.where(norm2 > 0, norm2.rsqrt(), torch.zeros_like(norm2)).float().numpy()
+    if mk is not None:
+        bad = mk == 0
+        codes[bad] = 0
+        scales[bad] = 0.0
+    return codes, scales
+
+
+def decode(codes: np.ndarray, scales: np.ndarray, cb: Codebook, dtype=np.float32) -> np.ndarray:
+    """The decoded unit prototypes [n, K, D] (``a · concat_m cent[code_m]``; 0 for masked ones)."""
+    n, k, m = codes.shape
+    cent = cb.slot_centroids(k).astype(dtype)  # [K, M, 256, DS]
+    kk, mm = np.arange(k)[None, :, None], np.arange(m)[None, None, :]
+    sub = cent[kk, mm, codes.astype(np.int64)]  # [n, K, M, DS]
+    return (sub.reshape(n, k, -1) * np.asarray(scales, dtype=dtype)[..., None]).astype(dtype)
+
+
+def lut(qs: Queries, cb: Codebook) -> torch.Tensor:
+    """Lookup tables float32 [B, K, M, 256]: w_k mq_k <q̂_k|m, cent[s(k), m, c]> (see the module docstring)."""
+    b, k, d = qs.b, qs.k, qs.d
+    if cb.d != d:
+        raise ValueError(f"codebook: built for D={cb.d}, the queries have D={d}")
+    m = cb.m
+    qw = qs.qw.detach().float().reshape(b, k, m, d // m)
+    cent = torch.from_numpy(cb.centroids).to(qw.device)  # [S, M, 256, DS]
+    if cb.s == 1:
+        return torch.einsum("bkmj,mcj->bkmc", qw, cent[0]).contiguous()
+    return torch.einsum("bkmj,kmcj->bkmc", qw, cent).contiguous()
+
+
+def _torch_values(qs: Queries, table: torch.Tensor, cs: PQCandidates, rows: torch.Tensor):
+    """(sim, conf, score) [B, R] of candidate rows ``rows`` [R] by gathering ``table`` (no decoding)."""
+    b, k = qs.b, qs.k
+    m = cs.codes.shape[2]
+    codes = cs.codes[rows].long()  # [R, K, M]
+    flat = (torch.arange(k * m, device=codes.device).view(1, k, m) * KSUB + codes).view(1, -1)  # [1, R*K*M]
+    g = table.reshape(b, -1).gather(1, flat.expand(b, -1)).view(b, rows.numel(), k, m).sum(-1)  # [B, R, K]
+    num = (g * cs.scales[rows].float().unsqueeze(0)).sum(-1)
+    if cs.mask is None:
+        den = qs.qden.float().sum(-1, keepdim=True).expand(b, rows.numel())
+    else:
+        den = qs.qden.float() @ cs.mask[rows].float().T
+    conf = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+    sim = qs.qp.float() @ cs.pooled[rows].float().T
+    return sim, conf, sim * conf
+
+
+def _pick(by: By, vals):
+    return vals[{By.SCORE: 2, By.SIM: 0, By.CONF: 1}[by]]
+
+
+def _backend(backend: str, device: torch.device) -> str:
+    if backend not in ("auto", "cpp", "torch", "triton"):
+        raise ValueError(f"backend: expected 'auto', 'cpp', 'triton' or 'torch', got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda":
+            return "triton"
+        try:
+            from . import _C  # noqa: F401
+
+            return "cpp"
+        except ImportError:
+            return "torch"
+    return backend
+
+
+def _cpp(qs: Queries, table: torch.Tensor, cs: PQCandidates):
+    from . import _C
+    from .backends.cpp_backend import _np, _queries
+
+    h = cs.__dict__.get("_cpp")
+    if h is None:
+        dt = "float16" if cs.pooled.dtype == torch.float16 else "float32"
+        h = _C.PQCandidates(
+            cs.codes.numpy(), cs.scales.numpy(), _np(cs.pooled), dt, _np(cs.weights.float()), _np(cs.mask)
+        )
+        object.__setattr__(cs, "_cpp", h)
+    return _C, _queries(qs), np.ascontiguousarray(table.reshape(qs.b, -1).numpy()), h
+
+
+def pq_scores(qs: Queries, table: torch.Tensor, cs: PQCandidates, backend: str = "auto"):
+    """(sim, conf, score) float32 [B, N] of PQ candidates (unfused; for tests and small problems)."""
+    be = _backend(backend, cs.codes.device)
+    if be == "cpp":
+        C, q, t, h = _cpp(qs, table, cs)
+        return tuple(torch.from_numpy(x) for x in C.pq_scores(q, t, h))
+    if be == "triton":
+        from .kernels import pq_scores as tri
+
+        return tri(*_triton_args(qs, table, cs))
+    return _torch_values(qs, table, cs, torch.arange(cs.n, device=cs.codes.device))
+
+
+def _triton_args(qs: Queries, table: torch.Tensor, cs: PQCandidates):
+    cm = None if cs.mask is None else cs.mask.view(torch.uint8)
+    qden = qs.qden.float().contiguous()
+    return (table, cs.codes, cs.scales, cm, qden, qden.sum(-1), qs.qp.float().contiguous(), cs.pooled)
+
+
+def pq_topk(qs: Queries, table: torch.Tensor, cs: PQCandidates, k: int, by=By.SCORE, cand=None,
+            backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Best ``k`` candidates per query by ``by`` (values float32 [B, k] descending, row ids int64 [B, k];
+    (-inf, -1) padding), scored from the codes. ``cand`` int64 [B, Mc] (-1 = padding) restricts query b
+    to those rows (the re-rank of a shortlist). Inputs are trusted (the index builds them)."""
+    from .topk import RunningTopK
+
+    by = By.parse(by)
+    be = _backend(backend, cs.codes.device)
+    if be == "cpp":
+        C, q, t, h = _cpp(qs, table, cs)
+        if cand is None:
+            v, i = C.pq_topk(q, t, h, int(k), C.By(int(by)))
+        else:
+            v, i = C.pq_rerank(q, t, h, np.ascontiguousarray(cand, dtype=np.int64), int(k), C.By(int(by)))
+        return torch.from_numpy(v), torch.from_numpy(i)
+    if be == "triton":
+        from .kernels import pq_topk as tri
+
+        c = None if cand is None else torch.as_tensor(cand, device=cs.codes.device)
+        return tri(*_triton_args(qs, table, cs), int(k), int(by), cand=c)
+    best = RunningTopK(qs.b, k)
+    if cand is None:
+        for s in range(0, cs.n, TORCH_CHUNK):
+            rows = torch.arange(s, min(cs.n, s + TORCH_CHUNK))
+            v = _pick(by, _torch_values(qs, table, cs, rows))
+            best.add(v.masked_fill(torch.isnan(v), float("-inf")), offset=s)
+        return best.result()
+    cand = torch.as_tensor(cand)
+    outs = []
+    for b in range(qs.b):  # the re-rank: each query's own rows
+        rows = cand[b][cand[b] >= 0]
+        one = RunningTopK(1, k)
+        if rows.numel():
+            v = _pick(by, _torch_values(qs.slice(b, b + 1), table[b : b + 1], cs, rows))
+            one.add(v.masked_fill(torch.isnan(v), float("-inf")), rows.view(1, -1))
+        outs.append(one.result())
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
