@@ -36,7 +36,8 @@ test-gpu: build
 
 # Triton kernels: on a CPU host the test modules set TRITON_INTERPRET=1 for the whole pytest process.
 test-triton: build
-	$(BIN)/python -m pytest -q tests/test_triton_kernels.py tests/test_triton_grad.py tests/test_triton_backend.py $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q tests/test_triton_kernels.py tests/test_triton_grad.py tests/test_triton_backend.py \
+		tests/test_triton_pq.py $(PYTEST_ARGS)
 
 # Compile every autotune config of the Triton kernels for sm_90 without a GPU (spills, shared memory).
 aot-check: $(STAMP)
