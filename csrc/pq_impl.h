@@ -109,6 +109,58 @@ void pq_tile(const Problem& p, int64_t q0, int64_t q1, const int64_t* rows, int6
         pq_tile_t<float>(p, q0, q1, rows, n0, nr, sim, conf, score, ld);
 }
 
+// Index of the largest of buf[0..256) (the smallest such index on ties; no NaN in buf).
+static inline int pq_argmax256(const float* buf) {
+#if defined(PECM_ISA_AVX512)
+    __m512 bv = _mm512_loadu_ps(buf);
+    __m512i bi = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i ci = bi;
+    const __m512i step = _mm512_set1_epi32(16);
+    for (int c0 = 16; c0 < 256; c0 += 16) {
+        ci = _mm512_add_epi32(ci, step);
+        const __m512 v = _mm512_loadu_ps(buf + c0);
+        const __mmask16 gt = _mm512_cmp_ps_mask(v, bv, _CMP_GT_OQ);  // strict: a lane keeps its first maximum
+        bv = _mm512_mask_blend_ps(gt, bv, v);
+        bi = _mm512_mask_blend_epi32(gt, bi, ci);
+    }
+    const float mx = _mm512_reduce_max_ps(bv);
+    return _mm512_mask_reduce_min_epi32(_mm512_cmp_ps_mask(bv, _mm512_set1_ps(mx), _CMP_EQ_OQ), bi);
+#elif defined(PECM_ISA_AVX2)
+    __m256 bv = _mm256_loadu_ps(buf);
+    __m256i bi = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i ci = bi;
+    const __m256i step = _mm256_set1_epi32(8);
+    for (int c0 = 8; c0 < 256; c0 += 8) {
+        ci = _mm256_add_epi32(ci, step);
+        const __m256 v = _mm256_loadu_ps(buf + c0);
+        const __m256 gt = _mm256_cmp_ps(v, bv, _CMP_GT_OQ);
+        bv = _mm256_blendv_ps(bv, v, gt);
+        bi = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bi), _mm256_castsi256_ps(ci), gt));
+    }
+    alignas(32) float vv[8];
+    alignas(32) int ii[8];
+    _mm256_store_ps(vv, bv);
+    _mm256_store_si256((__m256i*)ii, bi);
+    int best = ii[0];
+    float mx = vv[0];
+    for (int l = 1; l < 8; l++)
+        if (vv[l] > mx || (vv[l] == mx && ii[l] < best)) {
+            mx = vv[l];
+            best = ii[l];
+        }
+    return best;
+#else
+    int best = 0;
+    float bv = buf[0];
+    for (int c = 1; c < 256; c++)
+        if (buf[c] > bv) {
+            bv = buf[c];
+            best = c;
+        }
+    return best;
+#endif
+}
+
 // x [n, K, D] float32 (unit prototypes; masked ones are not read), centT [S][M][DS][256] (the codebook
 // transposed so 256 centroids of one dimension are contiguous), half_norm [S][M][256] = ||cent||^2 / 2,
 // norm2 [S][M][256] = ||cent||^2 -> codes [n, K, M], scales [n, K].
@@ -148,13 +200,7 @@ void pq_encode(const float* x, const uint8_t* mask, int64_t n, int64_t K, int64_
                     vstore(buf + c0 + 2 * VL, vfma(vload(hn + c0 + 2 * VL), m1, a2));
                     vstore(buf + c0 + 3 * VL, vfma(vload(hn + c0 + 3 * VL), m1, a3));
                 }
-                int best = 0;
-                float bv = buf[0];
-                for (int c = 1; c < 256; c++)
-                    if (buf[c] > bv) {
-                        bv = buf[c];
-                        best = c;
-                    }
+                const int best = pq_argmax256(buf);
                 out[m] = (uint8_t)best;
                 nrm2 += (double)norm2[(s * M + m) * 256 + best];
             }

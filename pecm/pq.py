@@ -122,8 +122,9 @@ def _faiss():
     return faiss
 
 
-def train(unit: np.ndarray, mask: Optional[np.ndarray], m: int, per_slot: bool, seed: int = 0,
-          sample: int = TRAIN_SAMPLE) -> Codebook:
+def train(
+    unit: np.ndarray, mask: Optional[np.ndarray], m: int, per_slot: bool, seed: int = 0, sample: int = TRAIN_SAMPLE
+) -> Codebook:
     """A codebook trained on (a sample of) the valid unit prototypes ``unit`` [n, K, D]."""
     faiss = _faiss()
     n, k, d = unit.shape
@@ -277,8 +278,9 @@ def _triton_args(qs: Queries, table: torch.Tensor, cs: PQCandidates):
     return (table, cs.codes, cs.scales, cm, qden, qden.sum(-1), qs.qp.float().contiguous(), cs.pooled)
 
 
-def pq_topk(qs: Queries, table: torch.Tensor, cs: PQCandidates, k: int, by=By.SCORE, cand=None,
-            backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+def pq_topk(
+    qs: Queries, table: torch.Tensor, cs: PQCandidates, k: int, by=By.SCORE, cand=None, backend: str = "auto"
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Best ``k`` candidates per query by ``by`` (values float32 [B, k] descending, row ids int64 [B, k];
     (-inf, -1) padding), scored from the codes. ``cand`` int64 [B, Mc] (-1 = padding) restricts query b
     to those rows (the re-rank of a shortlist). Inputs are trusted (the index builds them)."""

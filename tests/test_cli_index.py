@@ -198,3 +198,22 @@ def test_checkpoint_paths_with_real_encoder(tmp_path, capsys):
         s, i, _ = idx.search(protos, 3, q_mask=masks)
     assert rc == 0 and res["ids"] == i.tolist() and res["metadata"][0][0]["modality"] == "text"
     np.testing.assert_allclose(res["scores"], s, rtol=1e-5)
+
+
+def test_pq_index_from_the_command_line(files, capsys):
+    pytest.importorskip("faiss")
+    ix = files / "pq"
+    rc, out, err = _run(capsys, "index", "create", ix, "-K", K, "-D", D, "--dtype", "pq", "--pq-m", 4)
+    assert rc == 0, err
+    rc, _, err = _run(capsys, "index", "add", ix, "--prototypes", files / "p.npy", "--masks", files / "m.npy")
+    assert rc == 0, err  # 120 items x K = 480 prototypes: enough to train the shared codebook
+    rc, out, _ = _run(capsys, "index", "info", ix, "--json")
+    st = json.loads(out)
+    assert st["dtype"] == "pq" and st["pq"]["m"] == 4 and st["bytes"]["prototypes"] == 120 * K * 4
+    assert _run(capsys, "index", "verify", ix)[0] == 0
+    rc, out, _ = _run(capsys, "search", ix, "--query-file", files / "q.npy", "-k", 5, "--json")
+    with ArchiveIndex.open(ix) as idx:
+        s, i, _ = idx.search(np.load(files / "q.npy"), 5)
+    assert rc == 0 and json.loads(out)["ids"] == i.tolist()
+    rc, _, err = _run(capsys, "index", "create", files / "bad", "--dtype", "float16", "--pq-m", 4)
+    assert rc == 2 and "--pq-m" in err

@@ -51,6 +51,7 @@ from .. import ops
 from ..backends import get_backend
 from ..index import ArchiveIndex
 from ..index import format as fmt
+from ..topk import RunningTopK
 from .timing import cpu_model, git_commit
 
 K, D = 26, 256
@@ -150,18 +151,32 @@ def build(args) -> dict:
     centres = torch.randn((args.clusters, K, D), generator=gen)
     noise = torch.empty((args.block, K, D))
     w = torch.softmax(torch.randn(K, generator=gen), 0).numpy() * K
-    idx = ArchiveIndex.create(args.path, K, D, dtype=args.dtype, weights=w)  # a fresh path: nothing is replaced
-    add_s, gen_s = 0.0, 0.0
+    pq_kw = {"pq_m": args.pq_m, "pq_per_slot": args.pq_per_slot} if args.dtype == "pq" else {}
+    idx = ArchiveIndex.create(args.path, K, D, dtype=args.dtype, weights=w, **pq_kw)  # a fresh path
+    add_s, gen_s, exact_s = 0.0, 0.0, 0.0
     qsrc = []
     qrng = np.random.default_rng(1)
+    exact = qx = None
     for s in range(0, args.n, args.block):
         n = min(args.block, args.n - s)
         t = time.perf_counter()
         cid = torch.randint(0, args.clusters, (n,), generator=gen)
         x = torch.randn((n, K, D), generator=gen, out=noise[:n]).mul_(0.8).add_(centres[cid])
-        pick = qrng.integers(0, n, max(1, args.queries * args.block // max(args.n, 1) + 1))
-        qsrc.append(x[torch.from_numpy(pick)].clone())
+        if args.exact_recall and s == 0:  # every query from the first block, its noise from its own stream
+            pick = qrng.integers(0, n, args.queries)
+            qgen = torch.Generator().manual_seed(2)
+            qx = (x[torch.from_numpy(pick)] + 0.3 * torch.randn((args.queries, K, D), generator=qgen)).numpy()
+            qs = ops.prepare_queries(torch.from_numpy(qx), torch.from_numpy(w.astype(np.float32)))
+            exact = RunningTopK(args.queries, args.k)
+        elif not args.exact_recall:
+            pick = qrng.integers(0, n, max(1, args.queries * args.block // max(args.n, 1) + 1))
+            qsrc.append(x[torch.from_numpy(pick)].clone())
         gen_s += time.perf_counter() - t
+        if exact is not None:  # exact float16 search of the same items (prototypes rounded to float16)
+            t = time.perf_counter()
+            cs = ops.prepare_candidates(x.half(), torch.from_numpy(w.astype(np.float32)))
+            exact.add(*ops.pecm_topk(qs, cs, None, min(args.k, n)), offset=s)
+            exact_s += time.perf_counter() - t
         t = time.perf_counter()
         idx.add(x.numpy(), progress=not args.no_progress)
         add_s += time.perf_counter() - t
@@ -175,9 +190,14 @@ def build(args) -> dict:
         t = time.perf_counter()
         entry = idx.build_ann(None if args.ann == "auto" else args.ann, progress=not args.no_progress)
         ann = {"build_seconds": time.perf_counter() - t, **{k: entry[k] for k in ("kind", "params", "rows", "bytes")}}
+    item_bytes = fmt.manifest_item_bytes(idx.manifest)
     idx.close()
-    q = torch.cat(qsrc)[: args.queries]
-    q = (q + 0.3 * torch.randn(q.shape, generator=gen)).numpy()
+    if exact is not None:
+        q = qx
+        np.save(args.query_file.replace(".npy", "_exact_ids.npy"), exact.result()[1].numpy())
+    else:
+        q = torch.cat(qsrc)[: args.queries]
+        q = (q + 0.3 * torch.randn(q.shape, generator=gen)).numpy()
     np.save(args.query_file, q)
     size = os.path.getsize(os.path.join(args.path, "prototypes.bin"))
     disk = sum(os.path.getsize(p) for p in _index_files(args.path))
@@ -185,11 +205,13 @@ def build(args) -> dict:
         "ann": ann,
         "index_bytes_on_disk": disk,
         "bytes_per_item_on_disk": disk / args.n,
+        "data_bytes_per_item": {**item_bytes, "total": sum(item_bytes.values())},
         "n": args.n,
         "add_seconds": add_s,
         "add_items_per_s": args.n / add_s,
         "add_MB_per_s": size / add_s / 1e6,
         "synthetic_generation_seconds": gen_s,
+        "exact_float16_reference_seconds": exact_s if exact is not None else None,
         "prototypes_bytes": size,
     }
 
@@ -206,6 +228,8 @@ def _timed(fn, reps: int):
 def search_phase(args) -> dict:
     idx = ArchiveIndex.open(args.path)
     q = np.load(args.query_file)
+    exact_file = args.query_file.replace(".npy", "_exact_ids.npy")
+    exact = np.load(exact_file) if os.path.exists(exact_file) else None
     files = _index_files(args.path)
     res = {"backend": get_backend("auto", torch.device("cpu"), torch.float16).name}
     res["cold"] = COLD_METHOD if hasattr(os, "posix_fadvise") else "none: no posix_fadvise on this platform"
@@ -215,20 +239,24 @@ def search_phase(args) -> dict:
     res["sequential_read_s"] = t_read
     res["sequential_read_GB_per_s"] = os.path.getsize(idx.paths["prototypes"]) / t_read / 1e9
     cs = args.chunk_size
+    ex_b = [int(x) for x in args.exhaustive_batches.split(",") if x]
     for b in (1, 64):
         qb = q[:b]
-        _cold(files, resident)
-        t = time.perf_counter()
-        idx.search(qb, args.k, chunk_size=cs, with_metadata=False)
-        cold = time.perf_counter() - t
-        warm, out = _timed(lambda qb=qb: idx.search(qb, args.k, chunk_size=cs, with_metadata=False), args.reps)
-        res[f"exhaustive_B{b}"] = {"cold_s": cold, "warm_s": warm, "queries_per_s_warm": b / warm}
+        if b in ex_b:
+            _cold(files, resident)
+            t = time.perf_counter()
+            idx.search(qb, args.k, chunk_size=cs, with_metadata=False)
+            cold = time.perf_counter() - t
+            warm, out = _timed(lambda qb=qb: idx.search(qb, args.k, chunk_size=cs, with_metadata=False), args.reps)
+            res[f"exhaustive_B{b}"] = {"cold_s": cold, "warm_s": warm, "queries_per_s_warm": b / warm}
+        else:  # not run (--exhaustive-batches): no exhaustive baseline at this batch size
+            warm, out = float("nan"), None
         warm2, out2 = _timed(
             lambda qb=qb: idx.search(qb, args.k, mode="two_stage", shortlist=args.shortlist, with_metadata=False),
             args.reps,
         )
         res[f"two_stage_B{b}"] = {"warm_s": warm2, "queries_per_s_warm": b / warm2, "shortlist": args.shortlist}
-        ex_ids, ts_ids = out[1], out2[1]
+        ex_ids, ts_ids = (None if out is None else out[1]), out2[1]
         if idx.manifest.get("ann"):
             ann_kw = dict(mode="ann", shortlist=args.shortlist, with_metadata=False)
             _cold(files, resident)
@@ -236,27 +264,46 @@ def search_phase(args) -> dict:
             idx.search(qb, args.k, **ann_kw)  # includes loading the ANN file (once per handle)
             cold_a = time.perf_counter() - t
             warm3, out3 = _timed(lambda qb=qb, kw=ann_kw: idx.search(qb, args.k, **kw), max(args.reps, 3))
-            hits = [len(set(a.tolist()) & set(c.tolist())) for a, c in zip(out[1], out3[1])]
+            hits = [len(set(a.tolist()) & set(c.tolist())) for a, c in zip(ex_ids, out3[1])] if out else [np.nan]
             res[f"ann_B{b}"] = {
                 "cold_s_incl_ann_load": cold_a,
                 "warm_s": warm3,
                 "queries_per_s_warm": b / warm3,
                 "shortlist": args.shortlist,
-                f"recall_at_{args.k}_vs_exhaustive": float(np.mean(hits) / args.k),
-                "speedup_vs_exhaustive_warm": warm / warm3,
+                f"recall_at_{args.k}_vs_exhaustive": None if out is None else float(np.mean(hits) / args.k),
+                "speedup_vs_exhaustive_warm": None if out is None else warm / warm3,
             }
     idx.close()
     # resident fraction of the index files right after each eviction (mincore); None where it cannot be measured
     res["cold_resident_fraction"] = None if None in resident else max(resident)
     res["cold_is_warm"] = None if None in resident else max(resident) > WARM_RESIDENT
-    res["exhaustive_B1_over_sequential_read_cold"] = res["exhaustive_B1"]["cold_s"] / t_read
-    hits = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ex_ids, ts_ids)]
-    res["two_stage_recall_at_k_vs_exhaustive"] = float(np.mean(hits) / args.k)
+    if "exhaustive_B1" in res:
+        res["exhaustive_B1_over_sequential_read_cold"] = res["exhaustive_B1"]["cold_s"] / t_read
+    hits = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ex_ids, ts_ids)] if ex_ids is not None else [np.nan]
+    res["two_stage_recall_at_k_vs_exhaustive"] = None if ex_ids is None else float(np.mean(hits) / args.k)
+    if exact is not None:  # --exact-recall: against exact float16 search of the same items (all queries)
+        res[f"recall_at_{args.k}_vs_exact_float16"] = _recall_vs_exact(args, exact, q)
     res["queries"] = int(min(64, q.shape[0]))
     # VmHWM of this (exec'ed) process; ru_maxrss would include the parent's RSS at fork time on Linux
     res["peak_rss_MiB_search_process"] = _vm_hwm_mib()
     res["ru_maxrss_MiB_includes_parent_at_fork"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return res
+
+
+def _recall_vs_exact(args, exact: np.ndarray, q: np.ndarray) -> dict:
+    idx = ArchiveIndex.open(args.path)
+    out = {}
+    modes = [("two_stage", {"shortlist": args.shortlist})]
+    if "64" in args.exhaustive_batches.split(","):  # (exhaustive over all queries: as slow as its B = 64 run)
+        modes.insert(0, ("exhaustive", {}))
+    if idx.manifest.get("ann"):
+        modes.append(("ann", {"shortlist": args.shortlist}))
+    for mode, kw in modes:
+        _, ids, _ = idx.search(q, args.k, mode=mode, with_metadata=False, **kw)
+        hits = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, exact)]
+        out[mode] = float(np.mean(hits) / args.k)
+    idx.close()
+    return out
 
 
 def _child_command(args) -> list:
@@ -265,6 +312,7 @@ def _child_command(args) -> list:
     code = f"import sys; sys.path[0] = {pkg_parent!r}; from pecm.bench.index_bench import main; sys.exit(main())"
     cmd = [sys.executable, "-c", code, "--phase", "search", "--path", args.path, "--query-file", args.query_file]
     cmd += ["--k", str(args.k), "--shortlist", str(args.shortlist), "--reps", str(args.reps)]
+    cmd += ["--exhaustive-batches", args.exhaustive_batches]
     if args.chunk_size:
         cmd += ["--chunk-size", str(args.chunk_size)]
     return cmd
@@ -306,6 +354,13 @@ def _parser(prog) -> argparse.ArgumentParser:
         "(default: the system temporary directory, $TMPDIR or /tmp)",
     )
     ap.add_argument("--dtype", default="float16", choices=fmt.DTYPES)
+    ap.add_argument("--pq-m", type=int, default=None, help="dtype pq: codes per prototype (default D/8)")
+    ap.add_argument("--pq-per-slot", action="store_true", help="dtype pq: one codebook per slot")
+    ap.add_argument(
+        "--exact-recall",
+        action="store_true",
+        help="also measure recall@k against exact float16 search of the same items (queries from the first block)",
+    )
     ap.add_argument("--block", type=int, default=65536, help="items per add() call")
     ap.add_argument("--clusters", type=int, default=2000)
     ap.add_argument("--queries", type=int, default=64)
@@ -319,6 +374,11 @@ def _parser(prog) -> argparse.ArgumentParser:
         help="ANN first stage built after the adds (auto: kind chosen from N, skipped without faiss; none: no ann)",
     )
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument(
+        "--exhaustive-batches",
+        default="1,64",
+        help="batch sizes whose exhaustive search is timed (default 1,64; the others run once, for recall)",
+    )
     ap.add_argument(
         "--out",
         default=None,
@@ -365,7 +425,7 @@ def _out_path(args):
 
 def bytes_needed(n: int, dtype: str, queries: int) -> int:
     """Disk space one run needs: the index files plus 5% and a little for the manifest, metadata and queries."""
-    per_item = sum(fmt.item_bytes(K, D, dtype).values())
+    per_item = sum(fmt.item_bytes(K, D, dtype, D // 8 if dtype == "pq" else 0).values())
     return int(n * per_item * 1.05) + queries * K * D * 4 + (16 << 20)
 
 

@@ -59,7 +59,10 @@ def _create(a) -> int:
         enc = load_encoder(a.checkpoint)
         k, d = int(enc.K), int(enc.D)
         w = np.asarray(enc.weights, dtype=np.float64) if w is None and hasattr(enc, "weights") else w
-    idx = ArchiveIndex.create(a.path, k, d, dtype=a.dtype, weights=w, overwrite=a.overwrite)
+    pq_kw = {"pq_m": a.pq_m, "pq_per_slot": a.pq_per_slot} if a.dtype == "pq" else {}
+    if a.dtype != "pq" and (a.pq_m is not None or a.pq_per_slot):
+        raise ValueError("--pq-m / --pq-per-slot: only with --dtype pq")
+    idx = ArchiveIndex.create(a.path, k, d, dtype=a.dtype, weights=w, overwrite=a.overwrite, **pq_kw)
     idx.close()
     print(f"created {a.path} (K={k}, D={d}, dtype={a.dtype})")
     return 0
@@ -188,7 +191,14 @@ def register(sub) -> None:
     c.add_argument("path")
     c.add_argument("--K", "-K", type=int, default=26, help="prototypes per item (default 26)")
     c.add_argument("--D", "-D", type=int, default=256, help="prototype dimension (default 256)")
-    c.add_argument("--dtype", choices=("float16", "float32", "int8"), default="float16")
+    c.add_argument(
+        "--dtype",
+        choices=("float16", "float32", "int8", "pq"),
+        default="float16",
+        help="prototype storage (default float16; pq: product-quantised codes, trained at the first add; needs faiss)",
+    )
+    c.add_argument("--pq-m", type=int, default=None, help="--dtype pq: 8-bit codes per prototype (default D/8)")
+    c.add_argument("--pq-per-slot", action="store_true", help="--dtype pq: one codebook per slot (default shared)")
     c.add_argument("--weights", help="prototype weights w: a .npy file or comma-separated floats (default ones)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing index")
     c.add_argument("--checkpoint", help="take K, D and the weights from this model checkpoint")

@@ -1,0 +1,192 @@
+"""pecm.pq: product-quantised candidates scored from their codes, against the float64 reference of the
+decoded prototypes (exact for the decoded values), on every backend; encoder agreement across ISAs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_topk_matches
+
+from pecm import ops, pq, reference
+from pecm.operands import By
+
+faiss = pytest.importorskip("faiss")
+
+K, D, M = 5, 32, 4
+
+
+def _data(n, seed=0, masks=True, per_slot=False):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, K, D)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=-1, keepdims=True)
+    cm = rng.random((n, K)) > 0.25 if masks else None
+    if masks:
+        cm[:3] = False  # rows with every prototype masked out: den = 0, conf = 0
+        x[~cm] = 0
+    cb = pq.train(x, cm, M, per_slot, seed=seed)
+    codes, scales = pq.encode(x, cm, cb)
+    pooled = rng.standard_normal((n, D))
+    pooled = (pooled / np.linalg.norm(pooled, axis=1, keepdims=True)).astype(np.float16)
+    w = (rng.random(K) * 2).astype(np.float32)
+    cs = pq.PQCandidates(
+        torch.from_numpy(codes),
+        torch.from_numpy(scales),
+        torch.from_numpy(pooled),
+        None if cm is None else torch.from_numpy(cm),
+        torch.from_numpy(w),
+    )
+    return cb, cs, codes, scales, pooled, cm, w
+
+
+def _ref(q, qm, cb, codes, scales, pooled, cm, w):
+    """Float64 (sim, conf, score) of the decoded prototypes (the stored pooled vectors as given: the index
+    stores them unit length and the kernels use them as they are)."""
+    dec = pq.decode(codes, scales, cb, np.float64)
+    _, conf, _ = reference.scores(q.astype(np.float64), dec, w.astype(np.float64), q_mask=qm, c_mask=cm)
+    qs = ops.prepare_queries(
+        torch.from_numpy(q), torch.from_numpy(w), q_mask=None if qm is None else torch.from_numpy(qm)
+    )
+    sim = qs.qp.double().numpy() @ pooled.astype(np.float64).T
+    return sim, conf, sim * conf
+
+
+def _backends():
+    out = ["torch", "cpp"]
+    from pecm import kernels
+
+    if kernels.HAS_TRITON:
+        out.append("triton")
+    return out
+
+
+def _run(backend, monkeypatch, fn):
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return fn()
+
+
+@pytest.mark.parametrize("per_slot", [False, True])
+@pytest.mark.parametrize("masks", [False, True])
+@pytest.mark.parametrize("backend", _backends())
+def test_scores_exact_for_decoded(per_slot, masks, backend, monkeypatch):
+    n = 300 if backend != "triton" else 70
+    cb, cs, codes, scales, pooled, cm, w = _data(500, seed=1, masks=masks, per_slot=per_slot)
+    cs = pq.PQCandidates(
+        cs.codes[:n], cs.scales[:n], cs.pooled[:n], None if cs.mask is None else cs.mask[:n], cs.weights
+    )
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((3, K, D)).astype(np.float32) * 3.0  # raw queries: the ops normalise them
+    qm = rng.random((3, K)) > 0.3 if masks else None
+    qs = ops.prepare_queries(
+        torch.from_numpy(q), torch.from_numpy(w), q_mask=None if qm is None else torch.from_numpy(qm)
+    )
+    table = pq.lut(qs, cb)
+    ref = _ref(q, qm, cb, codes[:n], scales[:n], pooled[:n], None if cm is None else cm[:n], w)
+    got = _run(backend, monkeypatch, lambda: pq.pq_scores(qs, table, cs, backend=backend))
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g.double().numpy(), r, atol=2e-6, rtol=0)
+    if masks:
+        assert np.all(got[1].numpy()[:, :3] == 0)  # every prototype masked: conf 0
+
+
+@pytest.mark.parametrize("by", ["score", "sim", "conf"])
+@pytest.mark.parametrize("k", [1, 7, 400])
+@pytest.mark.parametrize("backend", _backends())
+def test_topk_and_rerank(by, k, backend, monkeypatch):
+    if backend == "triton" and k == 400:
+        pytest.skip("interpreter: the k > N case is covered by tests/test_triton_pq.py")
+    n = 300
+    cb, cs, codes, scales, pooled, cm, w = _data(n, seed=3)
+    cs = pq.PQCandidates(cs.codes.clone(), cs.scales.clone(), cs.pooled.clone(), cs.mask.clone(), cs.weights)
+    cs.codes[10] = cs.codes[11]  # exact ties
+    cs.scales[10] = cs.scales[11]
+    cs.pooled[10] = cs.pooled[11]
+    cs.mask[10] = cs.mask[11]
+    codes, scales, pooled, cm = cs.codes.numpy(), cs.scales.numpy(), cs.pooled.numpy(), cs.mask.numpy()
+    rng = np.random.default_rng(4)
+    q = np.concatenate(
+        [
+            pq.decode(codes[11:12], scales[11:12], cb),  # a query equal to the tied rows
+            rng.standard_normal((2, K, D)).astype(np.float32),
+        ]
+    )
+    qs = ops.prepare_queries(torch.from_numpy(q), torch.from_numpy(w))
+    table = pq.lut(qs, cb)
+    ref = _ref(q, None, cb, codes, scales, pooled, cm, w)[{"sim": 0, "conf": 1, "score": 2}[by]]
+    v, i = _run(backend, monkeypatch, lambda: pq.pq_topk(qs, table, cs, k, by, backend=backend))
+    assert_topk_matches(v, i, ref, k, 2e-6)
+    cand = np.stack([rng.choice(n, 40, replace=False) for _ in range(3)])
+    cand[:, ::5] = -1
+    cand[0, 1] = 10
+    cand[0, 2] = 11
+    vr, ir = _run(
+        backend,
+        monkeypatch,
+        lambda: pq.pq_topk(qs, table, cs, k, By.parse(by), cand=torch.from_numpy(cand), backend=backend),
+    )
+    sub = np.where(cand >= 0, np.take_along_axis(ref, np.maximum(cand, 0), 1), -np.inf)
+    exp, _ = reference.topk(sub, k)
+    m = min(k, int((cand[0] >= 0).sum()))
+    np.testing.assert_allclose(vr.double().numpy()[:, :m], exp[:, :m], atol=2e-6, rtol=0)
+    ir = ir.numpy()
+    for b in range(3):
+        live = ir[b][ir[b] >= 0]
+        assert set(live.tolist()) <= set(cand[b][cand[b] >= 0].tolist())
+        np.testing.assert_allclose(ref[b, live], vr.numpy()[b, : live.size], atol=2e-6)
+    assert np.all(ir[:, m:] == -1)
+
+
+def test_encoders_agree_across_isas():
+    from pecm import _C
+    from pecm.backends import cpp_backend
+
+    cb, cs, *_ = _data(400, seed=5)
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((200, K, D)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=-1, keepdims=True)
+    mk = rng.random((200, K)) > 0.2
+    ref_codes, ref_scales = pq._encode_torch(x, mk.view(np.uint8), cb)
+    level = _C.simd_level()
+    try:
+        for lv in _C.simd_levels():
+            cpp_backend.set_simd(lv)
+            codes, scales = pq.encode(x, mk, cb)
+            assert np.array_equal(codes, ref_codes), lv
+            np.testing.assert_allclose(scales, ref_scales, rtol=1e-6)
+    finally:
+        cpp_backend.set_simd(level)
+    assert np.all(scales[~mk] == 0) and np.all(codes[~mk] == 0)
+    dec = pq.decode(codes, scales, cb, np.float64)
+    np.testing.assert_allclose(np.linalg.norm(dec, axis=-1)[mk], 1.0, atol=1e-6)
+
+
+def test_nearest_centroid_and_ties():
+    """Each code is the nearest centroid (brute force), and duplicate centroids resolve to the smaller code."""
+    cb, *_ = _data(400, seed=7, masks=False)
+    cent = cb.centroids.copy()
+    cent[0, :, 5] = cent[0, :, 3]  # exact duplicate centroids: code 3 must win
+    cb2 = pq.Codebook(cent)
+    x = np.zeros((2, K, D), dtype=np.float32)
+    x[0] = cent[0, :, 3].reshape(-1)  # every subvector is centroid 3 / 5
+    x[1] = np.random.default_rng(8).standard_normal((K, D))
+    codes, _ = pq.encode(x, None, cb2)
+    assert np.all(codes[0] == 3)
+    sub = x[1].reshape(K, M, D // M)
+    d2 = ((sub[:, :, None, :] - cent[0][None]) ** 2).sum(-1)  # [K, M, 256]
+    best = d2.min(-1)
+    got = np.take_along_axis(d2, codes[1][..., None].astype(np.int64), -1)[..., 0]
+    np.testing.assert_allclose(got, best, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arguments():
+    x = np.random.default_rng(0).standard_normal((10, K, D)).astype(np.float32)
+    with pytest.raises(ValueError, match="at least 256"):
+        pq.train(x, None, M, True)  # 10 prototypes per slot
+    with pytest.raises(ValueError, match="pq_m"):
+        pq.check_m(5, D)
+    with pytest.raises(ValueError, match="pq_m"):
+        pq.check_m(True, D)
+    with pytest.raises(ValueError, match="centroids"):
+        pq.Codebook(np.zeros((1, 4, 255, 8), np.float32))
+    assert pq.default_m(256) == 32 and pq.default_m(12) == 1 and pq.default_m(96) == 12
