@@ -90,7 +90,12 @@ def run(demo: str, k: int = 10) -> dict:
                 ix = ArchiveIndex.create(
                     os.path.join(tmp, f"pq{m}{per_slot}"), K, D, dtype="pq", weights=w, pq_m=m, pq_per_slot=per_slot
                 )
-                ix.add(tx, masks=tm, pooled=tp, progress=False)
+                try:
+                    ix.add(tx, masks=tm, pooled=tp, progress=False)
+                except ValueError as e:  # e.g. per-slot codebooks: too few valid prototypes in a slot
+                    res["settings"].append({"pq_m": m, "per_slot": per_slot, "error": str(e)})
+                    ix.close()
+                    continue
                 build = time.perf_counter() - t
                 ps, pi, _ = ix.search(qx, k, q_mask=qm, with_metadata=False)
                 rec = np.mean([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(ei, pi)])
