@@ -14,12 +14,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
+from serve_fixtures import REPORTS, b64, build_archive, image_bytes, second_index  # noqa: E402
 
 from pecm.cli import main  # noqa: E402
 from pecm.serve.app import create_app  # noqa: E402
 from pecm.serve.state import State  # noqa: E402
-
-from serve_fixtures import REPORTS, b64, build_archive, image_bytes, second_index  # noqa: E402
 
 TOKEN = "s3cret-token-0123456789"
 
@@ -220,11 +219,18 @@ def test_auth(auth_client, monkeypatch):
     body = {"index": "arch", "text": REPORTS[0], "k": 1}
     assert auth_client.get("/health").status_code == 200
     assert auth_client.get("/").status_code == 200
-    for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}, {"Authorization": f"Basic {TOKEN}"},
-                    {"Authorization": TOKEN}):
-        for method, path, kw in (("post", "/search", {"json": body}), ("get", "/metrics", {}),
-                                 ("get", "/items/0", {"params": {"index": "arch"}}),
-                                 ("delete", "/items/0", {"params": {"index": "arch"}})):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong-token-0123456789"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": TOKEN},
+    ):
+        for method, path, kw in (
+            ("post", "/search", {"json": body}),
+            ("get", "/metrics", {}),
+            ("get", "/items/0", {"params": {"index": "arch"}}),
+            ("delete", "/items/0", {"params": {"index": "arch"}}),
+        ):
             r = getattr(auth_client, method)(path, headers=headers, **kw)
             assert r.status_code == 401, (headers, path)
             assert r.json()["field"] == "authorization" and r.headers["www-authenticate"] == "Bearer"
@@ -313,14 +319,28 @@ BAD_OTHER = [
     ("post", "/items", {"json": {"index": "other", "items": [5]}}, 422, "items[0]"),
     ("post", "/items", {"json": {"index": "other", "items": [{"text": "a", "image": "b"}]}}, 422, "items[0]"),
     ("post", "/items", {"json": {"index": "other", "items": [{"text": "a", "x": 1}]}}, 422, "items[0].x"),
-    ("post", "/items", {"json": {"index": "other", "items": [{"text": "a", "metadata": {"id": 3}}]}}, 422,
-     "items[0].metadata.id"),
-    ("post", "/items", {"json": {"index": "other", "items": [{"image": b64(image_bytes(1)), "metadata": {
-        "source": "/etc/passwd"}}]}}, 422, "items[0].metadata.source"),
-    ("post", "/items", {"json": {"index": "other", "items": [{"text": "a", "metadata": {"modality": 3}}]}}, 422,
-     "items[0].metadata.modality"),
-    ("post", "/items", {"json": {"index": "other", "items": [{"prototypes": [[1.0]]}]}}, 422,
-     "items[0].prototypes"),
+    (
+        "post",
+        "/items",
+        {"json": {"index": "other", "items": [{"text": "a", "metadata": {"id": 3}}]}},
+        422,
+        "items[0].metadata.id",
+    ),
+    (
+        "post",
+        "/items",
+        {"json": {"index": "other", "items": [{"image": b64(image_bytes(1)), "metadata": {"source": "/etc/passwd"}}]}},
+        422,
+        "items[0].metadata.source",
+    ),
+    (
+        "post",
+        "/items",
+        {"json": {"index": "other", "items": [{"text": "a", "metadata": {"modality": 3}}]}},
+        422,
+        "items[0].metadata.modality",
+    ),
+    ("post", "/items", {"json": {"index": "other", "items": [{"prototypes": [[1.0]]}]}}, 422, "items[0].prototypes"),
     ("post", "/items", {"json": {"index": "other", "items": [{"image": "??"}]}}, 422, "items[0].image"),
     ("post", "/items", {"json": {"index": "other", "extra": 1, "items": [{"text": "a"}]}}, 422, "extra"),
     ("post", "/items", {"json": {"items": [{"text": "a"}]}}, 422, "index"),

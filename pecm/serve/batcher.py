@@ -12,9 +12,11 @@ time, so queries arriving meanwhile wait in the queue and form the next batch). 
    per group on the stacked queries;
 3. split the rows back to their requests.
 
-Equivalence: the index search of a row of a stacked batch is bit-identical to searching that query alone
-(tests/test_serve_batching.py); the encoder's batched forward equals the one-query forward to float32
-rounding (about 1e-7: other GEMM shapes), so ids and order agree and scores agree to ~1e-6.
+Equivalence: every query gets the ids, in the same order, that it gets alone, and its scores to float32
+rounding: the encoder's batched forward differs from a one-query forward by about 1e-7 (other GEMM shapes),
+and on the cpp backend a group of 12 or more queries takes the packed GEMM path (``kGemmMinQ``), which rounds
+differently from the per-query dot-product path by up to ~1 ulp; smaller groups of ``prototypes`` / ``id``
+queries are bit-identical (tests/test_serve_batching.py). Ties between items may order differently.
 """
 
 from __future__ import annotations
