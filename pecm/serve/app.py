@@ -18,7 +18,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from .. import __version__
-from ..index.format import IndexLockedError
 from .batcher import Batcher
 from .errors import APIError, bad, error_response, from_exception, install_handlers, read_json
 from .metrics import CONTENT_TYPE, Metrics
@@ -157,10 +156,12 @@ def create_app(state, token: Optional[str] = None, max_batch: int = 32, max_wait
         items = parse_items(body, served.K, served.D, state.max_items)
         try:
             ids = await run_in_threadpool(state.ingest, served, items)
-        except (APIError, IndexLockedError):
+        except APIError:
             raise
         except (ValueError, TypeError) as e:
             raise from_exception(e, "items") from None
+        except OSError as e:  # e.g. the disk is full: nothing was committed (ArchiveIndex.add rolls back)
+            raise APIError(503, None, f"index {served.name!r}: the append failed and was rolled back: {e}") from None
         return JSONResponse({"ids": [int(i) for i in ids], "index": served.name}, status_code=201)
 
     @app.get("/items/{item_id}")
@@ -202,6 +203,8 @@ def create_app(state, token: Optional[str] = None, max_batch: int = 32, max_wait
             await run_in_threadpool(state.delete, served, i)
         except KeyError:
             raise bad("id", f"unknown or deleted item {i} in index {served.name!r}", 404) from None
+        except OSError as e:
+            raise APIError(503, None, f"index {served.name!r}: the delete failed and was not committed: {e}") from None
         return {"deleted": i, "index": served.name}
 
     return app
