@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 
+from ..query import check_finite, check_k, check_results, encode, hit_scores, json_float, search_hits
 from .index import _load_npy, load_encoder
 
 
@@ -17,35 +17,15 @@ def _queries(a):
             raise TypeError(f"--query-file: expected a float array [B, K, D], got dtype {q.dtype}")
         if q.ndim not in (2, 3):
             raise ValueError(f"--query-file: expected shape [B, K, D], got {list(q.shape)}")
-        _check_finite(q, "--query-file")
+        check_finite(q, "--query-file")
         m = None if a.query_masks is None else np.asarray(_load_npy(a.query_masks, "--query-masks")).astype(bool)
         return q, m
     if not a.checkpoint or not (a.image or a.text):
         raise ValueError("search: give --query-file F.npy, or --checkpoint with --image or --text")
     enc = load_encoder(a.checkpoint)
-    protos, masks = enc.encode_images([a.image]) if a.image else enc.encode_texts([a.text])
-    q = np.asarray(protos, dtype=np.float32)
-    _check_finite(q, "--image" if a.image else "--text", "the checkpoint encoded it to")
-    return q, np.asarray(masks, dtype=bool)
-
-
-def _check_finite(q: np.ndarray, name: str, what: str = "contains") -> None:
-    """Non-finite query values would score NaN (never ranked): refuse them up front, naming the input."""
-    bad = ~np.isfinite(q)
-    if bad.any():
-        b = int(np.argwhere(bad)[0][0]) if q.ndim == 3 else 0
-        raise ValueError(f"{name}: {what} NaN or inf values ({int(bad.sum())} of {q.size}, first in query {b})")
-
-
-def _check_results(scores: np.ndarray, ids: np.ndarray) -> None:
-    """A returned item must carry a finite score; padding (id -1) is the only null in the output."""
-    bad = (ids >= 0) & ~np.isfinite(scores)
-    if bad.any():
-        b, r = (int(v) for v in np.argwhere(bad)[0])
-        raise ValueError(
-            f"index: item id={int(ids[b, r])} scored {scores[b, r]} for query {b} (damaged prototypes?); "
-            "run `pecm index verify`"
-        )
+    if a.image:
+        return encode(enc, "image", [a.image], "--image")
+    return encode(enc, "text", [a.text], "--text")
 
 
 def parse_where(items) -> dict:
@@ -73,19 +53,10 @@ def _parse_ids(spec: str) -> list:
         raise ValueError(f"--ids: expected comma-separated integer ids, got {spec!r}") from None
 
 
-def _json_float(x: float):
-    return None if not math.isfinite(x) else float(x)
-
-
 def _run(a) -> int:
     from ..index import ArchiveIndex
 
-    if a.k < 1:
-        raise ValueError(f"-k: expected an int >= 1, got {a.k}")
-    from ..ops import MAX_K
-
-    if a.k > MAX_K:
-        raise ValueError(f"-k: expected an int <= {MAX_K}, got {a.k}")
+    check_k(a.k, "-k")
     q, qm = _queries(a)
     kw = dict(mode=a.mode, shortlist=a.shortlist, by=a.by, q_mask=qm, chunk_size=a.chunk_size, backend=a.backend)
     if a.where:
@@ -106,15 +77,20 @@ def _run(a) -> int:
                 scores, ids, meta = sharded_search(idx, q, a.k, with_metadata=rank == 0, **kw)
             finally:
                 shutdown()
+            if rank == 0:
+                check_results(scores, ids)
+                sim, conf = hit_scores(idx._current(), q, qm, ids)
         else:
-            scores, ids, meta = idx.search(q, a.k, **kw)
+            kw.pop("q_mask")
+            scores, ids, meta, sim, conf = search_hits(idx, q, a.k, q_mask=qm, **kw)
     if rank != 0:
         return 0
-    _check_results(scores, ids)
     if a.json:
         out = {
-            "scores": [[_json_float(x) for x in row] for row in scores.tolist()],
+            "scores": [[json_float(x) for x in row] for row in scores.tolist()],
             "ids": ids.tolist(),
+            "sim": [[json_float(x) for x in row] for row in sim.tolist()],
+            "conf": [[json_float(x) for x in row] for row in conf.tolist()],
             "metadata": meta,
         }
         print(json.dumps(out))
@@ -157,5 +133,5 @@ def register(sub) -> None:
     p.add_argument("--ids", help="only these item ids (comma-separated)")
     p.add_argument("--verify", action="store_true", help="verify every checksum before searching")
     p.add_argument("--distributed", action="store_true", help="shard across torchrun ranks (rank 0 prints)")
-    p.add_argument("--json", action="store_true", help='print {"scores", "ids", "metadata"} as JSON')
+    p.add_argument("--json", action="store_true", help='print {"scores", "ids", "sim", "conf", "metadata"} as JSON')
     p.set_defaults(func=_run)
