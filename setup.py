@@ -4,7 +4,8 @@ A CMake-driven extension in the style of pybind11's cmake_example: `pip install 
 `pip install -e .` and `python setup.py build_ext --inplace` all run CMake on CMakeLists.txt and
 place `_C*.so` inside the `pecm` package. The top-level `kernels/` directory (Triton kernels) is
 installed as the subpackage `pecm.kernels`. Package data: the shipped ROCO sample
-(`pecm/data/roco_sample/`) and `pecm/py.typed`; MANIFEST.in lists what the sdist adds (csrc/, CMakeLists.txt, ...).
+(`pecm/data/roco_sample/`), the `pecm serve` page (`pecm/serve/static/`) and `pecm/py.typed`; MANIFEST.in
+lists what the sdist adds (csrc/, CMakeLists.txt, ...).
 
 Version: `pecm/_version.py` holds the one number; pyproject.toml reads it, and it is passed to CMake as
 `-DPECM_VERSION=...` so `pecm._C.__version__ == pecm.__version__`.
@@ -83,6 +84,7 @@ setup(
     package_dir={"pecm.kernels": "kernels"},
     package_data={
         "pecm": ["py.typed"],
+        "pecm.serve": ["static/*.html", "static/*.js", "static/*.css"],
         "pecm.data": ["roco_sample/*.jsonl", "roco_sample/*.tsv", "roco_sample/*.md", "roco_sample/images/*.jpg"],
     },
     include_package_data=False,

@@ -126,6 +126,9 @@ def test_sdist_holds_what_the_build_needs(built):
         "pecm/data/roco_sample/pairs.jsonl",
         "pecm/data/roco_sample/ATTRIBUTION.tsv",
         "pecm/bench/index_bench.py",
+        "pecm/serve/static/index.html",
+        "pecm/serve/static/page.js",
+        "pecm/serve/static/page.css",
     }
     assert need <= names, f"missing from the sdist: {sorted(need - names)}"
     assert sum(n.startswith("pecm/data/roco_sample/images/") for n in names) == SAMPLE_IMAGES
@@ -143,6 +146,9 @@ def test_wheel_holds_everything_used_at_run_time(built):
         "pecm/data/roco_sample/pairs.jsonl",
         "pecm/data/roco_sample/ATTRIBUTION.tsv",
         "pecm/data/roco_sample/README.md",
+        "pecm/serve/static/index.html",
+        "pecm/serve/static/page.js",
+        "pecm/serve/static/page.css",
     }
     assert need <= names, f"missing from the wheel: {sorted(need - names)}"
     assert [n for n in names if n.startswith("pecm/_C") and n.endswith(".so")], "no pecm/_C*.so in the wheel"

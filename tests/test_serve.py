@@ -93,6 +93,38 @@ def test_health_page_and_metrics(client):
             float(line.rsplit(" ", 1)[1])
 
 
+def test_page_is_self_contained_with_a_strict_csp(client):
+    import base64
+    import hashlib
+    import re
+
+    r = client.get("/")
+    html, csp = r.text, r.headers["content-security-policy"]
+    assert r.headers["x-content-type-options"] == "nosniff" and r.headers["cache-control"] == "no-store"
+    assert "default-src 'none'" in csp and "connect-src 'self'" in csp and "'unsafe-inline'" not in csp
+    blocks = re.findall(r"<(script|style)>(.*?)</\1>", html, re.S)
+    assert sorted(t for t, _ in blocks) == ["script", "style"]
+    for tag, body in blocks:  # each inline block is allowed by its hash, nothing else
+        digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+        assert f"{tag}-src 'sha256-{digest}'" in csp
+    assert "PECM_" not in html and "innerHTML" not in html  # both blocks inlined; server text never parsed
+    assert not re.search(r"(src|href)=[\"']?(https?:)?//", html)  # nothing loaded from elsewhere
+
+
+def test_indexes(client, arch):
+    got = client.get("/indexes").json()["indexes"]
+    assert [ix["name"] for ix in got] == ["arch", "other"]
+    assert got[0] == {
+        "name": "arch",
+        "K": arch["K"],
+        "D": arch["D"],
+        "dtype": "float16",
+        "count": 14,
+        "modalities": {"image": 8, "text": 6},
+    }
+    assert got[1]["count"] == 30 and got[1]["modalities"] == {"text": 30}
+
+
 # ---------------------------------------------------------------------------------------------- search
 @pytest.mark.parametrize("by", ["score", "sim"])
 def test_search_text_equals_cli(client, arch, capsys, by):
@@ -165,6 +197,8 @@ def test_ingest_get_search_delete(client, arch):
     assert got[2]["modality"] == "image" and got[2]["source"].startswith(os.path.join(arch["other"], "uploads"))
     img = client.get(f"/items/{ids[2]}/image", params={"index": "other"})
     assert img.status_code == 200 and img.content == image_bytes(42)
+    other = client.get("/indexes").json()["indexes"][1]
+    assert other["count"] == 33 and other["modalities"] == {"image": 1, "text": 31, "null": 1}
     res = client.post("/search", json={"index": "other", "prototypes": p, "k": 1}).json()
     assert res["results"][0]["id"] == ids[0]
     res = client.post("/search", json={"index": "other", "id": ids[0], "k": 50, "where": {"site": 7}}).json()
@@ -174,6 +208,8 @@ def test_ingest_get_search_delete(client, arch):
     assert client.get(f"/items/{ids[0]}", params={"index": "other"}).status_code == 404
     res = client.post("/search", json={"index": "other", "prototypes": p, "k": 40}).json()
     assert ids[0] not in [h["id"] for h in res["results"]]
+    other = client.get("/indexes").json()["indexes"][1]  # a tombstoned item leaves the counts
+    assert other["count"] == 32 and other["modalities"] == {"image": 1, "text": 31}
     assert client.delete(f"/items/{ids[0]}", params={"index": "other"}).status_code == 404
     assert client.post("/search", json={"index": "other", "id": ids[0]}).status_code == 404
 
@@ -228,6 +264,7 @@ def test_auth(auth_client, monkeypatch):
         for method, path, kw in (
             ("post", "/search", {"json": body}),
             ("get", "/metrics", {}),
+            ("get", "/indexes", {}),
             ("get", "/items/0", {"params": {"index": "arch"}}),
             ("delete", "/items/0", {"params": {"index": "arch"}}),
         ):

@@ -3,12 +3,15 @@
 ``create_app(state, token=None, max_batch=32, max_wait_ms=5)`` builds the app around an open
 `pecm.serve.state.State`; the app's lifespan starts and stops the search micro-batcher (the caller closes the
 state). With ``token`` every route except ``/health`` and ``/`` needs ``Authorization: Bearer <token>``,
-compared with `hmac.compare_digest`.
+compared with `hmac.compare_digest`. ``/`` is the search page (`page`: ``static/``, plain JS calling the JSON
+routes with the token the user enters); ``/indexes`` lists the served indexes for it.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import hmac
 import time
 from typing import Optional
@@ -25,12 +28,36 @@ from .parse import parse_items, parse_search
 
 OPEN_PATHS = ("/health", "/")
 MAX_ID = 2**63 - 1
-PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>pecm serve</title></head>
-<body><h1>pecm serve</h1><p>PECM image&ndash;report retrieval. The search page is not built yet; use the
-JSON API (<code>POST /search</code>, <code>POST /items</code>, <code>GET /items/{id}</code>):
-see docs/serve.md.</p></body></html>
-"""
+
+
+def page() -> tuple:
+    """(HTML, headers) of the search page at ``GET /``: ``static/index.html`` with ``page.css`` and ``page.js``
+    inlined (package data; one self-contained response, nothing fetched from elsewhere) and a
+    Content-Security-Policy that allows exactly those two inline blocks (by hash), fetches to this origin and
+    ``blob:`` thumbnails."""
+    from importlib.resources import files
+
+    static = files(__package__).joinpath("static")
+    html, css, js = (static.joinpath(n).read_text(encoding="utf-8") for n in ("index.html", "page.css", "page.js"))
+    for name, text in (("page.css", css), ("page.js", js)):
+        if "</" in text:  # would end the inline <style> / <script> early
+            raise ValueError(f"pecm/serve/static/{name}: must not contain '</'")
+    html = html.replace("/*PECM_CSS*/", css, 1).replace("/*PECM_JS*/", js, 1)
+
+    def digest(text: str) -> str:
+        return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+    csp = (
+        f"default-src 'none'; script-src {digest(js)}; style-src {digest(css)}; img-src 'self' blob:; "
+        "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'"
+    )
+    headers = {
+        "Content-Security-Policy": csp,
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-store",
+    }
+    return html, headers
 
 
 class _Guard:
@@ -127,9 +154,15 @@ def create_app(state, token: Optional[str] = None, max_batch: int = 32, max_wait
         params = _query_params(request, allowed)
         return state.index_for(params.get("index")), params
 
+    html, page_headers = page()
+
     @app.get("/")
-    async def page():
-        return HTMLResponse(PAGE)
+    async def get_page():
+        return HTMLResponse(html, headers=page_headers)
+
+    @app.get("/indexes")
+    async def indexes():
+        return {"indexes": await run_in_threadpool(lambda: [s.describe() for s in state.indexes.values()])}
 
     @app.get("/health")
     async def health():

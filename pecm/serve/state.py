@@ -73,6 +73,36 @@ class ServedIndex:
         )
         return sorted({os.path.dirname(os.path.abspath(s)) for (s,) in rows if s})
 
+    def describe(self) -> dict:
+        """``GET /indexes`` entry: name, K, D, dtype, live item count and live items per ``modality`` (``"null"``:
+        items stored without one), as of the latest commit. Two grouped SQL counts (all rows, tombstoned rows)."""
+        v = self.reader._current()
+        meta, next_id = self.reader.meta, int(v.manifest["next_id"])
+        counts: Dict[str, int] = {}
+        sql = "SELECT modality, COUNT(*) FROM items WHERE id < ? GROUP BY modality"
+        for m, n in meta._query(sql, [next_id]):
+            if m is not None:
+                counts[str(m)] = counts.get(str(m), 0) + int(n)
+        dead = [int(i) for i in v.tombstones]
+        for lo in range(0, len(dead), 500):  # deletes keep the metadata rows: subtract the tombstoned ones
+            part = dead[lo : lo + 500]
+            sql = f"SELECT modality, COUNT(*) FROM items WHERE id IN ({','.join('?' * len(part))}) GROUP BY modality"
+            for m, n in meta._query(sql, part):
+                if m is not None:
+                    counts[str(m)] -= int(n)
+        live = len(v)
+        counts = {m: n for m, n in sorted(counts.items()) if n > 0}
+        if live > sum(counts.values()):
+            counts["null"] = live - sum(counts.values())
+        return {
+            "name": self.name,
+            "K": int(self.K),
+            "D": int(self.D),
+            "dtype": str(v.dtype),
+            "count": live,
+            "modalities": counts,
+        }
+
     def close(self) -> None:
         self.reader.close()
         self.writer.close()
