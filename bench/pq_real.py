@@ -118,7 +118,9 @@ def run(demo: str, k: int = 10) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--demo", default="runs/demo", help="the demo's --out directory (holds index/images, index/reports)")
+    ap.add_argument(
+        "--demo", default="runs/demo", help="the demo's --out directory (holds index/images, index/reports)"
+    )
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/pq_real_roco_<cpu>.json)")
     a = ap.parse_args(argv)
     if not os.path.isdir(os.path.join(a.demo, "index", "images")):

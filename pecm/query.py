@@ -12,19 +12,25 @@ search to about 1e-5 (measured on a float16 index with the cpp backend), not bit
 
 from __future__ import annotations
 
+import json
 import math
-from typing import List, Optional, Sequence, Tuple
+import numbers
+import os
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import numpy as np
 
-from . import ops
+# numpy, torch and pecm.ops are imported where they are used: the command line checks its arguments and
+# input files with this module before anything heavy loads (`pecm search --help` / a missing file: no torch)
+
+MAX_K = 2**31 - 1  # == pecm.ops.MAX_K (tests/test_cli_query.py checks); here so check_k needs no torch
 
 
 def check_k(k, name: str = "k", limit: Optional[int] = None) -> int:
     """k as an int in [1, limit] (limit: `pecm.ops.MAX_K` when None); ValueError naming ``name``."""
-    hi = ops.MAX_K if limit is None else int(limit)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+    hi = MAX_K if limit is None else int(limit)
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):  # numpy integers are Integral
         raise TypeError(f"{name}: expected an int, got {type(k).__name__}")
     if not 1 <= int(k) <= hi:
         raise ValueError(f"{name}: expected an int in [1, {hi}], got {k}")
@@ -33,6 +39,8 @@ def check_k(k, name: str = "k", limit: Optional[int] = None) -> int:
 
 def check_finite(q: np.ndarray, name: str, what: str = "contains") -> None:
     """Non-finite query values would score NaN (never ranked): refuse them up front, naming the input."""
+    import numpy as np
+
     bad = ~np.isfinite(q)
     if bad.any():
         b = int(np.argwhere(bad)[0][0]) if q.ndim == 3 else 0
@@ -41,6 +49,8 @@ def check_finite(q: np.ndarray, name: str, what: str = "contains") -> None:
 
 def check_results(scores: np.ndarray, ids: np.ndarray) -> None:
     """A returned item must carry a finite score; padding (id -1) is the only null in the output."""
+    import numpy as np
+
     bad = (ids >= 0) & ~np.isfinite(scores)
     if bad.any():
         b, r = (int(v) for v in np.argwhere(bad)[0])
@@ -59,6 +69,8 @@ def encode(enc, kind: str, items: Sequence, name: Optional[str] = None) -> Tuple
     """Prototypes float32 [B, K, D] and masks bool [B, K] of ``items`` encoded by ``enc``
     (`pecm.model.encode.Encoder`) in one call: ``kind`` "image" (paths or binary file objects) or "text"
     (report strings). Non-finite encodings are a ValueError naming ``name`` (default the kind)."""
+    import numpy as np
+
     if kind == "image":
         protos, masks = enc.encode_images(list(items))
     elif kind == "text":
@@ -73,6 +85,11 @@ def encode(enc, kind: str, items: Sequence, name: Optional[str] = None) -> Tuple
 def hit_scores(view, queries: np.ndarray, q_mask: Optional[np.ndarray], ids: np.ndarray):
     """(sim, conf), float32 [B, k], of each hit ``ids[b, r]`` (NaN where the id is -1) against query b,
     from the stored rows of the snapshot ``view``, with the index weights."""
+    import numpy as np
+    import torch
+
+    from . import ops
+
     q = np.array(queries, dtype=np.float32)  # a writable copy (a query file is a read-only memmap)
     if q.ndim == 2:
         q, q_mask = q[None], None if q_mask is None else np.asarray(q_mask)[None]
@@ -125,3 +142,54 @@ def hits_json(scores, ids, meta, sim, conf) -> List[List[dict]]:
             )
         out.append(row)
     return out
+
+
+# ---- query inputs of the command line (`pecm search`): checked before the model or torch loads
+
+
+def check_index_dir(path: str, name: str = "index") -> None:
+    """FileNotFoundError unless ``path`` is a directory holding an index manifest (checked without torch;
+    `ArchiveIndex.open` checks the rest)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{name}: no such directory {path!r}")
+    if not os.path.isfile(os.path.join(path, "manifest.json")):
+        raise FileNotFoundError(f"{name}: {path!r} is not a pecm index (no manifest.json)")
+
+
+def check_files(paths: Sequence[str], name: str) -> List[str]:
+    """The paths, each an existing file; FileNotFoundError naming ``name`` and the first missing one."""
+    for p in paths:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{name}: no such file {p!r}")
+    return list(paths)
+
+
+def read_texts(path: str, name: str = "--texts-file") -> List[str]:
+    """Query reports from ``path``: JSON Lines when it ends in ``.jsonl`` (each non-blank line an object with a
+    string ``"text"``), else plain text, one report per line. Blank lines are skipped; no report is an error."""
+    check_files([path], name)
+    jsonl = path.endswith(".jsonl")
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if not jsonl:
+                texts.append(line.strip())
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{name}: line {n} of {path!r} is not JSON ({e})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+                raise ValueError(f'{name}: line {n} of {path!r}: expected an object with a non-empty string "text"')
+            texts.append(row["text"])
+    if not texts:
+        raise ValueError(f"{name}: {path!r} holds no report")
+    return texts
+
+
+def shorten(text, n: int = 100) -> str:
+    """``text`` on one line (white space runs collapsed), at most ``n`` characters ("..." marks a cut)."""
+    s = " ".join(str(text).split())
+    return s if len(s) <= n else s[: max(1, n - 3)].rstrip() + "..."

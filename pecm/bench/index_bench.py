@@ -178,7 +178,7 @@ def build(args) -> dict:
             exact.add(*ops.pecm_topk(qs, cs, None, min(args.k, n)), offset=s)
             exact_s += time.perf_counter() - t
         t = time.perf_counter()
-        idx.add(x.numpy(), progress=not args.no_progress)
+        idx.add(x.numpy(), progress=False if args.no_progress else None)
         add_s += time.perf_counter() - t
     ann = None
     if args.ann == "auto":
@@ -188,7 +188,7 @@ def build(args) -> dict:
             args.ann, ann = "none", {"skipped": "faiss is not installed (pip install 'pecm[ann]')"}
     if args.ann != "none":  # the FAISS first stage of mode="ann" over the pooled vectors
         t = time.perf_counter()
-        entry = idx.build_ann(None if args.ann == "auto" else args.ann, progress=not args.no_progress)
+        entry = idx.build_ann(None if args.ann == "auto" else args.ann, progress=False if args.no_progress else None)
         ann = {"build_seconds": time.perf_counter() - t, **{k: entry[k] for k in ("kind", "params", "rows", "bytes")}}
     item_bytes = fmt.manifest_item_bytes(idx.manifest)
     idx.close()
@@ -387,7 +387,9 @@ def _parser(prog) -> argparse.ArgumentParser:
     )
     ap.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     ap.add_argument("--keep", action="store_true", help="keep the index folder afterwards (its path is printed)")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (default: only when stderr is a terminal)"
+    )
     ap.add_argument("--phase", choices=("all", "search"), default="all", help=argparse.SUPPRESS)
     ap.add_argument("--path", default=None, help=argparse.SUPPRESS)  # the search phase's index (set by the parent)
     ap.add_argument("--query-file", default=None, help=argparse.SUPPRESS)

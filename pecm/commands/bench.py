@@ -10,6 +10,7 @@ pecm bench index [ARGS ...]                    # archive index benchmark (pecm.b
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 DEFAULT_PEERS = "eager,gemm,compile,numpy,faiss"
@@ -48,19 +49,29 @@ def _run_op(args) -> int:
         log=(lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr)),
     )
     path = runner.save(res, args.out)
-    print(runner.format_table(res))
+    if not args.json:
+        print(runner.format_table(res))
     if not args.no_plots:
         from ..bench.plots import all_plots  # matplotlib (the [bench] extra); not needed with --no-plots
 
         all_plots([res], args.out)
-    print(f"\nwrote {path}")
+    if args.json:  # the saved results.json object, plus where it went
+        print(json.dumps({**res, "path": path}))
+    else:
+        print(f"\nwrote {path}")
     return 0
 
 
 def _run_report(args) -> int:
     from ..bench.report import make_report
 
-    print(make_report(args.dirs, args.out))
+    text = make_report(args.dirs, args.out)
+    if args.json:
+        import os
+
+        print(json.dumps({"out": args.out, "report": os.path.join(args.out, "report.md"), "markdown": text}))
+    else:
+        print(text)
     return 0
 
 
@@ -98,10 +109,12 @@ def register(sub) -> None:
         q.add_argument("--no-plots", action="store_true")
         q.add_argument("--quick-ceilings", action="store_true", help="small ceiling buffers (smoke runs only)")
         q.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+        q.add_argument("--json", action="store_true", help='print the results object (+ "path") as JSON, no table')
         q.set_defaults(func=_run_op, op=op)
     r = bsub.add_parser("report", help="merge results.json files into report.md + plots")
     r.add_argument("dirs", nargs="+", help="result directories or results.json files")
     r.add_argument("--out", default="bench_report")
+    r.add_argument("--json", action="store_true", help='print {"out", "report", "markdown"} as JSON')
     r.set_defaults(func=_run_report)
     # prefix_chars="+": every argument (--n 1000, --help, ...) goes through to pecm.bench.index_bench
     i = bsub.add_parser(

@@ -17,8 +17,9 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
+
+from ._common import add_progress_flags, show_progress
 
 IMAGE_KEYS = ("image_backbone", "image_size", "image_weights", "grid", "K")
 TEXT_KEYS = ("text_encoder", "text_hidden", "text_layers", "text_heads", "text_max_len", "doc2vec_dim")
@@ -113,7 +114,7 @@ def _run(a) -> int:
     cfg = PECMConfig.tiny(**over) if a.quick else PECMConfig.demo_cpu(**over)
     model = PECM(cfg)
     model.text.fit(train_set.texts)
-    progress = not a.no_progress and sys.stderr.isatty()
+    progress = show_progress(a)
     t = time.time()
     cache = os.path.join(a.out, "cache")
     tr_ids = [p.id for p in train_set.pairs]
@@ -232,5 +233,5 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true", help="smoke test: tiny random model, 60 shipped pairs, 3 epochs")
     p.add_argument("--limit", type=int, help="use at most this many pairs")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_flags(p)
     p.set_defaults(func=_run)

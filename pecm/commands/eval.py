@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
+
+from ._common import add_progress_flags, show_progress
 
 
 def eval_summary(res: dict, by: str, n: int) -> dict:
@@ -74,7 +75,7 @@ def _run(a) -> int:
     pairs = load_dataset(a.data, layout=a.layout, limit=a.limit)
     if a.test_split is not None:  # the held-out split of `pecm demo` / a seeded split of DIR
         _, pairs = split_pairs(pairs, a.test_split, a.seed)
-    progress = not a.json and not a.no_progress and sys.stderr.isatty()
+    progress = show_progress(a, quiet=a.json)
     feats = extract_features(model, pairs, a.batch_size, progress=progress)
     cuis = pairs.cuis if any(pairs.cuis) else None
     res = evaluate_features(model, feats, cuis)
@@ -102,5 +103,5 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of --test-split")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_flags(p)
     p.set_defaults(func=_run)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
+from ._common import add_json_flag, add_progress_flags, emit, progress
+
+# numpy, torch and pecm.index are imported inside the commands: `pecm --help` imports this module
 
 
-def _load_npy(path: str, name: str) -> np.ndarray:
+def _load_npy(path: str, name: str):
+    import numpy as np
+
     if not os.path.exists(path):
         raise FileNotFoundError(f"{name}: no such file {path!r}")
     try:
@@ -30,17 +34,19 @@ def _load_jsonl(path: str) -> list:
 
 
 def load_encoder(ckpt: str):
-    """The model's encoder (`pecm.model.encode.load_encoder`), imported lazily."""
+    """The model's encoder (`pecm.model.encode.load_encoder`), imported lazily (after the path is checked)."""
+    if not os.path.exists(ckpt):
+        raise FileNotFoundError(f"--checkpoint: no such file {ckpt!r}")
     try:
         from pecm.model.encode import load_encoder as _load
     except ImportError as e:
         raise ValueError(f"--checkpoint: the model encoder (pecm.model.encode) is not available: {e}") from e
-    if not os.path.exists(ckpt):
-        raise FileNotFoundError(f"--checkpoint: no such file {ckpt!r}")
     return _load(ckpt)
 
 
 def _weights(spec):
+    import numpy as np
+
     if spec is None:
         return None
     if spec.endswith(".npy"):
@@ -52,6 +58,8 @@ def _weights(spec):
 
 
 def _create(a) -> int:
+    import numpy as np
+
     from ..index import ArchiveIndex
 
     k, d, w = a.K, a.D, _weights(a.weights)
@@ -64,30 +72,50 @@ def _create(a) -> int:
         raise ValueError("--pq-m / --pq-per-slot: only with --dtype pq")
     idx = ArchiveIndex.create(a.path, k, d, dtype=a.dtype, weights=w, overwrite=a.overwrite, **pq_kw)
     idx.close()
-    print(f"created {a.path} (K={k}, D={d}, dtype={a.dtype})")
+    emit(a, {"path": a.path, "K": k, "D": d, "dtype": a.dtype}, f"created {a.path} (K={k}, D={d}, dtype={a.dtype})")
     return 0
 
 
 def _add_encoded(idx, a) -> int:
-    enc = load_encoder(a.checkpoint)
+    import numpy as np
+
     if a.images:
         items, kind = list(a.images), "image"
         for p in items:
             if not os.path.exists(p):
                 raise FileNotFoundError(f"--images: no such file {p!r}")
     else:
+        if not os.path.isfile(a.texts_file):
+            raise FileNotFoundError(f"--texts-file: no such file {a.texts_file!r}")
         with open(a.texts_file, encoding="utf-8") as f:
             items, kind = [line.strip() for line in f if line.strip()], "text"
+    enc = load_encoder(a.checkpoint)  # after the inputs are checked: a missing file fails before the model loads
     total = 0
     for s in range(0, len(items), a.batch_size):
         part = items[s : s + a.batch_size]
         protos, masks = enc.encode_images(part) if kind == "image" else enc.encode_texts(part)
         meta = [{"modality": kind, "source": p} if kind == "image" else {"modality": kind, "text": p} for p in part]
-        total += len(idx.add(np.asarray(protos), np.asarray(masks), metadata=meta, progress=not a.no_progress))
+        total += len(idx.add(np.asarray(protos), np.asarray(masks), metadata=meta, progress=progress(a, a.json)))
     return total
 
 
+def _check_add_inputs(a) -> None:
+    """The files `index add` reads, checked before torch / the model load (one `pecm: error:` line)."""
+    if a.checkpoint and not os.path.exists(a.checkpoint):
+        raise FileNotFoundError(f"--checkpoint: no such file {a.checkpoint!r}")
+    for p in a.images or ():
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"--images: no such file {p!r}")
+    if a.texts_file and not os.path.isfile(a.texts_file):
+        raise FileNotFoundError(f"--texts-file: no such file {a.texts_file!r}")
+    for name in ("prototypes", "masks", "pooled", "meta"):
+        v = getattr(a, name)
+        if v is not None and not os.path.exists(v):
+            raise FileNotFoundError(f"--{name}: no such file {v!r}")
+
+
 def _add(a) -> int:
+    _check_add_inputs(a)
     from ..index import ArchiveIndex
 
     with ArchiveIndex.open(a.path, mode="a") as idx:
@@ -103,8 +131,10 @@ def _add(a) -> int:
             masks = None if a.masks is None else _load_npy(a.masks, "--masks")
             pooled = None if a.pooled is None else _load_npy(a.pooled, "--pooled")
             meta = None if a.meta is None else _load_jsonl(a.meta)
-            n = len(idx.add(protos, masks, metadata=meta, pooled=pooled, progress=not a.no_progress))
-        print(f"added {n} items (ids {first}..{first + n - 1}); {len(idx)} live items")
+            n = len(idx.add(protos, masks, metadata=meta, pooled=pooled, progress=progress(a, a.json)))
+        obj = {"path": a.path, "added": n, "first_id": first if n else None, "last_id": first + n - 1 if n else None}
+        obj["live"] = len(idx)
+        emit(a, obj, f"added {n} items (ids {first}..{first + n - 1}); {len(idx)} live items")
     return 0
 
 
@@ -125,7 +155,10 @@ def _verify(a) -> int:
     from ..index import ArchiveIndex
 
     with ArchiveIndex.open(a.path, verify=True) as idx:
-        print(f"ok: {idx.count} rows, {len(idx.manifest['checksums'])} checksum records verified")
+        rows, n = idx.count, len(idx.manifest["checksums"])
+    emit(
+        a, {"path": a.path, "ok": True, "rows": rows, "checksums": n}, f"ok: {rows} rows, {n} checksum records verified"
+    )
     return 0
 
 
@@ -134,8 +167,11 @@ def _compact(a) -> int:
 
     with ArchiveIndex.open(a.path, mode="a") as idx:
         before = idx.count
-        idx.compact(progress=not a.no_progress)
-        print(f"compacted {a.path}: {before} -> {idx.count} rows")
+        idx.compact(progress=progress(a, a.json))
+        after = idx.count
+    emit(
+        a, {"path": a.path, "rows_before": before, "rows_after": after}, f"compacted {a.path}: {before} -> {after} rows"
+    )
     return 0
 
 
@@ -145,7 +181,7 @@ def _build_ann(a) -> int:
     params = {k: getattr(a, k) for k in ("nlist", "nprobe", "m", "nbits", "M", "ef_construction", "seed")}
     params = {k: v for k, v in params.items() if v is not None}
     with ArchiveIndex.open(a.path, mode="a") as idx:
-        ann = idx.build_ann(a.kind, progress=not a.no_progress, **params)
+        ann = idx.build_ann(a.kind, progress=progress(a, a.json), **params)
     if a.json:
         print(json.dumps(ann))
     else:
@@ -154,6 +190,8 @@ def _build_ann(a) -> int:
 
 
 def _tune(a) -> int:
+    import numpy as np
+
     from ..index import ArchiveIndex
     from ..index.tune import format_table
 
@@ -161,7 +199,9 @@ def _tune(a) -> int:
     if a.query_file:
         q = np.asarray(_load_npy(a.query_file, "--query-file"), dtype=np.float32)
     with ArchiveIndex.open(a.path, mode="a") as idx:
-        res = idx.tune(a.target_recall, a.k, q, qm, a.queries, a.seed, store=not a.dry_run, progress=not a.no_progress)
+        res = idx.tune(
+            a.target_recall, a.k, q, qm, a.queries, a.seed, store=not a.dry_run, progress=progress(a, a.json)
+        )
     if a.json:
         print(json.dumps(res))
     else:
@@ -179,7 +219,8 @@ def _delete(a) -> int:
 
     with ArchiveIndex.open(a.path, mode="a") as idx:
         n = idx.delete(a.ids)
-        print(f"deleted {n} items; {len(idx)} live items")
+        live = len(idx)
+    emit(a, {"path": a.path, "deleted": n, "live": live}, f"deleted {n} items; {live} live items")
     return 0
 
 
@@ -202,6 +243,7 @@ def register(sub) -> None:
     c.add_argument("--weights", help="prototype weights w: a .npy file or comma-separated floats (default ones)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing index")
     c.add_argument("--checkpoint", help="take K, D and the weights from this model checkpoint")
+    add_json_flag(c, '{"path", "K", "D", "dtype"}')
     c.set_defaults(func=_create)
 
     ad = isub.add_parser("add", help="append items from .npy arrays or encode them with a checkpoint")
@@ -214,21 +256,24 @@ def register(sub) -> None:
     ad.add_argument("--images", nargs="+", help="image files to encode (needs --checkpoint)")
     ad.add_argument("--texts-file", help="text file, one report per line (needs --checkpoint)")
     ad.add_argument("--batch-size", type=int, default=32)
-    ad.add_argument("--no-progress", action="store_true")
+    add_progress_flags(ad)
+    add_json_flag(ad, '{"path", "added", "first_id", "last_id", "live"}')
     ad.set_defaults(func=_add)
 
     i = isub.add_parser("info", help="print the index statistics")
     i.add_argument("path")
-    i.add_argument("--json", action="store_true")
+    add_json_flag(i, "the statistics")
     i.set_defaults(func=_info)
 
     v = isub.add_parser("verify", help="check sizes and every checksum")
     v.add_argument("path")
+    add_json_flag(v, '{"path", "ok", "rows", "checksums"}')
     v.set_defaults(func=_verify)
 
     co = isub.add_parser("compact", help="rewrite the files without deleted items")
     co.add_argument("path")
-    co.add_argument("--no-progress", action="store_true")
+    add_progress_flags(co)
+    add_json_flag(co, '{"path", "rows_before", "rows_after"}')
     co.set_defaults(func=_compact)
 
     an = isub.add_parser("build-ann", help="build the FAISS first stage of `pecm search --mode ann`")
@@ -241,8 +286,8 @@ def register(sub) -> None:
     an.add_argument("--M", type=int, help="HNSW neighbours per node (default 32)")
     an.add_argument("--ef-construction", type=int, help="HNSW build breadth (default 80)")
     an.add_argument("--seed", type=int, help="training sample seed (default 0)")
-    an.add_argument("--json", action="store_true")
-    an.add_argument("--no-progress", action="store_true")
+    add_json_flag(an, 'the ANN record {"kind", "rows", "bytes", "params", ...}')
+    add_progress_flags(an)
     an.set_defaults(func=_build_ann)
 
     tu = isub.add_parser("tune", help="measure recall/latency of two_stage and ann, store the defaults")
@@ -253,11 +298,12 @@ def register(sub) -> None:
     tu.add_argument("--query-file", help="float array [B, K, D] (.npy) of queries instead")
     tu.add_argument("--seed", type=int, default=0)
     tu.add_argument("--dry-run", action="store_true", help="print the table, store nothing")
-    tu.add_argument("--json", action="store_true")
-    tu.add_argument("--no-progress", action="store_true")
+    add_json_flag(tu, "the measured table and the chosen defaults")
+    add_progress_flags(tu)
     tu.set_defaults(func=_tune)
 
     de = isub.add_parser("delete", help="delete items by id (tombstones)")
     de.add_argument("path")
     de.add_argument("ids", nargs="+", type=int)
+    add_json_flag(de, '{"path", "deleted", "live"}')
     de.set_defaults(func=_delete)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
+
+from ._common import add_progress_flags, show_progress
 
 
 def _config(a):
@@ -101,7 +102,7 @@ def _train(a, distributed: bool) -> int:
         div=a.div,
         seed=a.seed,
         amp=not a.no_amp,
-        progress=not a.no_progress and sys.stderr.isatty(),
+        progress=show_progress(a),
         resume=a.resume,
         select_best=a.select_best,
     )
@@ -145,7 +146,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--no-amp", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_flags(p)
     p.add_argument(
         "--select-best",
         action="store_true",
