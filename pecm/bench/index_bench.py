@@ -175,7 +175,8 @@ def build(args) -> dict:
         if exact is not None:  # exact float16 search of the same items (prototypes rounded to float16)
             t = time.perf_counter()
             cs = ops.prepare_candidates(x.half(), torch.from_numpy(w.astype(np.float32)))
-            exact.add(*ops.pecm_topk(qs, cs, None, min(args.k, n)), offset=s)
+            ev, ei = ops.pecm_topk(qs, cs, None, min(args.k, n))
+            exact.add(ev, torch.where(ei >= 0, ei + s, ei))  # global row numbers (= ids: the index starts empty)
             exact_s += time.perf_counter() - t
         t = time.perf_counter()
         idx.add(x.numpy(), progress=False if args.no_progress else None)
