@@ -594,3 +594,17 @@ def test_throughput_readme_from_saved_runs(tiny_runs, tmp_path, capsys):
     # the same bundle is accepted by `pecm bench report`
     assert cli.main(["bench", "report", str(src), "--out", str(tmp_path / "rep")]) == 0
     assert "## rerank on" in (tmp_path / "rep" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "pq"])
+def test_index_bench_exact_recall_over_several_blocks(index_sandbox, dtype, tmp_path):
+    """--exact-recall's reference over several add blocks keeps global ids: float16 exhaustive search is exact
+    (recall 1), pq is close to it."""
+    if dtype == "pq":
+        pytest.importorskip("faiss")
+    out = tmp_path / "r.json"
+    argv = ["bench", "index", "--n", "1200", "--block", "400", "--queries", "8", "--reps", "1", "--ann", "none"]
+    argv += ["--dtype", dtype, "--exact-recall", "--no-progress", "--out", str(out)]
+    assert cli.main(argv) == 0
+    rec = json.loads(out.read_text())["search"]["recall_at_10_vs_exact_float16"]
+    assert rec["exhaustive"] >= (0.99 if dtype == "float16" else 0.6), rec
