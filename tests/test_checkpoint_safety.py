@@ -148,10 +148,18 @@ def test_pickled_doc2vec_is_refused_not_run(ckpt, fitted, tmp_path):
     _refused(e, marker, ValueError, r"doc2vec\.model.*pickle.*convert-checkpoint .* --trust-pickle")
 
 
+def _index(tmp_path):
+    """An existing (empty) index: `pecm search` checks the index before it loads the checkpoint."""
+    from pecm.index import ArchiveIndex
+
+    ArchiveIndex.create(tmp_path / "ix", 4, 16).close()
+    return tmp_path / "ix"
+
+
 def test_cli_search_with_pickled_doc2vec_exits_2_without_running_it(ckpt, fitted, tmp_path, capsys):
     marker = tmp_path / "PWNED"
     _legacy(ckpt, fitted, marker)
-    rc, out, err = _cli(capsys, "search", tmp_path / "ix", "--checkpoint", ckpt, "--text", "no acute findings")
+    rc, out, err = _cli(capsys, "search", _index(tmp_path), "--checkpoint", ckpt, "--text", "no acute findings")
     assert rc == 2 and not marker.exists() and out == ""
     assert len(err.strip().splitlines()) == 1 and "doc2vec.model" in err and "--trust-pickle" in err
 
@@ -350,7 +358,7 @@ def test_damaged_checkpoint_is_a_clear_one_line_error(ckpt, case):
 @pytest.mark.parametrize("case", ["weights truncated", "doc2vec counts zero", "tokenizer garbage"])
 def test_cli_search_with_damaged_checkpoint_exits_2(ckpt, tmp_path, capsys, case):
     DAMAGE[case][1](ckpt)
-    rc, out, err = _cli(capsys, "search", tmp_path / "ix", "--checkpoint", ckpt, "--text", "no acute findings")
+    rc, out, err = _cli(capsys, "search", _index(tmp_path), "--checkpoint", ckpt, "--text", "no acute findings")
     assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1 and err.startswith("pecm: error: checkpoint:")
 
 
