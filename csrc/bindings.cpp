@@ -425,7 +425,8 @@ PYBIND11_MODULE(_C, m) {
         [](const PyQueries& q, const PyCandidates& c, py::array_t<int64_t, py::array::c_style | py::array::forcecast> cand,
            int64_t k, pecm::By by) {
             const Problem p = problem(q, c);
-            return topk_call(p, check_cand(cand, p.q.B, p.c.N), cand.shape(1), k, by);
+            const int64_t* pc = check_cand(cand, p.q.B, p.c.N);  // (before cand.shape(1): a 1-D cand is an error)
+            return topk_call(p, pc, cand.shape(1), k, by);
         },
         py::arg("queries"), py::arg("candidates"), py::arg("cand"), py::arg("k"), py::arg("by"),
         "Best k of gathered candidate rows (-1 = padding).");
@@ -458,7 +459,8 @@ PYBIND11_MODULE(_C, m) {
         [](const PyQueries& q, const F32& lut, const PyPQCandidates& c,
            py::array_t<int64_t, py::array::c_style | py::array::forcecast> cand, int64_t k, pecm::By by) {
             const Problem p = c.problem(q, lut);
-            return topk_call(p, check_cand(cand, p.q.B, p.c.N), cand.shape(1), k, by);
+            const int64_t* pc = check_cand(cand, p.q.B, p.c.N);
+            return topk_call(p, pc, cand.shape(1), k, by);
         },
         py::arg("queries"), py::arg("lut"), py::arg("candidates"), py::arg("cand"), py::arg("k"), py::arg("by"),
         "Best k of gathered PQ candidate rows (-1 = padding), scored from their codes.");

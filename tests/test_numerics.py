@@ -293,4 +293,4 @@ def test_cli_search_refuses_non_finite_queries(tmp_path, capsys):
     assert err.count("\n") == 1 and "--query-file: contains NaN or inf values" in err
     rc = main(["search", ix, "--query-file", str(tmp_path / "q.npy"), "-k", str(2**62)])
     out, err = capsys.readouterr()
-    assert rc == 2 and err.count("\n") == 1 and "-k: expected an int <= 2147483647" in err
+    assert rc == 2 and err.count("\n") == 1 and "-k: expected an int in [1, 2147483647]" in err
