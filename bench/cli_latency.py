@@ -28,18 +28,11 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+
+from pecm.bench.timing import cpu_model  # noqa: E402
+
 SAMPLE = os.path.join(HERE, "pecm", "data", "roco_sample", "pairs.jsonl")
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _reports(n: int):
@@ -177,7 +170,7 @@ def main(argv=None) -> int:
         }
     out = {
         "what": "wall clock of a fresh `python -m pecm ...` process (subprocess.run), median of the runs",
-        "cpu": _cpu(),
+        "cpu": cpu_model(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "nice": os.nice(0),

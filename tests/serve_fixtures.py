@@ -73,3 +73,23 @@ def second_index(path, K: int, D: int, n: int = 30, seed: int = 1) -> str:
         meta = [{"modality": "text", "text": f"r{i}", "site": i % 3} for i in range(n)]
         ix.add(rng.standard_normal((n, K, D)).astype(np.float32), rng.random((n, K)) > 0.2, metadata=meta)
     return os.fspath(path)
+
+
+def wait_for_server(proc, timeout: float = 30.0) -> str:
+    """The URL a `pecm serve --port 0` subprocess prints on its first line, once its /health answers."""
+    import time
+
+    import httpx
+
+    line = proc.stdout.readline()
+    assert line.startswith("pecm serve: http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() else "")
+    url = line.split()[2]
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return url
+        except httpx.TransportError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.1)

@@ -19,7 +19,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
-from serve_fixtures import REPORTS, b64, build_archive, second_index  # noqa: E402
+from serve_fixtures import REPORTS, b64, build_archive, second_index, wait_for_server  # noqa: E402
 
 from pecm.serve.app import create_app  # noqa: E402
 from pecm.serve.batcher import Batcher  # noqa: E402
@@ -178,19 +178,8 @@ def test_sigterm_drains_and_exits_zero(arch, tmp_path):
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        line = proc.stdout.readline()
-        assert line.startswith("pecm serve: http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() else "")
-        url = line.split()[2]
+        url = wait_for_server(proc)
         headers = {"Authorization": "Bearer tok-" + "x" * 20}
-        deadline = time.time() + 30
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.1)
         r = httpx.post(url + "/search", json={"text": REPORTS[0], "k": 2}, headers=headers, timeout=30)
         assert r.status_code == 200 and len(r.json()["results"]) == 2
         assert httpx.post(url + "/search", json={"text": REPORTS[0]}, timeout=30).status_code == 401

@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -29,7 +28,7 @@ from selenium import webdriver  # noqa: E402
 from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
-from serve_fixtures import REPORTS, build_archive, second_index  # noqa: E402
+from serve_fixtures import REPORTS, build_archive, second_index, wait_for_server  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "browser-token-0123456789"
@@ -87,19 +86,7 @@ def launched(browser_start, tmp_path_factory):
 def server(launched, browser):
     """The archive dict with ``url`` once the server answers /health."""
     a, proc = launched
-    line = proc.stdout.readline()
-    assert line.startswith("pecm serve: http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() else "")
-    url = line.split()[2]
-    deadline = time.time() + 30
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.1)
-    return {**a, "url": url}
+    return {**a, "url": wait_for_server(proc)}
 
 
 @pytest.fixture(scope="module")
