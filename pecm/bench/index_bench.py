@@ -426,14 +426,19 @@ def _out_path(args):
     return out
 
 
-def bytes_needed(n: int, dtype: str, queries: int) -> int:
+def bytes_needed(n: int, dtype: str, queries: int, pq_m=None) -> int:
     """Disk space one run needs: the index files plus 5% and a little for the manifest, metadata and queries."""
-    per_item = sum(fmt.item_bytes(K, D, dtype, D // 8 if dtype == "pq" else 0).values())
+    m = 0
+    if dtype == "pq":
+        from .. import pq
+
+        m = pq.default_m(D) if pq_m is None else pq_m
+    per_item = sum(fmt.item_bytes(K, D, dtype, m).values())
     return int(n * per_item * 1.05) + queries * K * D * 4 + (16 << 20)
 
 
 def _check_space(args, base: str) -> None:
-    need = bytes_needed(args.n, args.dtype, args.queries)
+    need = bytes_needed(args.n, args.dtype, args.queries, args.pq_m)
     free = shutil.disk_usage(base).free
     if need > free:
         where = "--dir" if args.dir is not None else "the temporary directory; --dir chooses another"

@@ -258,23 +258,27 @@ class ArchiveIndex:
         self.weights = np.asarray(m["weights"], dtype=np.float32)
         self.layout = fmt.layout(self.K, self.D, self.dtype, fmt.pq_m(m))
         self.item_bytes = fmt.manifest_item_bytes(m)
-        self.codebook = None  # pecm.pq.Codebook of a pq index once trained
-        if (m.get("pq") or {}).get("codebook"):
-            from .. import pq
-
-            p = m["pq"]
-            raw = os.pread(files.fds["codebook"], p["codebook"]["bytes"], 0)
-            s_groups = self.K if p["per_slot"] else 1
-            cent = np.frombuffer(raw, dtype="<f4").reshape(s_groups, p["m"], pq.KSUB, self.D // p["m"])
-            try:
-                self.codebook = pq.Codebook(cent.astype(np.float32))
-            except ValueError as e:
-                raise IndexCorruptError(f"index: {fmt.PQ_CODEBOOK}: {e}") from e
+        entry = (m.get("pq") or {}).get("codebook")
+        if entry is None or entry != getattr(self, "_pq_entry", None):  # (committed codebooks never change)
+            self.codebook = None if entry is None else self._read_codebook(m, files)  # pecm.pq.Codebook
+        self._pq_entry = entry
         self.paths = {k: os.path.join(self.root, v) for k, v in m["files"].items()}
         self.tombstones = np.asarray(sorted(m["tombstones"]), dtype=np.int64)
         self._files = files
         self._stamp = stamp
         self._mm: Dict[str, np.memmap] = {}
+
+    def _read_codebook(self, m: dict, files: _Files):
+        from .. import pq
+
+        p = m["pq"]
+        raw = os.pread(files.fds["codebook"], p["codebook"]["bytes"], 0)
+        s_groups = self.K if p["per_slot"] else 1
+        cent = np.frombuffer(raw, dtype="<f4").reshape(s_groups, p["m"], pq.KSUB, self.D // p["m"])
+        try:
+            return pq.Codebook(cent.astype(np.float32))
+        except ValueError as e:
+            raise IndexCorruptError(f"index: {fmt.PQ_CODEBOOK}: {e}") from e
 
     def _reload(self, m: dict) -> None:
         """Writer: switch this handle to a manifest it just committed."""

@@ -124,27 +124,26 @@ def _read(index, names: List[str], rows: np.ndarray) -> Dict[str, np.ndarray]:
 def _chunk_candidates(index, w: torch.Tensor, a: Dict[str, np.ndarray], device=None):
     """Rows read from the index as prepared Candidates (views of the read buffers; no validation), or
     as `pecm.pq.PQCandidates` for a pq index."""
+    masks = a["masks"]
+    cm = None if masks.all() else torch.from_numpy(masks).view(torch.bool)  # stored 0/1 bytes
     if index.dtype == "pq":
         from ..pq import PQCandidates
 
-        masks = a["masks"]
-        cm = None if masks.all() else torch.from_numpy(masks).view(torch.bool)
-        pc = PQCandidates(torch.from_numpy(a["prototypes"]), torch.from_numpy(a["scales"]),
-                          torch.from_numpy(a["pooled"]), cm, w)
+        codes, scales = torch.from_numpy(a["prototypes"]), torch.from_numpy(a["scales"])
+        pc = PQCandidates(codes, scales, torch.from_numpy(a["pooled"]), cm, w)
         return pc if device is None else pc.to(device)
     c = torch.from_numpy(a["prototypes"])
     if index.dtype == "int8":
         c = c.float() * torch.from_numpy(a["scales"]).unsqueeze(-1)
     cp = torch.from_numpy(a["pooled"])
     cp = cp if cp.dtype == c.dtype else cp.to(c.dtype)
-    masks = a["masks"]
-    cm = None if masks.all() else torch.from_numpy(masks).view(torch.bool)  # stored 0/1 bytes
     cs = Candidates.trusted(c, w, cm, cp, flags=3)
     return cs if device is None else cs.to(device)
 
 
 def _names(index) -> List[str]:
-    return ["prototypes", "pooled", "masks", "ids"] + (["scales"] if index.dtype in ("int8", "pq") else [])
+    """The index's data files (`format.layout`: prototypes, pooled, masks, ids, and scales for int8 / pq)."""
+    return list(index.layout)
 
 
 def _topk(index, qs: Queries, cs, k: int, by, backend, cand=None):
@@ -267,10 +266,7 @@ def _rerank_group(index, qs: Queries, cand, k, by, backend, device=None):
     local = np.where(valid, np.searchsorted(uniq, np.where(valid, cand, 0)), -1)
     if device is not None:
         qs = qs.to(device)
-    rows = {"prototypes": index.read_rows("prototypes", uniq), "pooled": index.read_rows("pooled", uniq)}
-    rows["masks"] = index.read_rows("masks", uniq)
-    if index.dtype in ("int8", "pq"):
-        rows["scales"] = index.read_rows("scales", uniq)
+    rows = _read(index, [n for n in _names(index) if n != "ids"], uniq)
     cs = _chunk_candidates(index, qs.weights, rows, device)
     local = torch.from_numpy(local)
     if device is not None:
