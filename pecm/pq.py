@@ -14,17 +14,31 @@ gives the confidence numerator of DESIGN §1 exactly for the decoded prototypes:
 
     num = Σ_k a_{n,k} Σ_m lut[b, k, m, code_{n,k,m}],   den = Σ_k w_k mq_{b,k} mc_{n,k},   conf = num / den
 
-(0 when den = 0). ``sim`` uses the stored unit pooled vectors (dense, float16/float32), ``score = sim·conf``.
+(0 when den = 0).
+
+Residual (coarse) stages. With ``coarse = R >= 1`` (IVFADC-style residual coding), every prototype first gets R
+codes into per-slot codebooks of 256 *full-dimensional* centroids ``coarse[k, j]`` (stage j quantises the
+residual left by stages < j), and the M PQ codes encode the residual left after them:
+
+    ĉ'_{n,k} = a_{n,k} · (Σ_j coarse[k, j, code_{n,k,j}] + concat_m cent[s(k), m, code_{n,k,R+m}])
+
+The lookup table gets R more "subspaces" (``lut[b, k, j, c] = w_k mq_k <q̂_k, coarse[k, j, c]>``), so the fused
+kernels, which sum K·(R+M) table entries per candidate, are unchanged. The coarse stages take out what the
+items of an archive share (a slot's common directions, cluster centres, repeated prototypes) and leave the
+PQ codes a residual of smaller norm, which they quantise with a smaller error.
+
+``sim`` uses the stored unit pooled vectors (dense, float16/float32), ``score = sim·conf``.
 So every PQ score equals the float64 reference score of the decoded prototypes (`decode`) up to float32
 rounding — tested — and the fused kernels (cpp `pecm._C.pq_topk`, Triton `pecm.kernels.pq_topk`) never
 decompress a row: they gather K·M table entries per candidate.
 
-Storage per item at K = 26, D = 256, M = 32: 832 code bytes + 104 scale bytes (+ the pooled vector and
-mask, as in every index), against 13,312 bytes of float16 prototypes.
+Storage per item at K = 26, D = 256, M = 32: 832 code bytes (+ 26 per coarse stage) + 104 scale bytes (+ the
+pooled vector and mask, as in every index), against 13,312 bytes of float16 prototypes.
 
-Codebooks are trained with FAISS (`faiss.ProductQuantizer`, k-means per subspace) on a sample of unit
-prototypes (the optional ``faiss-cpu`` dependency, extra ``[ann]``); encoding uses the C++ extension
-(nearest centroid by squared L2, ties to the smaller code) or a torch fallback with the same rule.
+Codebooks are trained with FAISS (`faiss.Kmeans` per slot and stage for the coarse stages, then
+`faiss.ProductQuantizer`, k-means per subspace, on the residuals) on a sample of unit prototypes (the
+optional ``faiss-cpu`` dependency, extra ``[ann]``); encoding uses the C++ extension (nearest centroid by
+squared L2, ties to the smaller code; the coarse stages: torch, same rule) or a torch fallback.
 """
 
 from __future__ import annotations
@@ -41,13 +55,18 @@ KSUB = 256  # centroids per subspace (8-bit codes)
 TRAIN_SAMPLE = 65536  # prototypes sampled to train one codebook
 MIN_TRAIN = KSUB  # k-means needs at least one training vector per centroid
 TORCH_CHUNK = 2048  # candidate rows per step of the torch backend
+MAX_COARSE = 4  # residual stages at most
+DEFAULT_COARSE = 0  # residual stages of a new pq index (ArchiveIndex.create(pq_coarse=None))
+COARSE_SAMPLE = 40 * KSUB  # prototypes per slot sampled to train one coarse stage
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Codebook:
-    """``centroids`` float32 [S, M, 256, D/M]: S = 1 (shared by every slot) or K (one per slot)."""
+    """``centroids`` float32 [S, M, 256, D/M]: S = 1 (shared by every slot) or K (one per slot);
+    ``coarse`` float32 [K, R, 256, D] (R residual stages per slot) or None (R = 0)."""
 
     centroids: np.ndarray
+    coarse: Optional[np.ndarray] = None
 
     def __post_init__(self):
         c = self.centroids
@@ -55,6 +74,24 @@ class Codebook:
             raise ValueError(f"centroids: expected float32 [S, M, {KSUB}, D/M], got {getattr(c, 'shape', c)}")
         if not np.all(np.isfinite(c)):
             raise ValueError("centroids: contain NaN or inf values")
+        g = self.coarse
+        if g is not None:
+            if not isinstance(g, np.ndarray) or g.dtype != np.float32 or g.ndim != 4 or g.shape[2:] != (KSUB, self.d):
+                raise ValueError(f"coarse: expected float32 [K, R, {KSUB}, D={self.d}], got {getattr(g, 'shape', g)}")
+            if c.shape[0] != 1 and c.shape[0] != g.shape[0]:
+                raise ValueError(f"coarse: expected K={c.shape[0]} slots like the centroids, got {g.shape[0]}")
+            if not np.all(np.isfinite(g)):
+                raise ValueError("coarse: contains NaN or inf values")
+
+    @property
+    def r(self) -> int:
+        """Residual (coarse) stages per prototype."""
+        return 0 if self.coarse is None else self.coarse.shape[1]
+
+    @property
+    def codes(self) -> int:
+        """Codes (bytes) per prototype: R coarse + M PQ."""
+        return self.r + self.m
 
     @property
     def s(self) -> int:
@@ -103,6 +140,13 @@ def check_m(m, d: int) -> int:
     return int(m)
 
 
+def check_coarse(r) -> int:
+    """Residual stages: an int in [0, MAX_COARSE]."""
+    if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 0 <= int(r) <= MAX_COARSE:
+        raise ValueError(f"pq_coarse: expected an int in [0, {MAX_COARSE}], got {r!r}")
+    return int(r)
+
+
 def default_m(d: int) -> int:
     """D / 8 subspaces (8-dimensional subvectors: 32 bytes per prototype at D = 256), or the largest
     divisor of D not above that."""
@@ -123,13 +167,32 @@ def _faiss():
 
 
 def train(
-    unit: np.ndarray, mask: Optional[np.ndarray], m: int, per_slot: bool, seed: int = 0, sample: int = TRAIN_SAMPLE
+    unit: np.ndarray,
+    mask: Optional[np.ndarray],
+    m: int,
+    per_slot: bool,
+    seed: int = 0,
+    sample: int = TRAIN_SAMPLE,
+    coarse: int = 0,
 ) -> Codebook:
-    """A codebook trained on (a sample of) the valid unit prototypes ``unit`` [n, K, D]."""
+    """A codebook trained on (a sample of) the valid unit prototypes ``unit`` [n, K, D]: ``coarse`` residual
+    stages per slot first, then the PQ centroids on what they leave."""
     faiss = _faiss()
     n, k, d = unit.shape
     valid = np.ones((n, k), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
     rng = np.random.default_rng(seed)
+    stages = None
+    if coarse:
+        unit = np.array(unit, dtype=np.float32)  # becomes the residual after each stage
+        stages = np.zeros((k, coarse, KSUB, d), dtype=np.float32)
+        for t in range(k):
+            rows = np.nonzero(valid[:, t])[0]
+            for j in range(coarse):
+                x = unit[rows, t]
+                if len(x) > COARSE_SAMPLE:
+                    x = x[rng.choice(len(x), size=COARSE_SAMPLE, replace=False)]
+                stages[t, j] = _kmeans(faiss, np.ascontiguousarray(x), seed + 7919 * t + j)
+                unit[rows, t] -= stages[t, j][_nearest(unit[rows, t], stages[t, j])]
     groups = [np.arange(k)] if not per_slot else [np.array([t]) for t in range(k)]
     out = []
     for g in groups:
@@ -149,14 +212,65 @@ def train(
         pq.cp.min_points_per_centroid = 1  # (small first adds: no FAISS warning; MIN_TRAIN is checked above)
         pq.train(x)
         out.append(faiss.vector_to_array(pq.centroids).reshape(m, KSUB, d // m).astype(np.float32))
-    return Codebook(np.ascontiguousarray(np.stack(out)))
+    return Codebook(np.ascontiguousarray(np.stack(out)), stages)
+
+
+def _kmeans(faiss, x: np.ndarray, seed: int) -> np.ndarray:
+    """256 centroids [256, D] of the rows of ``x`` (k-means); with fewer than 256 distinct rows, those rows
+    themselves (exact codes for them), padded with zero centroids."""
+    uniq = np.unique(x, axis=0)
+    if len(uniq) <= KSUB:
+        out = np.zeros((KSUB, x.shape[1]), dtype=np.float32)
+        out[: len(uniq)] = uniq
+        return out
+    km = faiss.Kmeans(x.shape[1], KSUB, niter=20, seed=int(seed) % (2**31), verbose=False)
+    km.cp.min_points_per_centroid = 1
+    km.train(x)
+    return np.ascontiguousarray(km.centroids, dtype=np.float32)
+
+
+def _nearest(x, cent: np.ndarray, chunk: int = 65536) -> torch.Tensor:
+    """Index (int64) of the nearest of the centroids ``cent`` [256, D] (squared L2) for each row of ``x``
+    [n, D] (numpy or torch float32): argmax of <x, c> - ||c||^2 / 2, ties to the smaller index."""
+    c = torch.from_numpy(np.ascontiguousarray(cent, dtype=np.float32))
+    half = torch.from_numpy((np.square(cent, dtype=np.float64).sum(-1) / 2).astype(np.float32))
+    x = torch.as_tensor(x)
+    out = torch.empty(len(x), dtype=torch.int64)
+    for s in range(0, len(x), chunk):
+        out[s : s + chunk] = torch.addmm(half, x[s : s + chunk], c.T, beta=-1).argmax(-1)
+    return out
 
 
 def encode(unit: np.ndarray, mask: Optional[np.ndarray], cb: Codebook) -> Tuple[np.ndarray, np.ndarray]:
-    """(codes uint8 [n, K, M], scales float32 [n, K]) of unit prototypes [n, K, D] (masked rows get code
-    0 and scale 0)."""
+    """(codes uint8 [n, K, R + M], scales float32 [n, K]) of unit prototypes [n, K, D] (masked rows get
+    codes 0 and scale 0)."""
     x = np.ascontiguousarray(unit, dtype=np.float32)
     mk = None if mask is None else np.ascontiguousarray(mask, dtype=bool).view(np.uint8)
+    if not cb.r:
+        return _pq_encode(x, mk, cb)
+    n, k, _ = x.shape
+    xs = torch.from_numpy(x).transpose(0, 1).contiguous()  # [K, n, D]: one slot's rows contiguous
+    ccodes = torch.zeros((k, n, cb.r), dtype=torch.uint8)
+    resid = xs.clone()  # what the coarse stages leave; then the input of the PQ codes
+    for t in range(k):
+        for j in range(cb.r):
+            c = _nearest(resid[t], cb.coarse[t, j])
+            ccodes[t, :, j] = c.to(torch.uint8)
+            resid[t] -= torch.from_numpy(cb.coarse[t, j])[c]
+    pcodes, _ = _pq_encode(np.ascontiguousarray(resid.transpose(0, 1).numpy()), mk, cb)
+    dec = (xs - resid).transpose(0, 1) + _decode_pq(torch.from_numpy(pcodes), cb)  # coarse + PQ part, float32
+    norm2 = dec.double().square().sum(-1)
+    scales = torch.where(norm2 > 0, norm2.rsqrt(), torch.zeros_like(norm2)).float().numpy()
+    codes = np.concatenate([ccodes.transpose(0, 1).numpy(), pcodes], axis=2)
+    if mk is not None:
+        bad = mk == 0
+        codes[bad] = 0
+        scales[bad] = 0.0
+    return codes, scales
+
+
+def _pq_encode(x: np.ndarray, mk: Optional[np.ndarray], cb: Codebook) -> Tuple[np.ndarray, np.ndarray]:
+    """The M PQ codes and 1/||decoded|| of the PQ part alone (the C++ encoder, else torch)."""
     try:
         from . import _C
     except ImportError:
@@ -187,26 +301,48 @@ def _encode_torch(x: np.ndarray, mk: Optional[np.ndarray], cb: Codebook) -> Tupl
     return codes, scales
 
 
-def decode(codes: np.ndarray, scales: np.ndarray, cb: Codebook, dtype=np.float32) -> np.ndarray:
-    """The decoded unit prototypes [n, K, D] (``a · concat_m cent[code_m]``; 0 for masked ones)."""
+def _decode_pq(codes: torch.Tensor, cb: Codebook, dtype=torch.float32) -> torch.Tensor:
+    """concat_m cent[s(k), m, code_m] [n, K, D] of PQ codes [n, K, M] (no coarse part, no scale)."""
     n, k, m = codes.shape
-    cent = cb.slot_centroids(k).astype(dtype)  # [K, M, 256, DS]
-    kk, mm = np.arange(k)[None, :, None], np.arange(m)[None, None, :]
-    sub = cent[kk, mm, codes.astype(np.int64)]  # [n, K, M, DS]
-    return (sub.reshape(n, k, -1) * np.asarray(scales, dtype=dtype)[..., None]).astype(dtype)
+    cent = torch.from_numpy(cb.centroids).to(dtype)  # [S, M, 256, DS]
+    flat = cent.reshape(-1, cent.shape[-1])  # row (s*M + m)*256 + c
+    s_of_k = torch.zeros(k, dtype=torch.int64) if cb.s == 1 else torch.arange(k)
+    base = ((s_of_k.view(k, 1) * m + torch.arange(m).view(1, m)) * KSUB).view(1, k, m)
+    return torch.nn.functional.embedding(codes.long() + base, flat).reshape(n, k, -1)
+
+
+def decode(codes: np.ndarray, scales: np.ndarray, cb: Codebook, dtype=np.float32) -> np.ndarray:
+    """The decoded unit prototypes [n, K, D] (``a · (Σ_j coarse[code_j] + concat_m cent[code_{R+m}])``; 0 for
+    masked ones)."""
+    tdt = torch.float64 if np.dtype(dtype) == np.float64 else torch.float32
+    c = torch.as_tensor(np.asarray(codes))
+    k, r = c.shape[1], cb.r
+    out = _decode_pq(c[:, :, r:], cb, tdt)
+    for j in range(r):
+        g = torch.from_numpy(cb.coarse[:, j]).to(tdt).reshape(-1, cb.d)  # row t*256 + c
+        out += torch.nn.functional.embedding(c[:, :, j].long() + KSUB * torch.arange(k).view(1, k), g)
+    out *= torch.as_tensor(np.asarray(scales)).to(tdt).unsqueeze(-1)
+    return out.numpy().astype(dtype, copy=False)
 
 
 def lut(qs: Queries, cb: Codebook) -> torch.Tensor:
-    """Lookup tables float32 [B, K, M, 256]: w_k mq_k <q̂_k|m, cent[s(k), m, c]> (see the module docstring)."""
+    """Lookup tables float32 [B, K, R + M, 256]: w_k mq_k <q̂_k, coarse[k, j, c]> for the R coarse stages,
+    then w_k mq_k <q̂_k|m, cent[s(k), m, c]> (see the module docstring)."""
     b, k, d = qs.b, qs.k, qs.d
     if cb.d != d:
         raise ValueError(f"codebook: built for D={cb.d}, the queries have D={d}")
     m = cb.m
-    qw = qs.qw.detach().float().reshape(b, k, m, d // m)
+    qf = qs.qw.detach().float()
+    qw = qf.reshape(b, k, m, d // m)
     cent = torch.from_numpy(cb.centroids).to(qw.device)  # [S, M, 256, DS]
     if cb.s == 1:
-        return torch.einsum("bkmj,mcj->bkmc", qw, cent[0]).contiguous()
-    return torch.einsum("bkmj,kmcj->bkmc", qw, cent).contiguous()
+        t = torch.einsum("bkmj,mcj->bkmc", qw, cent[0])
+    else:
+        t = torch.einsum("bkmj,kmcj->bkmc", qw, cent)
+    if cb.r:
+        g = torch.from_numpy(cb.coarse).to(qw.device)  # [K, R, 256, D]
+        t = torch.cat([torch.einsum("bkd,kjcd->bkjc", qf.reshape(b, k, d), g), t], dim=2)
+    return t.contiguous()
 
 
 def _torch_values(qs: Queries, table: torch.Tensor, cs: PQCandidates, rows: torch.Tensor):

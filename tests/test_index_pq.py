@@ -42,11 +42,11 @@ def _ref_topk(idx, q, k, by="score", ids=None):
     return v, np.where(i >= 0, live[np.maximum(i, 0)], -1)
 
 
-@pytest.fixture
-def pq_index(tmp_path):
+@pytest.fixture(params=[0, 2], ids=["coarse0", "coarse2"])
+def pq_index(tmp_path, request):
     x = _items(1500)
     masks = np.random.default_rng(1).random((1500, K)) > 0.1
-    idx = ArchiveIndex.create(tmp_path / "pq", K, D, dtype="pq", pq_m=8)
+    idx = ArchiveIndex.create(tmp_path / "pq", K, D, dtype="pq", pq_m=8, pq_coarse=request.param)
     meta = [{"modality": "CT" if i % 3 == 0 else "MR", "site": i % 4} for i in range(1500)]
     idx.add(x, masks=masks, metadata=meta)
     return idx
@@ -56,10 +56,13 @@ def test_layout_and_bytes(pq_index):
     idx = pq_index
     assert idx.manifest["pq"]["codebook"]["file"] == fmt.PQ_CODEBOOK
     st = idx.stats()
-    assert st["pq"] == {"m": 8, "per_slot": False, "codebook_bytes": 4 * D * 256}
+    r = idx.manifest["pq"]["coarse"]
+    assert st["pq"] == {"m": 8, "per_slot": False, "coarse": r, "codebook_bytes": 4 * D * 256 * (1 + K * r)}
+    assert idx.codebook.r == r and os.path.getsize(os.path.join(idx.root, fmt.PQ_CODEBOOK)) == 4 * D * 256 * (1 + K * r)
     per_item = sum(idx.item_bytes.values())
-    assert per_item == K * 8 + K * 4 + D * 2 + K + 8  # codes, scales, float16 pooled, mask, id
+    assert per_item == K * (8 + r) + K * 4 + D * 2 + K + 8  # codes, scales, float16 pooled, mask, id
     assert np.asarray(idx.array("prototypes")).dtype == np.uint8
+    assert np.asarray(idx.array("prototypes")).shape == (1500, K, 8 + r)
     got = idx.get([0, 1], vectors=True)
     assert got[0]["prototypes"].shape == (K, D)
     nrm = np.linalg.norm(got[0]["prototypes"], axis=-1)
@@ -143,6 +146,10 @@ def test_bad_arguments(tmp_path):
         ArchiveIndex.create(tmp_path / "b", K, D, dtype="float16", pq_m=4)
     with pytest.raises(TypeError, match="pq_per_slot"):
         ArchiveIndex.create(tmp_path / "c", K, D, dtype="pq", pq_per_slot="yes")
+    with pytest.raises(ValueError, match="pq_coarse"):
+        ArchiveIndex.create(tmp_path / "e", K, D, dtype="pq", pq_coarse=9)
+    with pytest.raises(ValueError, match="pq_coarse"):
+        ArchiveIndex.create(tmp_path / "f", K, D, pq_coarse=1)
     idx = ArchiveIndex.create(tmp_path / "d", K, D)
     with pytest.raises(ValueError, match="train_pq"):
         idx.train_pq(_items(300))
@@ -217,3 +224,29 @@ def test_recall_floor_clustered():
         _, ib, _ = b.search(q, 10, with_metadata=False)
     rec = np.mean([len(set(ia[j]) & set(ib[j])) / 10 for j in range(len(q))])
     assert rec >= 0.9, rec
+
+
+def test_manifest_without_coarse_field_opens(pq_index, tmp_path):
+    """A pq manifest written before the coarse stages existed (no "coarse" key) reads as 0 stages; a bad
+    value is refused as corruption."""
+    import json
+
+    idx = pq_index
+    if idx.manifest["pq"]["coarse"]:
+        pytest.skip("the old layout has no coarse stages")
+    root = idx.root
+    q = _items(2, seed=21)
+    s, i, _ = idx.search(q, 5, with_metadata=False)
+    idx.close()
+    mp_ = os.path.join(root, fmt.MANIFEST)
+    m = json.load(open(mp_))
+    del m["pq"]["coarse"]
+    json.dump(m, open(mp_, "w"))
+    with ArchiveIndex.open(root, verify=True) as r:
+        s2, i2, _ = r.search(q, 5, with_metadata=False)
+        np.testing.assert_array_equal(i2, i)
+        assert r.codebook.r == 0
+    m["pq"]["coarse"] = -1
+    json.dump(m, open(mp_, "w"))
+    with pytest.raises(IndexCorruptError, match="coarse"):
+        ArchiveIndex.open(root)

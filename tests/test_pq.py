@@ -16,7 +16,7 @@ faiss = pytest.importorskip("faiss")
 K, D, M = 5, 32, 4
 
 
-def _data(n, seed=0, masks=True, per_slot=False):
+def _data(n, seed=0, masks=True, per_slot=False, coarse=0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, K, D)).astype(np.float32)
     x /= np.linalg.norm(x, axis=-1, keepdims=True)
@@ -24,7 +24,7 @@ def _data(n, seed=0, masks=True, per_slot=False):
     if masks:
         cm[:3] = False  # rows with every prototype masked out: den = 0, conf = 0
         x[~cm] = 0
-    cb = pq.train(x, cm, M, per_slot, seed=seed)
+    cb = pq.train(x, cm, M, per_slot, seed=seed, coarse=coarse)
     codes, scales = pq.encode(x, cm, cb)
     pooled = rng.standard_normal((n, D))
     pooled = (pooled / np.linalg.norm(pooled, axis=1, keepdims=True)).astype(np.float16)
@@ -66,12 +66,16 @@ def _run(backend, monkeypatch, fn):
     return fn()
 
 
+@pytest.mark.parametrize("coarse", [0, 2])
 @pytest.mark.parametrize("per_slot", [False, True])
 @pytest.mark.parametrize("masks", [False, True])
 @pytest.mark.parametrize("backend", _backends())
-def test_scores_exact_for_decoded(per_slot, masks, backend, monkeypatch):
+def test_scores_exact_for_decoded(per_slot, masks, backend, coarse, monkeypatch):
+    if coarse and not masks:
+        pytest.skip("coarse stages: covered with masks")
     n = 300 if backend != "triton" else 70
-    cb, cs, codes, scales, pooled, cm, w = _data(500, seed=1, masks=masks, per_slot=per_slot)
+    cb, cs, codes, scales, pooled, cm, w = _data(500, seed=1, masks=masks, per_slot=per_slot, coarse=coarse)
+    assert codes.shape[2] == coarse + M and cb.codes == coarse + M
     cs = pq.PQCandidates(
         cs.codes[:n], cs.scales[:n], cs.pooled[:n], None if cs.mask is None else cs.mask[:n], cs.weights
     )
@@ -90,14 +94,17 @@ def test_scores_exact_for_decoded(per_slot, masks, backend, monkeypatch):
         assert np.all(got[1].numpy()[:, :3] == 0)  # every prototype masked: conf 0
 
 
+@pytest.mark.parametrize("coarse", [0, 1])
 @pytest.mark.parametrize("by", ["score", "sim", "conf"])
 @pytest.mark.parametrize("k", [1, 7, 400])
 @pytest.mark.parametrize("backend", _backends())
-def test_topk_and_rerank(by, k, backend, monkeypatch):
+def test_topk_and_rerank(by, k, backend, coarse, monkeypatch):
     if backend == "triton" and k == 400:
         pytest.skip("interpreter: the k > N case is covered by tests/test_triton_pq.py")
+    if coarse and (by != "score" or (backend == "triton" and k != 7)):
+        pytest.skip("coarse stages: covered by the score ranking")
     n = 300
-    cb, cs, codes, scales, pooled, cm, w = _data(n, seed=3)
+    cb, cs, codes, scales, pooled, cm, w = _data(n, seed=3, coarse=coarse)
     cs = pq.PQCandidates(cs.codes.clone(), cs.scales.clone(), cs.pooled.clone(), cs.mask.clone(), cs.weights)
     cs.codes[10] = cs.codes[11]  # exact ties
     cs.scales[10] = cs.scales[11]
@@ -190,3 +197,51 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="centroids"):
         pq.Codebook(np.zeros((1, 4, 255, 8), np.float32))
     assert pq.default_m(256) == 32 and pq.default_m(12) == 1 and pq.default_m(96) == 12
+
+
+def _clustered(n, seed, centres=12, noise=0.3):
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centres, K, D))
+    x = c[rng.integers(0, centres, n)] + noise * rng.standard_normal((n, K, D))
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def test_coarse_stages_decode_and_error():
+    """Coarse stages: every code is the nearest centroid of the residual it saw, the decoded prototypes are
+    unit length, and on clustered prototypes the quantisation error falls with each stage."""
+    x = _clustered(2000, seed=11)
+    mk = np.random.default_rng(12).random((2000, K)) > 0.1
+    x[~mk] = 0
+    errs = []
+    for r in (0, 1, 2):
+        cb = pq.train(x, mk, M, False, seed=0, coarse=r)
+        assert cb.r == r and (r == 0) == (cb.coarse is None)
+        codes, scales = pq.encode(x, mk, cb)
+        assert codes.shape == (2000, K, r + M)
+        assert np.all(codes[~mk] == 0) and np.all(scales[~mk] == 0)
+        dec = pq.decode(codes, scales, cb, np.float64)
+        np.testing.assert_allclose(np.linalg.norm(dec, axis=-1)[mk], 1.0, atol=1e-6)
+        assert np.all(dec[~mk] == 0)
+        errs.append(np.linalg.norm(dec - x, axis=-1)[mk].mean())
+        if r:  # stage 0 codes: the nearest coarse centroid of the prototype itself (brute force)
+            d2 = ((x[:50, :, None, :] - cb.coarse[None, :, 0]) ** 2).sum(-1)  # [50, K, 256]
+            got = np.take_along_axis(d2, codes[:50, :, :1].astype(np.int64), -1)[..., 0]
+            np.testing.assert_allclose(got[mk[:50]], d2.min(-1)[mk[:50]], rtol=1e-5, atol=1e-6)
+    assert errs[1] < 0.8 * errs[0] and errs[2] < errs[1], errs
+
+
+def test_coarse_few_distinct_prototypes_are_exact():
+    """A slot with at most 256 distinct prototypes gets them as its coarse centroids: their codes are exact."""
+    rng = np.random.default_rng(13)
+    base = rng.standard_normal((40, K, D)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=-1, keepdims=True)
+    x = base[rng.integers(0, 40, 600)]
+    cb = pq.train(x, None, M, False, seed=0, coarse=1)
+    codes, scales = pq.encode(x, None, cb)
+    np.testing.assert_allclose(pq.decode(codes, scales, cb, np.float64), x, atol=1e-6)
+    with pytest.raises(ValueError, match="pq_coarse"):
+        pq.check_coarse(pq.MAX_COARSE + 1)
+    with pytest.raises(ValueError, match="pq_coarse"):
+        pq.check_coarse(True)
+    with pytest.raises(ValueError, match="coarse"):
+        pq.Codebook(cb.centroids, np.zeros((K, 1, 256, D + 1), np.float32))

@@ -131,12 +131,15 @@ class ArchiveIndex:
         overwrite: bool = False,
         pq_m: Optional[int] = None,
         pq_per_slot: bool = False,
+        pq_coarse: Optional[int] = None,
     ):
         """Create an empty index at ``path`` and return it open for appending.
 
         ``dtype="pq"``: product-quantised prototypes (`pecm.pq`): ``pq_m`` codes of 8 bits per prototype
         (default D / 8: 32 bytes at D = 256), one codebook shared by every slot or, with ``pq_per_slot``,
-        one per slot; the codebook is trained on the first `add` (or `train_pq`). Needs faiss-cpu.
+        one per slot, after ``pq_coarse`` residual stages of 256 full-dimensional centroids per slot (1 byte
+        each per prototype; default `pecm.pq.DEFAULT_COARSE`); the codebook is trained on the first `add` (or
+        `train_pq`). Needs faiss-cpu.
         """
         path = os.fspath(path)
         for name, v, hi in (("K", K, fmt.MAX_K), ("D", D, fmt.MAX_D)):
@@ -151,10 +154,11 @@ class ArchiveIndex:
             m_sub = pq.default_m(int(D)) if pq_m is None else pq.check_m(pq_m, int(D))
             if not isinstance(pq_per_slot, bool):
                 raise TypeError(f"pq_per_slot: expected a bool, got {pq_per_slot!r}")
+            r = pq.DEFAULT_COARSE if pq_coarse is None else pq.check_coarse(pq_coarse)
             pq._faiss()  # fail now, not at the first add, when FAISS is missing
-            pq_entry = {"m": m_sub, "per_slot": pq_per_slot, "codebook": None}
-        elif pq_m is not None or pq_per_slot:
-            raise ValueError(f"pq_m / pq_per_slot: only for dtype 'pq', got dtype {dtype!r}")
+            pq_entry = {"m": m_sub, "per_slot": pq_per_slot, "coarse": r, "codebook": None}
+        elif pq_m is not None or pq_per_slot or pq_coarse is not None:
+            raise ValueError(f"pq_m / pq_per_slot / pq_coarse: only for dtype 'pq', got dtype {dtype!r}")
         w = np.ones(K, dtype=np.float64) if weights is None else _as_array(weights, "weights").astype(np.float64)
         if w.shape != (K,):
             raise ValueError(f"weights: expected shape [K={K}], got {list(w.shape)}")
@@ -181,7 +185,7 @@ class ArchiveIndex:
             "normalized": True,
             "weights": [float(x) for x in w],
             "files": files,
-            "item_bytes": fmt.item_bytes(K, D, dtype, pq_entry["m"] if pq_entry else 0),
+            "item_bytes": fmt.item_bytes(K, D, dtype, pq_entry["m"] + pq_entry["coarse"] if pq_entry else 0),
             "sizes": {n: 0 for n in files},
             "checksums": [],
             "tombstones": [],
@@ -273,10 +277,13 @@ class ArchiveIndex:
 
         p = m["pq"]
         raw = os.pread(files.fds["codebook"], p["codebook"]["bytes"], 0)
-        s_groups = self.K if p["per_slot"] else 1
-        cent = np.frombuffer(raw, dtype="<f4").reshape(s_groups, p["m"], pq.KSUB, self.D // p["m"])
+        s_groups, r = (self.K if p["per_slot"] else 1), fmt.pq_coarse(m)
+        flat = np.frombuffer(raw, dtype="<f4")
+        n_pq = s_groups * p["m"] * pq.KSUB * (self.D // p["m"])
+        cent = flat[:n_pq].reshape(s_groups, p["m"], pq.KSUB, self.D // p["m"])
+        coarse = flat[n_pq:].reshape(self.K, r, pq.KSUB, self.D).astype(np.float32) if r else None
         try:
-            return pq.Codebook(cent.astype(np.float32))
+            return pq.Codebook(cent.astype(np.float32), coarse)
         except ValueError as e:
             raise IndexCorruptError(f"index: {fmt.PQ_CODEBOOK}: {e}") from e
 
@@ -545,11 +552,15 @@ class ArchiveIndex:
         p = dict(m["pq"])
         rng = np.random.default_rng(seed)
         want = -(-pq.TRAIN_SAMPLE // (1 if p["per_slot"] else self.K))  # items giving TRAIN_SAMPLE prototypes
+        if p.get("coarse", 0):
+            want = max(want, pq.COARSE_SAMPLE)  # the coarse stages train per slot
         pick = np.sort(rng.choice(len(x), size=want, replace=False)) if len(x) > want else np.arange(len(x))
         enc = fmt.BlockEncoder(self.K, self.D, self.weights, "float32", len(pick))
         blk = enc.encode(np.asarray(x[pick]), None if masks is None else np.asarray(masks)[pick], None)
-        cb = pq.train(blk["prototypes"], blk["masks"].astype(bool), p["m"], p["per_slot"], seed)
-        data = np.ascontiguousarray(cb.centroids, dtype="<f4")
+        mk = blk["masks"].astype(bool)
+        cb = pq.train(blk["prototypes"], mk, p["m"], p["per_slot"], seed, coarse=fmt.pq_coarse(m))
+        parts = [cb.centroids.ravel()] + ([] if cb.coarse is None else [cb.coarse.ravel()])
+        data = np.ascontiguousarray(np.concatenate(parts), dtype="<f4")
         fmt.write_file(os.path.join(self.root, fmt.PQ_CODEBOOK), memoryview(data).cast("B"))
         fmt.fsync_dir(self.root)
         p["codebook"] = {
@@ -779,6 +790,7 @@ class ArchiveIndex:
             "pq": None
             if self.dtype != "pq"
             else {"m": self.manifest["pq"]["m"], "per_slot": self.manifest["pq"]["per_slot"],
+                  "coarse": fmt.pq_coarse(self.manifest),
                   "codebook_bytes": (self.manifest["pq"]["codebook"] or {}).get("bytes", 0)},
             "files": dict(self.manifest["files"]),
         }

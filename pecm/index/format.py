@@ -5,9 +5,10 @@ An index is a directory::
     manifest.json     the only source of truth (format version, K, D, dtype, count, weights, ...)
     prototypes.bin    [N, K, D] unit prototypes, masked-out prototypes exactly zero
                       (float16 default, float32, or int8 with scales.bin); for dtype "pq"
-                      [N, K, M] uint8 product-quantisation codes (`pecm.pq`)
+                      [N, K, R + M] uint8 coarse + product-quantisation codes (`pecm.pq`)
     scales.bin        [N, K] float32 per-prototype scale (int8: dequantisation; pq: 1/||decoded||)
-    pq_codebook.bin   [S, M, 256, D/M] float32 PQ centroids (dtype "pq"; written once, at the first add)
+    pq_codebook.bin   [S, M, 256, D/M] float32 PQ centroids, then [K, R, 256, D] float32 coarse centroids
+                      (dtype "pq"; written once, at the first add)
     pooled.bin        [N, D] unit pooled vectors (Eq. 4 with the index weights, or given)
     masks.bin         [N, K] uint8 0/1
     ids.bin           [N] int64 global ids, strictly increasing (stable across `compact`)
@@ -63,8 +64,13 @@ def has_scales(dtype: str) -> bool:
 
 
 def pq_m(m: dict) -> int:
-    """Subspaces per prototype of a manifest's pq index (0 for the other dtypes)."""
-    return int(m["pq"]["m"]) if m.get("dtype") == "pq" else 0
+    """Codes per prototype of a manifest's pq index: coarse stages + PQ subspaces (0 for the other dtypes)."""
+    return int(m["pq"]["m"]) + pq_coarse(m) if m.get("dtype") == "pq" else 0
+
+
+def pq_coarse(m: dict) -> int:
+    """Residual (coarse) stages of a manifest's pq index (manifests written before them have none)."""
+    return int(m["pq"].get("coarse", 0)) if m.get("dtype") == "pq" else 0
 
 
 def file_names(generation: int, scales: bool) -> Dict[str, str]:
@@ -234,7 +240,7 @@ def validate_manifest(m: dict, path: str) -> dict:
 
 def pq_codebook_bytes(m: dict) -> int:
     p = m["pq"]
-    return 4 * (m["K"] if p["per_slot"] else 1) * m["D"] * 256
+    return 4 * ((m["K"] if p["per_slot"] else 1) + m["K"] * pq_coarse(m)) * m["D"] * 256
 
 
 def _validate_pq(m: dict, path: str, d: int) -> None:
@@ -244,8 +250,13 @@ def _validate_pq(m: dict, path: str, d: int) -> None:
             raise IndexCorruptError(f"index: {path}: field 'pq' belongs to dtype 'pq' only")
         return
     bad = f"index: {path}: field 'pq'"
-    if not isinstance(p, dict) or set(p) - {"m", "per_slot", "codebook"} or not isinstance(p.get("per_slot"), bool):
-        raise IndexCorruptError(f"{bad} must be an object with m, per_slot and codebook")
+    if not isinstance(p, dict) or set(p) - {"m", "per_slot", "coarse", "codebook"} or not isinstance(
+        p.get("per_slot"), bool
+    ):
+        raise IndexCorruptError(f"{bad} must be an object with m, per_slot, coarse and codebook")
+    r = p.get("coarse", 0)
+    if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= 4:
+        raise IndexCorruptError(f"{bad}: coarse must be an int in [0, 4], got {r!r}")
     mm = p.get("m")
     if not isinstance(mm, int) or isinstance(mm, bool) or not 1 <= mm <= d or d % mm:
         raise IndexCorruptError(f"{bad}: m must be an int in [1, D={d}] dividing D, got {mm!r}")
