@@ -7,7 +7,11 @@ Paper defaults: Adam, cosine schedule from lr 1e-4, batch 32, 30 epochs. Two mod
 - **end-to-end** (a backbone unfrozen): images are decoded and both encoders run in every step.
 
 AMP (bfloat16 autocast) on CUDA; DDP when `torch.distributed` is initialised (``torchrun``; a
-`DistributedSampler` shards the pairs, rank 0 writes). Each epoch rank 0 writes the checkpoint
+`DistributedSampler` shards the pairs, rank 0 writes). Under DDP the InfoNCE runs over the global batch
+(``TrainConfig.gather``, default on: `PECMLoss` all-gathers the prototypes of every rank; W ranks with batch
+size B each see W·B − 1 negatives per item, as one process with batch W·B would); the losses in the history
+and ``metrics.json`` are rank 0's own terms (its rows of the global InfoNCE, its local L_conf / L_div).
+Each epoch rank 0 writes the checkpoint
 (`PECM.save`: safetensors + config.json + Doc2Vec as JSON/arrays + tokenizer) plus ``train_state.pt`` (optimizer,
 scheduler, epoch, history; torch.save, read back only with ``weights_only=True`` and validated:
 `pecm.train_state`) so ``resume=True`` continues, ``metrics.json`` (one entry per epoch)
@@ -60,6 +64,9 @@ class TrainConfig:
     resume: bool = False
     select_best: bool = False  # keep the weights of the epoch with the best validation RSUM (needs val pairs)
     feature_batch: int = 32
+    # DDP: InfoNCE over the global batch (prototypes all-gathered across ranks, `PECMLoss(gather=True)`); False:
+    # each rank's local batch only. No effect in one process.
+    gather: bool = True
 
     def __post_init__(self):
         for n in ("epochs", "batch_size", "save_every", "feature_batch"):
@@ -74,6 +81,8 @@ class TrainConfig:
                 raise ValueError(f"{n}: expected a value >= 0, got {getattr(self, n)}")
         if self.div not in DIV_CHOICES:
             raise ValueError(f"div: expected one of {DIV_CHOICES}, got {self.div!r}")
+        if not isinstance(self.gather, bool):
+            raise ValueError(f"gather: expected a bool, got {self.gather!r}")
 
 
 def _rank() -> int:
@@ -251,7 +260,7 @@ def train(
         model.text.fit(train_pairs.texts)
     cached = model.config.freeze_image and model.config.freeze_text
     n = len(train_pairs)
-    step_mod = _Step(model, PECMLoss(cfg.lam, cfg.mu, cfg.div, nu=cfg.nu))
+    step_mod = _Step(model, PECMLoss(cfg.lam, cfg.mu, cfg.div, nu=cfg.nu, gather=cfg.gather))
     if world > 1:
         ddp = nn.parallel.DistributedDataParallel(
             step_mod, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True

@@ -143,3 +143,19 @@ def test_eval_test_split_uses_the_seeded_held_out_pairs(ckpt, capsys):
     assert rc == 0 and json.loads(out)["n_pairs"] == 6
     rc, _, err = _run(capsys, *argv[:-1], "1.5")
     assert rc == 2 and "test_fraction" in err
+
+
+@pytest.mark.parametrize("extra,gather", [([], True), (["--local-negatives"], False)])
+def test_train_local_negatives_flag_sets_gather(tmp_path, capsys, monkeypatch, extra, gather):
+    """DDP negatives: the global batch by default, each rank's own batch with --local-negatives."""
+    import pecm.train as T
+
+    seen = {}
+
+    def fake_train(model, pairs, out, cfg, val_pairs=None):
+        seen["cfg"] = cfg
+        return []
+
+    monkeypatch.setattr(T, "train", fake_train)
+    rc, _, _ = _run(capsys, "train", *TRAIN, "--out", tmp_path / "o", *extra)
+    assert rc == 0 and seen["cfg"].gather is gather
