@@ -167,18 +167,22 @@ def prototypes_from_features(model: PECM, feats: Dict[str, torch.Tensor], batch:
 
 # ---------------------------------------------------------------------------------------------- evaluation
 def evaluate_prototypes(img, img_mask, txt, txt_mask, w, cuis=None, raw_global=None, by_list=("sim", "score", "conf")):
-    """Metrics for every ranking key in ``by_list``: {by: {"image_to_report", "report_to_image", "mAP", "cui",
+    """Metrics for every ranking key in ``by_list`` (`pecm.metrics.RANKING_KEYS`; ``"score_pos"`` is the
+    evaluation-only R⁺ = sim · max(C, 0)): {by: {"image_to_report", "report_to_image", "mAP", "cui",
     "cbir_cui"}} (percent), plus "baseline" CBIR from the raw backbone global features when given and, with
     CUIs, "chance": the CUI precision of a random ranking (cross-modal and CBIR)."""
     out = {}
     with torch.no_grad():
         sim, conf, score = ops.pecm_scores(img, txt, w, q_mask=img_mask, c_mask=txt_mask, backend="auto")
         ii = ops.pecm_scores(img, img, w, q_mask=img_mask, c_mask=img_mask, backend="auto") if cuis else None
-    mats = {"sim": sim, "conf": conf, "score": score}
+    bad = [by for by in by_list if by not in M.RANKING_KEYS]
+    if bad:
+        raise ValueError(f"by_list: expected keys from {M.RANKING_KEYS}, got {bad}")
+    mats = {"sim": sim, "conf": conf, "score": score, "score_pos": M.score_pos(sim, conf)}
     for by in by_list:
         r = M.retrieval_metrics(mats[by], cuis)
         if cuis is not None:
-            iim = {"sim": ii[0], "conf": ii[1], "score": ii[2]}[by]
+            iim = {"sim": ii[0], "conf": ii[1], "score": ii[2], "score_pos": M.score_pos(ii[0], ii[1])}[by]
             r["cbir_cui"] = {f"@{k}": v for k, v in M.cbir_precision_at_k(iim, cuis, (5, 10, 50))["micro"].items()}
         out[by] = r
     if cuis is not None:

@@ -14,7 +14,14 @@ from pecm.data import load_pairs
 from pecm.data.layouts import SAMPLE_ROCO
 from pecm.metrics import recall_at_k
 from pecm.model import PECM, PECMConfig
-from pecm.train import TrainConfig, evaluate_features, extract_features, prototypes_from_features, train
+from pecm.train import (
+    TrainConfig,
+    evaluate_features,
+    evaluate_prototypes,
+    extract_features,
+    prototypes_from_features,
+    train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +156,8 @@ def test_evaluation_matches_reference_scores(fitted, pairs, feats):
         assert set(res[by]["cbir_cui"]) == {"@5", "@10", "@50"}
         assert all(0 <= v <= 100 for v in res[by]["cui"].values())
     assert set(res["baseline"]["cbir_cui"]) == {"@5", "@10", "@50"}
+    with pytest.raises(ValueError, match="by_list"):
+        evaluate_prototypes(img, im, txt, tm, w, by_list=("score", "bogus"))
 
 
 def test_select_best_keeps_the_best_validation_epoch(fitted, pairs, feats, tmp_path):
