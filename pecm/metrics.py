@@ -13,6 +13,9 @@ All functions take a score matrix ``scores`` [Nq, Nc] (numpy or torch; higher = 
   retrieved / all retrieved over all queries; *macro*: the mean over CUI classes of the mean precision of
   the queries that carry that CUI.
 - mAP: mean over queries of average precision over the full ranking for a boolean relevance matrix.
+- Ranking keys of the evaluation (`RANKING_KEYS`; `pecm.train.evaluate_prototypes`, ``pecm eval --by``):
+  ``"sim"``, ``"conf"``, ``"score"`` (R = sim · C, Eq. 7: what `pecm.ops` and the index rank by) and the
+  evaluation-only ``"score_pos"`` = `score_pos` (R⁺ = sim · max(C, 0); docs/model.md, "Sign of R = sim · C").
 """
 
 from __future__ import annotations
@@ -20,6 +23,22 @@ from __future__ import annotations
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
+
+RANKING_KEYS = ("sim", "conf", "score", "score_pos")
+
+
+def score_pos(sim, conf):
+    """R⁺ = sim · max(C, 0) (numpy or torch, elementwise): R = sim · C without its sign quirk. A pair with sim < 0
+    and C < 0 has R > 0 and so ranks above every pair with sim ≈ 0 or C ≈ 0; R⁺ gives every pair with C ≤ 0 the
+    score 0 and equals R wherever C ≥ 0. An evaluation-time ranking only: `pecm.ops` / the index rank by R."""
+    try:
+        import torch
+
+        if isinstance(sim, torch.Tensor) or isinstance(conf, torch.Tensor):
+            return torch.as_tensor(sim) * torch.as_tensor(conf).clamp_min(0.0)
+    except ImportError:  # pragma: no cover
+        pass
+    return np.asarray(sim) * np.maximum(np.asarray(conf), 0.0)
 
 
 def _np(scores, name: str = "scores") -> np.ndarray:

@@ -7,7 +7,11 @@ Paper defaults: Adam, cosine schedule from lr 1e-4, batch 32, 30 epochs. Two mod
 - **end-to-end** (a backbone unfrozen): images are decoded and both encoders run in every step.
 
 AMP (bfloat16 autocast) on CUDA; DDP when `torch.distributed` is initialised (``torchrun``; a
-`DistributedSampler` shards the pairs, rank 0 writes). Each epoch rank 0 writes the checkpoint
+`DistributedSampler` shards the pairs, rank 0 writes). Under DDP the InfoNCE runs over the global batch
+(``TrainConfig.gather``, default on: `PECMLoss` all-gathers the prototypes of every rank; W ranks with batch
+size B each see W·B − 1 negatives per item, as one process with batch W·B would); the losses in the history
+and ``metrics.json`` are rank 0's own terms (its rows of the global InfoNCE, its local L_conf / L_div).
+Each epoch rank 0 writes the checkpoint
 (`PECM.save`: safetensors + config.json + Doc2Vec as JSON/arrays + tokenizer) plus ``train_state.pt`` (optimizer,
 scheduler, epoch, history; torch.save, read back only with ``weights_only=True`` and validated:
 `pecm.train_state`) so ``resume=True`` continues, ``metrics.json`` (one entry per epoch)
@@ -60,6 +64,9 @@ class TrainConfig:
     resume: bool = False
     select_best: bool = False  # keep the weights of the epoch with the best validation RSUM (needs val pairs)
     feature_batch: int = 32
+    # DDP: InfoNCE over the global batch (prototypes all-gathered across ranks, `PECMLoss(gather=True)`); False:
+    # each rank's local batch only. No effect in one process.
+    gather: bool = True
 
     def __post_init__(self):
         for n in ("epochs", "batch_size", "save_every", "feature_batch"):
@@ -74,6 +81,8 @@ class TrainConfig:
                 raise ValueError(f"{n}: expected a value >= 0, got {getattr(self, n)}")
         if self.div not in DIV_CHOICES:
             raise ValueError(f"div: expected one of {DIV_CHOICES}, got {self.div!r}")
+        if not isinstance(self.gather, bool):
+            raise ValueError(f"gather: expected a bool, got {self.gather!r}")
 
 
 def _rank() -> int:
@@ -158,18 +167,22 @@ def prototypes_from_features(model: PECM, feats: Dict[str, torch.Tensor], batch:
 
 # ---------------------------------------------------------------------------------------------- evaluation
 def evaluate_prototypes(img, img_mask, txt, txt_mask, w, cuis=None, raw_global=None, by_list=("sim", "score", "conf")):
-    """Metrics for every ranking key in ``by_list``: {by: {"image_to_report", "report_to_image", "mAP", "cui",
+    """Metrics for every ranking key in ``by_list`` (`pecm.metrics.RANKING_KEYS`; ``"score_pos"`` is the
+    evaluation-only R⁺ = sim · max(C, 0)): {by: {"image_to_report", "report_to_image", "mAP", "cui",
     "cbir_cui"}} (percent), plus "baseline" CBIR from the raw backbone global features when given and, with
     CUIs, "chance": the CUI precision of a random ranking (cross-modal and CBIR)."""
     out = {}
     with torch.no_grad():
         sim, conf, score = ops.pecm_scores(img, txt, w, q_mask=img_mask, c_mask=txt_mask, backend="auto")
         ii = ops.pecm_scores(img, img, w, q_mask=img_mask, c_mask=img_mask, backend="auto") if cuis else None
-    mats = {"sim": sim, "conf": conf, "score": score}
+    bad = [by for by in by_list if by not in M.RANKING_KEYS]
+    if bad:
+        raise ValueError(f"by_list: expected keys from {M.RANKING_KEYS}, got {bad}")
+    mats = {"sim": sim, "conf": conf, "score": score, "score_pos": M.score_pos(sim, conf)}
     for by in by_list:
         r = M.retrieval_metrics(mats[by], cuis)
         if cuis is not None:
-            iim = {"sim": ii[0], "conf": ii[1], "score": ii[2]}[by]
+            iim = {"sim": ii[0], "conf": ii[1], "score": ii[2], "score_pos": M.score_pos(ii[0], ii[1])}[by]
             r["cbir_cui"] = {f"@{k}": v for k, v in M.cbir_precision_at_k(iim, cuis, (5, 10, 50))["micro"].items()}
         out[by] = r
     if cuis is not None:
@@ -251,7 +264,7 @@ def train(
         model.text.fit(train_pairs.texts)
     cached = model.config.freeze_image and model.config.freeze_text
     n = len(train_pairs)
-    step_mod = _Step(model, PECMLoss(cfg.lam, cfg.mu, cfg.div, nu=cfg.nu))
+    step_mod = _Step(model, PECMLoss(cfg.lam, cfg.mu, cfg.div, nu=cfg.nu, gather=cfg.gather))
     if world > 1:
         ddp = nn.parallel.DistributedDataParallel(
             step_mod, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True

@@ -608,3 +608,29 @@ def test_index_bench_exact_recall_over_several_blocks(index_sandbox, dtype, tmp_
     assert cli.main(argv) == 0
     rec = json.loads(out.read_text())["search"]["recall_at_10_vs_exact_float16"]
     assert rec["exhaustive"] >= (0.99 if dtype == "float16" else 0.6), rec
+
+
+def test_score_sign_statistics_on_a_hand_built_case():
+    """bench/score_sign.py counts both-negative (sim < 0 and C < 0) pairs and their top-k / rank-1 places, and
+    compares recalls under the rankings without the quirk. 3 pairs; the counts below follow from the matrices."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "score_sign.py")
+    spec = importlib.util.spec_from_file_location("score_sign", path)
+    ss = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ss)
+    sim = np.array([[0.5, -0.2, 0.1], [-0.3, 0.1, 0.0], [0.2, -0.1, 0.6]])
+    conf = np.array([[0.5, -0.4, 0.2], [-0.9, 0.2, 0.1], [0.1, 0.3, 0.5]])
+    # both negative: (0, 1) and (1, 0). R = sim * C rows: [.25 .08 .02], [.27 .02 0], [.02 -.03 .30]
+    st = ss.sign_stats(sim, conf)
+    assert st["frac_pairs_both_neg"] == pytest.approx(2 / 9) and st["matched_pairs_both_neg"] == 0
+    i2r, r2i = st["image_to_report"], st["report_to_image"]
+    assert i2r["mean_frac_top10_both_neg"] == pytest.approx(2 / 9)  # k = 10 > N = 3: every pair is in the top
+    assert i2r["frac_queries_with_both_neg_in_top10"] == pytest.approx(2 / 3)
+    assert i2r["frac_queries_with_both_neg_at_rank1"] == pytest.approx(1 / 3)  # row 1: (1, 0) beats its match
+    assert r2i["frac_queries_with_both_neg_at_rank1"] == pytest.approx(2 / 3)  # columns 0 and 1
+    rec = ss.recalls(sim, conf)
+    assert rec["R = sim*C"]["image_to_report"]["R@1"] == pytest.approx(200 / 3)
+    for name in ("sim*max(C,0)", "sim<0 last, then R"):  # the quirk removed: row 1's match is first
+        assert rec[name]["image_to_report"]["R@1"] == pytest.approx(100.0)
+        assert rec[name]["delta_vs_R"]["image_to_report"]["R@1"] == pytest.approx(100 / 3)

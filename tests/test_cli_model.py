@@ -72,7 +72,7 @@ def test_eval_json_object(ckpt, capsys):
     assert all(0.0 <= v <= 100.0 for v in vals)
 
 
-@pytest.mark.parametrize("by,which", [("sim", 0), ("conf", 1), ("score", 2)])
+@pytest.mark.parametrize("by,which", [("sim", 0), ("conf", 1), ("score", 2), ("score_pos", 3)])
 def test_eval_by_matches_reference(ckpt, capsys, by, which):
     rc, out, _ = _run(capsys, "eval", "--checkpoint", ckpt, "--data", SAMPLE_ROCO, "--limit", N, "--json", "--by", by)
     assert rc == 0
@@ -83,7 +83,8 @@ def test_eval_by_matches_reference(ckpt, capsys, by, which):
     enc = load_encoder(ckpt)
     ip, im = enc.encode_images(pairs.images)
     tp, tm = enc.encode_texts(pairs.texts)
-    mat = reference.scores(ip, tp, enc.weights, im, tm)[which]
+    sim, conf, score = reference.scores(ip, tp, enc.weights, im, tm)
+    mat = (sim, conf, score, sim * np.maximum(conf, 0.0))[which]  # score_pos: R+ = sim * max(C, 0)
     i2r, r2i = recall_at_k(mat), recall_at_k(mat.T)
     for k in (1, 5, 10):
         assert res["image_to_report"][f"R@{k}"] == pytest.approx(i2r[k])
@@ -96,6 +97,9 @@ def test_eval_table_has_sim_vs_r_and_chance(ckpt, capsys):
     rows = {line[:18].strip(): line for line in out.splitlines()}
     assert {"sim only", "R = sim*C", "chance", "raw backbone"} <= set(rows)
     assert f"{chance_levels(N)[10]:.1f}" in rows["chance"]
+    assert "R+ = sim*max(C,0)" not in rows  # the evaluation-only ranking: a row only when asked for
+    rc, out, _ = _run(capsys, "eval", "--checkpoint", ckpt, "--data", SAMPLE_ROCO, "--limit", N, "--by", "score_pos")
+    assert rc == 0 and "R+ = sim*max(C,0)" in {line[:18].strip() for line in out.splitlines()}
 
 
 @pytest.mark.parametrize(
@@ -143,3 +147,19 @@ def test_eval_test_split_uses_the_seeded_held_out_pairs(ckpt, capsys):
     assert rc == 0 and json.loads(out)["n_pairs"] == 6
     rc, _, err = _run(capsys, *argv[:-1], "1.5")
     assert rc == 2 and "test_fraction" in err
+
+
+@pytest.mark.parametrize("extra,gather", [([], True), (["--local-negatives"], False)])
+def test_train_local_negatives_flag_sets_gather(tmp_path, capsys, monkeypatch, extra, gather):
+    """DDP negatives: the global batch by default, each rank's own batch with --local-negatives."""
+    import pecm.train as T
+
+    seen = {}
+
+    def fake_train(model, pairs, out, cfg, val_pairs=None):
+        seen["cfg"] = cfg
+        return []
+
+    monkeypatch.setattr(T, "train", fake_train)
+    rc, _, _ = _run(capsys, "train", *TRAIN, "--out", tmp_path / "o", *extra)
+    assert rc == 0 and seen["cfg"].gather is gather

@@ -19,7 +19,8 @@ def _plain_scores(q, c, w, mq, mc):
     return hq @ hc.t(), conf
 
 
-def _plain_loss(q, c, w, mq, mc, log_scale, div, nu=0.0):
+def _plain_terms(q, c, w, mq, mc, log_scale, div, nu=0.0):
+    """(L_sim [+ nu L_rank], L_conf, L_div) of one batch, written directly from DESIGN §1."""
     sim, conf = _plain_scores(q, c, w, mq, mc)
     b = q.shape[0]
     lab = torch.arange(b)
@@ -45,7 +46,11 @@ def _plain_loss(q, c, w, mq, mc, log_scale, div, nu=0.0):
             vals.append(acc)
             tot.append(n)
         terms.append(sum(vals) / max(sum(tot), 1) if div == "decorrelate" else sum(vals) / b)
-    return l_sim + l_conf + (terms[0] + terms[1]) / 2
+    return l_sim, l_conf, (terms[0] + terms[1]) / 2
+
+
+def _plain_loss(q, c, w, mq, mc, log_scale, div, nu=0.0):
+    return sum(_plain_terms(q, c, w, mq, mc, log_scale, div, nu))
 
 
 @pytest.mark.parametrize("div,nu", [("decorrelate", 0.0), ("paper", 0.0), ("decorrelate", 0.7)])
@@ -99,5 +104,154 @@ def test_bad_arguments():
         PECMLoss(div="other")
     with pytest.raises(ValueError, match="nu"):
         PECMLoss(nu=-1.0)
+    with pytest.raises(ValueError, match="gather"):
+        PECMLoss(gather="yes")
     with pytest.raises(ValueError, match="txt"):
         PECMLoss()(torch.randn(2, 3, 4), torch.randn(3, 3, 4), torch.ones(3))
+
+
+# ---------------------------------------------------------------------------------------------- 2 gloo ranks
+WORLD, B_LOCAL, K_, D_, D_IN = 2, 3, 4, 6, 5
+CASES = (("decorrelate", 0.0), ("paper", 0.0), ("decorrelate", 0.7))
+
+
+def _global_batch():
+    """float64 inputs of the concatenated global batch [WORLD * B_LOCAL, ...] (rank r holds rows r*B .. r*B+B-1)."""
+    g = torch.Generator().manual_seed(3)
+    n = WORLD * B_LOCAL
+    mq = torch.rand(n, K_, generator=g) > 0.2
+    mc = torch.rand(n, K_, generator=g) > 0.4
+    mq[:, 0] = mc[:, 0] = True
+    return {
+        "q": torch.randn(n, K_, D_, generator=g, dtype=torch.float64),
+        "c": torch.randn(n, K_, D_, generator=g, dtype=torch.float64),
+        "theta": torch.randn(K_, generator=g, dtype=torch.float64),
+        "ls": torch.tensor(0.9, dtype=torch.float64),
+        "mq": mq,
+        "mc": mc,
+        "xi": torch.randn(n, K_, D_IN, generator=g, dtype=torch.float64),
+        "xt": torch.randn(n, K_, D_IN, generator=g, dtype=torch.float64),
+    }
+
+
+class _Toy(torch.nn.Module):
+    """Two linear heads + θ + logit scale in float64: a stand-in for PECM's trainable part under DDP."""
+
+    def __init__(self, gather=True):
+        super().__init__()
+        torch.manual_seed(5)
+        self.pi = torch.nn.Linear(D_IN, D_, dtype=torch.float64)
+        self.pt = torch.nn.Linear(D_IN, D_, dtype=torch.float64)
+        self.theta = torch.nn.Parameter(torch.linspace(-0.5, 0.5, K_, dtype=torch.float64))
+        self.ls = torch.nn.Parameter(torch.tensor(1.1, dtype=torch.float64))
+        self.loss = PECMLoss(nu=0.5, backend="torch", gather=gather)
+
+    def forward(self, xi, xt, mq, mc):
+        w = K_ * torch.softmax(self.theta, 0)
+        return self.loss(self.pi(xi), self.pt(xt), w, mq, mc, logit_scale=self.ls)
+
+
+def _loss_rank(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        x = _global_batch()
+        sl = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+        res = {"cases": {}}
+        for div, nu in CASES:
+            args = [t.clone().requires_grad_(True) for t in (x["q"][sl], x["c"][sl], x["theta"], x["ls"])]
+            w = K_ * torch.softmax(args[2], 0)
+            o = PECMLoss(div=div, nu=nu, backend="torch")(
+                args[0], args[1], w, x["mq"][sl], x["mc"][sl], logit_scale=args[3]
+            )
+            res["cases"][(div, nu)] = {"loss": o["loss"].detach(), "grads": torch.autograd.grad(o["loss"], args)}
+        local = PECMLoss(backend="torch", gather=False)(
+            x["q"][sl], x["c"][sl], torch.ones(K_, dtype=torch.float64), x["mq"][sl], x["mc"][sl]
+        )
+        res["local_loss"] = local["loss"]
+        ddp = torch.nn.parallel.DistributedDataParallel(_Toy())
+        ddp(x["xi"][sl], x["xt"][sl], x["mq"][sl], x["mc"][sl])["loss"].backward()
+        res["ddp_grads"] = {n: p.grad.clone() for n, p in ddp.module.named_parameters()}
+        errors = []
+        b = 3 if rank == 0 else 2  # unequal batch sizes
+        try:
+            PECMLoss(backend="torch")(x["q"][:b], x["c"][:b], torch.ones(K_, dtype=torch.float64))
+        except ValueError as e:
+            errors.append(str(e))
+        try:  # masks on one rank only
+            PECMLoss(backend="torch")(
+                x["q"][sl], x["c"][sl], torch.ones(K_, dtype=torch.float64), None, x["mc"][sl] if rank else None
+            )
+        except ValueError as e:
+            errors.append(str(e))
+        res["errors"] = errors
+        torch.save(res, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_equal_one_process_on_the_global_batch(tmp_path):
+    """The 2-rank loss (mean over ranks) and its gradients equal the float64 single-process loss of the
+    concatenated batch: global InfoNCE (and L_rank, L_conf); L_div is each rank's own, averaged."""
+    import socket
+
+    import torch.multiprocessing as tmp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "res")
+    tmp.spawn(_loss_rank, args=(WORLD, port, out), nprocs=WORLD, join=True)
+    res = [torch.load(f"{out}.{r}", weights_only=False) for r in range(WORLD)]
+    x = _global_batch()
+    chunks = [slice(r * B_LOCAL, (r + 1) * B_LOCAL) for r in range(WORLD)]
+    for div, nu in CASES:
+        ref_args = [t.clone().requires_grad_(True) for t in (x["q"], x["c"], x["theta"], x["ls"])]
+        w = K_ * torch.softmax(ref_args[2], 0)
+        l_sim, l_conf, _ = _plain_terms(ref_args[0], ref_args[1], w, x["mq"], x["mc"], ref_args[3], div, nu)
+        q_, c_, ls_ = ref_args[0], ref_args[1], ref_args[3]
+        l_div = sum(_plain_terms(q_[s], c_[s], w, x["mq"][s], x["mc"][s], ls_, div)[2] for s in chunks) / WORLD
+        ref = l_sim + l_conf + l_div
+        ref_g = torch.autograd.grad(ref, ref_args)
+        got = [res[r]["cases"][(div, nu)] for r in range(WORLD)]
+        # the DDP objective: the mean of the per-rank losses
+        torch.testing.assert_close(sum(g["loss"] for g in got) / WORLD, ref.detach(), rtol=1e-10, atol=1e-12)
+        for r, s in enumerate(chunks):
+            # a rank's input gradient holds every rank's loss (the gather's backward all-reduces): DDP's 1/W
+            # average of the parameter gradients makes it the gradient of the mean loss
+            for gi in (0, 1):
+                torch.testing.assert_close(got[r]["grads"][gi] / WORLD, ref_g[gi][s], rtol=1e-9, atol=1e-12)
+        for gi in (2, 3):  # θ and the scale are replicated, not gathered: DDP averages the per-rank gradients
+            torch.testing.assert_close(sum(g["grads"][gi] for g in got) / WORLD, ref_g[gi], rtol=1e-9, atol=1e-12)
+    # the negatives matter: the mean of rank-local InfoNCE losses (gather=False) is not the global loss
+    ones = torch.ones(K_, dtype=torch.float64)
+    zero = torch.zeros((), dtype=torch.float64)
+    for r, s in enumerate(chunks):
+        torch.testing.assert_close(
+            res[r]["local_loss"], _plain_loss(x["q"][s], x["c"][s], ones, x["mq"][s], x["mc"][s], zero, "decorrelate")
+        )
+
+    def sim_conf(s):
+        return sum(_plain_terms(x["q"][s], x["c"][s], ones, x["mq"][s], x["mc"][s], zero, "decorrelate")[:2])
+
+    assert abs(float(sim_conf(slice(None)) - sum(sim_conf(s) for s in chunks) / WORLD)) > 0.05
+    # a real DDP module: its averaged parameter gradients are those of one process on the global batch
+    # (global InfoNCE, L_rank and L_conf from gather=False on the concatenated batch; L_div per rank, averaged)
+    toy = _Toy(gather=False)
+    toy.loss.mu = 0.0
+    zi, zt = toy.pi(x["xi"]), toy.pt(x["xt"])
+    div_mean = sum(
+        (diversity(zi[s], x["mq"][s], "decorrelate") + diversity(zt[s], x["mc"][s], "decorrelate")) / 2 for s in chunks
+    )
+    (toy(x["xi"], x["xt"], x["mq"], x["mc"])["loss"] + div_mean / WORLD).backward()
+    for n, p in toy.named_parameters():
+        for r in range(WORLD):
+            torch.testing.assert_close(res[r]["ddp_grads"][n], p.grad, rtol=1e-9, atol=1e-12, msg=n)
+    for r in range(WORLD):
+        assert len(res[r]["errors"]) == 2
+        assert (
+            "img: expected the same batch size on every rank" in res[r]["errors"][0] and "[3, 2]" in res[r]["errors"][0]
+        )
+        assert "img_mask/txt_mask" in res[r]["errors"][1]

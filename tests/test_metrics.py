@@ -81,3 +81,17 @@ def test_cui_chance_hand_computed_and_matches_random_rankings():
     rng = np.random.default_rng(0)
     vals = [M.cui_at_k(rng.random((4, 4)), cuis, cuis, ks=(2,))[2] for _ in range(4000)]
     assert np.mean(vals) == pytest.approx(M.cui_chance(cuis, cuis), abs=1.0)
+
+
+def test_score_pos_removes_the_sign_quirk_of_r():
+    """R = sim * C ranks a pair with sim < 0 and C < 0 above pairs with sim or C near 0; R+ = sim * max(C, 0)
+    ranks it last-but-equal with every C <= 0 pair and equals R wherever C >= 0."""
+    sim = np.array([[0.5, -0.4, 0.01, 0.3]])
+    conf = np.array([[0.6, -0.5, 0.9, 0.0]])
+    r = sim * conf
+    assert M.topk_ids(r, 4)[0].tolist()[:2] == [0, 1]  # the both-negative pair (id 1) is second by R
+    rp = M.score_pos(sim, conf)
+    np.testing.assert_array_equal(rp, [[0.5 * 0.6, 0.0, 0.01 * 0.9, 0.0]])
+    assert M.topk_ids(rp, 4)[0].tolist() == [0, 2, 1, 3]  # below the sim = 0.01, C = 0.9 pair; tied at 0 with id 3
+    t = M.score_pos(torch.tensor(sim), torch.tensor(conf))
+    np.testing.assert_array_equal(t.numpy(), rp)

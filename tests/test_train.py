@@ -14,7 +14,14 @@ from pecm.data import load_pairs
 from pecm.data.layouts import SAMPLE_ROCO
 from pecm.metrics import recall_at_k
 from pecm.model import PECM, PECMConfig
-from pecm.train import TrainConfig, evaluate_features, extract_features, prototypes_from_features, train
+from pecm.train import (
+    TrainConfig,
+    evaluate_features,
+    evaluate_prototypes,
+    extract_features,
+    prototypes_from_features,
+    train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +138,8 @@ def test_end_to_end_mode_updates_the_backbone(fitted, pairs, tmp_path):
 
 def test_bad_train_config_names_the_field():
     for kw, field in [({"epochs": 0}, "epochs"), ({"lr": 0.0}, "lr"), ({"batch_size": 1}, "batch_size"),
-                      ({"div": "x"}, "div"), ({"lam": -1.0}, "lam"), ({"nu": -0.5}, "nu")]:  # fmt: skip
+                      ({"div": "x"}, "div"), ({"lam": -1.0}, "lam"), ({"nu": -0.5}, "nu"),
+                      ({"gather": 1}, "gather")]:  # fmt: skip
         with pytest.raises(ValueError, match=field):
             TrainConfig(**kw)
 
@@ -148,6 +156,8 @@ def test_evaluation_matches_reference_scores(fitted, pairs, feats):
         assert set(res[by]["cbir_cui"]) == {"@5", "@10", "@50"}
         assert all(0 <= v <= 100 for v in res[by]["cui"].values())
     assert set(res["baseline"]["cbir_cui"]) == {"@5", "@10", "@50"}
+    with pytest.raises(ValueError, match="by_list"):
+        evaluate_prototypes(img, im, txt, tm, w, by_list=("score", "bogus"))
 
 
 def test_select_best_keeps_the_best_validation_epoch(fitted, pairs, feats, tmp_path):
@@ -201,3 +211,68 @@ def test_ddp_two_gloo_ranks_stay_in_sync(tmp_path):
     assert (tmp_path / "ddp" / "model.safetensors").is_file()  # rank 0 wrote the checkpoint
     hist = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert [h["epoch"] for h in hist] == [1, 2]
+
+
+def _ddp_gather_rank(rank: int, world: int, port: int, ckpt: str, feats_path: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        m = PECM.load(ckpt)  # the same initial weights and Doc2Vec on every rank
+        feats = torch.load(feats_path, weights_only=True)
+        cfg = _cfg(epochs=2, batch_size=12, save_every=2)  # the default gather=True; one save, at the end
+        hist = train(m, load_pairs(SAMPLE_ROCO, limit=24), out, cfg, train_feats=feats)
+        flat = torch.cat([p.detach().flatten() for p in m.parameters() if p.requires_grad])
+        torch.save({"params": flat, "train": [h["train"] for h in hist]}, f"{out}.rank{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_global_batch_infonce_two_gloo_ranks(fitted, pairs, feats, tmp_path):
+    """train() on 2 gloo ranks: the replicas stay identical, and the first step's InfoNCE (mean of the ranks'
+    terms; one step per epoch, so epoch 1's history is that step at the initial weights) is the InfoNCE of one
+    process over the concatenated global batch, not the mean of the two rank-local batches."""
+    import socket
+
+    import torch.multiprocessing as tmp
+
+    from pecm.losses import PECMLoss
+
+    init = _fresh(fitted)
+    ckpt = str(tmp_path / "init")
+    init.save(ckpt)
+    feats_path = str(tmp_path / "feats.pt")
+    torch.save(feats, feats_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "ddp")
+    tmp.spawn(_ddp_gather_rank, args=(2, port, ckpt, feats_path, out), nprocs=2, join=True)
+    r0, r1 = (torch.load(f"{out}.rank{r}", weights_only=True) for r in (0, 1))
+    torch.testing.assert_close(r0["params"], r1["params"], rtol=0, atol=0)  # DDP: identical replicas
+    assert (tmp_path / "ddp" / "model.safetensors").is_file()  # rank 0 wrote the checkpoint
+
+    # one process: the rank-ordered global batch of step 0 (each rank's DistributedSampler shard)
+    shards = []
+    for r in (0, 1):
+        smp = torch.utils.data.DistributedSampler(range(len(pairs)), 2, r, shuffle=True, seed=1, drop_last=True)
+        smp.set_epoch(0)
+        shards.append(torch.tensor(list(smp))[:12])
+    m = PECM.load(ckpt)
+    m.train()
+
+    def terms(idx):
+        with torch.no_grad():
+            iq, im = m.encode_image_features(feats["img"][idx])
+            tq, tm = m.encode_text_features(feats["txt"][idx], feats["txt_mask"][idx])
+            return PECMLoss(gather=False)(iq, tq, m.weights(), im, tm, logit_scale=m.logit_scale)
+
+    glob = terms(torch.cat(shards))
+    local = [terms(s) for s in shards]
+    got_sim = (r0["train"][0]["sim"] + r1["train"][0]["sim"]) / 2
+    got_conf = (r0["train"][0]["conf"] + r1["train"][0]["conf"]) / 2
+    assert got_sim == pytest.approx(float(glob["sim"]), rel=1e-5)
+    assert got_conf == pytest.approx(float(glob["conf"]), rel=1e-5)
+    local_sim = sum(float(t["sim"]) for t in local) / 2
+    assert abs(local_sim - float(glob["sim"])) > 0.1  # 23 negatives per item, not 11: a different loss

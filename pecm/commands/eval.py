@@ -1,4 +1,6 @@
-"""`pecm eval --checkpoint CKPT --data DIR [--by score|sim|conf] [--json]`: retrieval metrics of a checkpoint."""
+"""`pecm eval --checkpoint CKPT --data DIR [--by score|sim|conf|score_pos] [--json]`: retrieval metrics of a
+checkpoint. ``score_pos`` (R⁺ = sim · max(C, 0), `pecm.metrics.score_pos`) is an evaluation-only ranking: it is
+computed, and gets a table row, only when asked for."""
 
 from __future__ import annotations
 
@@ -39,9 +41,9 @@ def format_table(res: dict, n: int) -> str:
         ("CUI@10", "cui", "@10"),
         ("CBIR P@10", "cbir_cui", "@10"),
     ]
-    names = {"sim": "sim only", "conf": "conf only", "score": "R = sim*C"}
+    names = {"sim": "sim only", "conf": "conf only", "score": "R = sim*C", "score_pos": "R+ = sim*max(C,0)"}
     lines = [f"{'ranking (n=' + str(n) + ')':<18}" + "".join(f"{c[0]:>10}" for c in cols)]
-    for by in ("sim", "conf", "score"):
+    for by in ("sim", "conf", "score", "score_pos"):
         if by not in res:
             continue
         r = res[by]
@@ -64,13 +66,14 @@ def _run(a) -> int:
     import torch
 
     from ..data import load_dataset, split_pairs
+    from ..metrics import RANKING_KEYS
     from ..model import PECM
     from ..train import evaluate_features, extract_features
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("gensim").setLevel(logging.WARNING)
-    if a.by not in ("score", "sim", "conf"):
-        raise ValueError(f"--by: expected score, sim or conf, got {a.by!r}")
+    if a.by not in RANKING_KEYS:
+        raise ValueError(f"--by: expected one of {', '.join(RANKING_KEYS)}, got {a.by!r}")
     model = PECM.load(a.checkpoint, map_location=a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pairs = load_dataset(a.data, layout=a.layout, limit=a.limit)
     if a.test_split is not None:  # the held-out split of `pecm demo` / a seeded split of DIR
@@ -78,7 +81,8 @@ def _run(a) -> int:
     progress = show_progress(a, quiet=a.json)
     feats = extract_features(model, pairs, a.batch_size, progress=progress)
     cuis = pairs.cuis if any(pairs.cuis) else None
-    res = evaluate_features(model, feats, cuis)
+    by_list = ("sim", "score", "conf") + (("score_pos",) if a.by == "score_pos" else ())
+    res = evaluate_features(model, feats, cuis, by_list=by_list)
     if a.json:
         print(json.dumps(eval_summary(res, a.by, len(pairs)), default=float))
     else:
@@ -91,7 +95,11 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--layout", default="auto", choices=("auto", "pairs", "roco", "mimic"))
-    p.add_argument("--by", default="score", help="ranking key for --json: score (R), sim or conf")
+    p.add_argument(
+        "--by",
+        default="score",
+        help="ranking key for --json: score (R), sim, conf, or score_pos (R+ = sim*max(C,0), also a table row)",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--limit", type=int)
     p.add_argument(

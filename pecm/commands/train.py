@@ -105,6 +105,7 @@ def _train(a, distributed: bool) -> int:
         progress=show_progress(a),
         resume=a.resume,
         select_best=a.select_best,
+        gather=not a.local_negatives,
     )
     if a.resume and os.path.isfile(os.path.join(a.out, "model.safetensors")):
         model = PECM.load(a.out, map_location=dev)
@@ -153,4 +154,9 @@ def register(sub) -> None:
         help="keep the epoch with the best validation RSUM (needs --val-fraction > 0)",
     )
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    p.add_argument(
+        "--local-negatives",
+        action="store_true",
+        help="torchrun/DDP: InfoNCE over each rank's local batch (default: the global batch, gathered across ranks)",
+    )
     p.set_defaults(func=_run)
