@@ -118,7 +118,16 @@ def search_hits(index, queries: np.ndarray, k: int, q_mask: Optional[np.ndarray]
 
     view = index._current()
     scores, ids, meta = search(view, queries, k, q_mask=q_mask, **kw)
+    return score_hits(view, queries, q_mask, scores, ids, meta)
+
+
+def score_hits(view, queries: np.ndarray, q_mask: Optional[np.ndarray], scores, ids, meta=None):
+    """``(scores, ids, metadata, sim, conf)`` of the search result ``(scores, ids)`` of the snapshot ``view``:
+    `check_results`, `hit_scores` and, when ``meta`` is None, the hits' metadata rows read from ``view``
+    (the sharded searches of `pecm.distributed` merge ids only)."""
     check_results(scores, ids)
+    if meta is None:
+        meta = [view.meta.rows(row.tolist()) for row in ids]
     sim, conf = hit_scores(view, queries, q_mask, ids)
     return scores, ids, meta, sim, conf
 

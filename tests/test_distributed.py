@@ -1,4 +1,5 @@
-"""pecm.distributed: 2 CPU ranks (gloo) search their shards; the merged result equals one process."""
+"""pecm.distributed: 2 CPU ranks (gloo) search their shards; the merged result equals one process; a search or
+start-up error on one rank is raised on every rank; commit agreement names the rank that differs."""
 
 from __future__ import annotations
 
@@ -23,8 +24,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _raised(fn, *args, **kw):
+    """(exception type name, message) of ``fn(*args, **kw)``, or None when it returned."""
+    try:
+        fn(*args, **kw)
+    except Exception as e:
+        return type(e).__name__, str(e)
+    return None
+
+
 def _rank(rank: int, world: int, port: int, path: str, out: str) -> None:
-    from pecm.distributed import sharded_search
+    from pecm.distributed import agree_commits, check_start, commit_key, sharded_search
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -35,6 +45,15 @@ def _rank(rank: int, world: int, port: int, path: str, out: str) -> None:
             for mode, by in (("exhaustive", "score"), ("exhaustive", "conf"), ("two_stage", "score")):
                 s, i, meta = sharded_search(idx, q, 8, mode=mode, by=by, shortlist=N, chunk_size=40)
                 res[(mode, by)] = (s, i, [[None if r is None else r["id"] for r in row] for row in meta])
+            # only rank 1 fails (no ANN): both ranks raise instead of rank 0 waiting for rank 1's result
+            res["error"] = _raised(sharded_search, idx, q, 4, mode="ann" if rank == 1 else "exhaustive")
+            key = commit_key(idx)
+            res["agree"] = agree_commits({"ix": key, "other": f"stale{rank}"}, {"ix": key, "other": "stale0"}, None)
+            res["start_ok"] = _raised(check_start, None, {"ix": key})
+            res["start_stale"] = _raised(check_start, None, {"ix": key if rank == 0 else "old"})
+            mine = FileNotFoundError("INDEX: no such directory 'x'") if rank == 1 else None
+            res["start_failed"] = _raised(check_start, mine, {"ix": key})
+            res["after"] = sharded_search(idx, q, 4)[1]  # the ranks are still in step
         with open(f"{out}.{rank}", "wb") as f:
             pickle.dump(res, f)
     finally:
@@ -61,7 +80,7 @@ def test_merge_results_exact_and_tie_order():
     assert i[0, 5:].tolist() == [-1, -1] and np.isneginf(s[0, 5:]).all()
 
 
-def test_two_gloo_ranks_equal_single_process(tmp_path):
+def test_two_gloo_ranks_equal_single_process_and_fail_together(tmp_path):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((N, K, D)).astype(np.float32)
     m = rng.random((N, K)) > 0.25
@@ -77,11 +96,27 @@ def test_two_gloo_ranks_equal_single_process(tmp_path):
         for rank in (0, 1):
             with open(f"{out}.{rank}", "rb") as f:
                 res = pickle.load(f)
-            for (_mode, by), (s, i, meta_ids) in res.items():
+            for key in [k for k in res if isinstance(k, tuple)]:
+                (_mode, by), (s, i, meta_ids) = key, res[key]
                 ref_s, ref_i, _ = idx.search(q, 8, mode="exhaustive", by=by)
                 np.testing.assert_array_equal(i, ref_i)
                 np.testing.assert_allclose(s, ref_s, atol=1e-6)
                 assert meta_ids == i.tolist() and not {3, 200} & set(i.ravel().tolist())
+            assert res["after"].tolist() == idx.search(q, 4)[1].tolist()
+            if rank == 1:  # its own error
+                assert res["error"][0] == "ValueError" and "ann" in res["error"][1]
+            else:  # rank 1's, named
+                assert res["error"][0] == "ShardError" and res["error"][1].startswith("rank 1: ValueError")
+            assert list(res["agree"]) == ["other"] and "rank 1" in res["agree"]["other"]
+            assert res["start_ok"] is None
+            assert res["start_stale"][0] == "ShardError" and "rank 1 opened a different commit" in res["start_stale"][1]
+            if rank == 1:
+                assert res["start_failed"][0] == "FileNotFoundError"
+            else:
+                assert res["start_failed"] == (
+                    "ShardError",
+                    "rank 1 failed to start: FileNotFoundError: " + "INDEX: no such directory 'x'",
+                )
 
 
 def test_shutdown_destroys_only_the_group_init_from_env_created(monkeypatch):

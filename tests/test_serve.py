@@ -75,7 +75,7 @@ def _same_as_cli(res: dict, cli: dict) -> None:
 # ---------------------------------------------------------------------------------------------- basics
 def test_health_page_and_metrics(client):
     r = client.get("/health")
-    assert r.status_code == 200 and r.json()["status"] == "ok"
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["world_size"] == 1
     r = client.get("/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html") and "pecm" in r.text
     assert client.post("/search", json={"index": "arch", "text": REPORTS[0], "k": 2}).status_code == 200
@@ -112,6 +112,7 @@ def test_page_is_self_contained_with_a_strict_csp(client):
 
 
 def test_indexes(client, arch):
+    assert client.get("/indexes").json()["world_size"] == 1
     got = client.get("/indexes").json()["indexes"]
     assert [ix["name"] for ix in got] == ["arch", "other"]
     assert got[0] == {

@@ -123,22 +123,25 @@ def _run(a) -> int:
     kind, items, labels = _plan(a)  # light: a bad argument or a missing file fails here, before torch loads
     kw = _search_kw(a)
     from ..index import ArchiveIndex
-    from ..query import check_results, hit_scores, search_hits
+    from ..query import score_hits, search_hits
 
     rank = 0
     with ArchiveIndex.open(a.index, verify=a.verify) as idx:  # a damaged index fails before the model loads
         q, qm = _load_queries(a, kind, items)
         if a.distributed:
-            from ..distributed import init_from_env, sharded_search, shutdown
+            from ..distributed import CollectiveError, init_from_env, sharded_search, shutdown
 
             rank, _ = init_from_env()
+            sync = True
             try:
                 scores, ids, meta = sharded_search(idx, q, a.k, with_metadata=rank == 0, q_mask=qm, **kw)
+            except CollectiveError:
+                sync = False  # a rank is gone or stuck: no barrier
+                raise
             finally:
-                shutdown()
+                shutdown(sync)
             if rank == 0:
-                check_results(scores, ids)
-                sim, conf = hit_scores(idx._current(), q, qm, ids)
+                scores, ids, meta, sim, conf = score_hits(idx._current(), q, qm, scores, ids, meta)
         else:
             scores, ids, meta, sim, conf = search_hits(idx, q, a.k, q_mask=qm, **kw)
     if rank != 0:

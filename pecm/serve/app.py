@@ -1,10 +1,12 @@
 """The `pecm serve` HTTP API (FastAPI): routes, bearer-token auth, request metrics. See docs/serve.md.
 
-``create_app(state, token=None, max_batch=32, max_wait_ms=5)`` builds the app around an open
+``create_app(state, token=None, max_batch=32, max_wait_ms=5, searcher=None)`` builds the app around an open
 `pecm.serve.state.State`; the app's lifespan starts and stops the search micro-batcher (the caller closes the
-state). With ``token`` every route except ``/health`` and ``/`` needs ``Authorization: Bearer <token>``,
-compared with `hmac.compare_digest`. ``/`` is the search page (`page`: ``static/``, plain JS calling the JSON
-routes with the token the user enters); ``/indexes`` lists the served indexes for it.
+state). ``searcher``: how the batcher searches (`pecm.serve.batcher.LocalSearch` when None;
+`pecm.serve.sharded.ShardedSearch` for ``pecm serve --distributed``). With ``token`` every route except
+``/health`` and ``/`` needs ``Authorization: Bearer <token>``, compared with `hmac.compare_digest`. ``/`` is
+the search page (`page`: ``static/``, plain JS calling the JSON routes with the token the user enters);
+``/indexes`` lists the served indexes for it.
 """
 
 from __future__ import annotations
@@ -131,9 +133,11 @@ def _bool(v: Optional[str], name: str) -> bool:
     raise bad(name, f"expected true or false, got {v[:20]!r}")
 
 
-def create_app(state, token: Optional[str] = None, max_batch: int = 32, max_wait_ms: float = 5.0) -> FastAPI:
+def create_app(
+    state, token: Optional[str] = None, max_batch: int = 32, max_wait_ms: float = 5.0, searcher=None
+) -> FastAPI:
     metrics = Metrics()
-    batcher = Batcher(state, max_batch, max_wait_ms, on_batch=metrics.observe_batch)
+    batcher = Batcher(state, max_batch, max_wait_ms, on_batch=metrics.observe_batch, searcher=searcher)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -162,11 +166,18 @@ def create_app(state, token: Optional[str] = None, max_batch: int = 32, max_wait
 
     @app.get("/indexes")
     async def indexes():
-        return {"indexes": await run_in_threadpool(lambda: [s.describe() for s in state.indexes.values()])}
+        described = await run_in_threadpool(lambda: [s.describe() for s in state.indexes.values()])
+        return {"indexes": described, "world_size": state.world_size}
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "version": __version__}
+        failed = getattr(batcher.searcher, "failed", None)
+        if failed is not None:  # --distributed: a rank failed; the server is stopping
+            return JSONResponse(
+                {"status": "failed", "version": __version__, "world_size": state.world_size, "error": failed},
+                status_code=503,
+            )
+        return {"status": "ok", "version": __version__, "world_size": state.world_size}
 
     @app.get("/metrics")
     async def get_metrics():

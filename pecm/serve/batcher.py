@@ -8,9 +8,14 @@ time, so queries arriving meanwhile wait in the queue and form the next batch). 
    `encode_images` call (if such a call fails, each of its queries is encoded alone, so one bad input fails
    only its own request); ``prototypes`` queries are used as given; ``id`` queries take the stored item's
    prototypes and mask (more like this);
-2. group the queries by `Query.group` (index, mode, by, k, where, masked) and run one `pecm.query.search_hits`
-   per group on the stacked queries;
+2. group the queries by `Query.group` (index, mode, by, k, where, masked) into one `SearchTask` per group
+   (the stacked queries) and hand the batch's tasks to the searcher: `LocalSearch` runs one
+   `pecm.query.search_hits` per task; `pecm.serve.sharded.ShardedSearch` (``pecm serve --distributed``) has
+   every rank search its shard of each task;
 3. split the rows back to their requests.
+
+A searcher with a ``heartbeat_s`` gets ``ping()`` called on the worker thread whenever no query arrived for
+that long, and ``close()`` once when the batcher stops, after the last batch.
 
 Equivalence: every query gets the ids, in the same order, that it gets alone, and its scores to float32
 rounding: the encoder's batched forward differs from a one-query forward by about 1e-7 (other GEMM shapes),
@@ -25,7 +30,8 @@ import asyncio
 import logging
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from typing import List
+from dataclasses import dataclass
+from typing import List, Optional
 
 import numpy as np
 
@@ -36,14 +42,48 @@ from .parse import Query
 log = logging.getLogger("pecm.serve")
 
 
+@dataclass
+class SearchTask:
+    """One index search of a batch: the stacked queries of one `Query.group`."""
+
+    served: object  # pecm.serve.state.ServedIndex
+    queries: np.ndarray  # float32 [B, K, D]
+    q_mask: Optional[np.ndarray]  # bool [B, K] or None
+    k: int
+    kw: dict  # mode, by and (when given) where
+
+
+class LocalSearch:
+    """Each task searched in this process on its index's reader handle (`pecm.query.search_hits`)."""
+
+    heartbeat_s = None
+
+    def search(self, tasks: List[SearchTask]) -> list:
+        """Per task ``(scores, ids, metadata, sim, conf)`` or the exception its search raised."""
+        out = []
+        for t in tasks:
+            try:
+                out.append(search_hits(t.served.reader, t.queries, t.k, q_mask=t.q_mask, **t.kw))
+            except Exception as e:
+                out.append(e)
+        return out
+
+    def ping(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Batcher:
-    def __init__(self, state, max_batch: int = 32, max_wait_ms: float = 5.0, on_batch=None):
+    def __init__(self, state, max_batch: int = 32, max_wait_ms: float = 5.0, on_batch=None, searcher=None):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch: expected an int >= 1, got {max_batch!r}")
         if not isinstance(max_wait_ms, (int, float)) or not 0 <= max_wait_ms <= 10_000:
             raise ValueError(f"max_wait_ms: expected a number in [0, 10000], got {max_wait_ms!r}")
         self.state, self.max_batch, self.max_wait = state, max_batch, max_wait_ms / 1000.0
         self.on_batch = on_batch  # called with the size of each batch (metrics)
+        self.searcher = LocalSearch() if searcher is None else searcher
         self._queue: asyncio.Queue = None
         self._task = None
         self._pool = None
@@ -62,6 +102,10 @@ class Batcher:
                 pass
             self._task = None
         if self._pool is not None:
+            try:  # on the worker thread, after a batch still running there
+                await asyncio.get_running_loop().run_in_executor(self._pool, self.searcher.close)
+            except Exception:
+                log.exception("pecm serve: closing the searcher failed")
             self._pool.shutdown(wait=True)
             self._pool = None
 
@@ -75,8 +119,19 @@ class Batcher:
 
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
+        beat = self.searcher.heartbeat_s
         while True:
-            batch = [await self._queue.get()]
+            if beat is None:
+                batch = [await self._queue.get()]
+            else:
+                try:
+                    batch = [await asyncio.wait_for(self._queue.get(), beat)]
+                except asyncio.TimeoutError:  # idle: keep the searcher's peers waiting within their timeout
+                    try:
+                        await loop.run_in_executor(self._pool, self.searcher.ping)
+                    except Exception:
+                        log.exception("pecm serve: searcher heartbeat failed")
+                    continue
             deadline = loop.time() + self.max_wait
             while len(batch) < self.max_batch:
                 try:
@@ -136,8 +191,11 @@ class Batcher:
         groups = defaultdict(list)
         for i in vecs:
             groups[queries[i].group()].append(i)
-        for members in groups.values():
-            self._search(queries, members, vecs, out)
+        members = list(groups.values())
+        tasks = [self._task_of(queries, m, vecs) for m in members]
+        if tasks:
+            for m, t, res in zip(members, tasks, self.searcher.search(tasks)):
+                self._split(m, t, res, out)
         return out
 
     def _encode(self, queries, pos, kind, vecs, out) -> None:
@@ -153,25 +211,30 @@ class Batcher:
         for j, i in enumerate(pos):
             vecs[i] = (p[j], m[j])
 
-    def _search(self, queries, members, vecs, out) -> None:
+    def _task_of(self, queries, members, vecs) -> SearchTask:
         q0 = queries[members[0]]
-        served = self.state.index_for(q0.index)
         qs = np.stack([vecs[i][0] for i in members]).astype(np.float32, copy=False)
         masked = vecs[members[0]][1] is not None
         qm = np.stack([vecs[i][1] for i in members]).astype(bool) if masked else None
-        try:
-            kw = {"mode": q0.mode, "by": q0.by}
-            if q0.where:
-                kw["where"] = q0.where
-            scores, ids, meta, sim, conf = search_hits(served.reader, qs, q0.k, q_mask=qm, **kw)
-            rows = hits_json(scores, ids, meta, sim, conf)
-        except Exception as e:
-            err = self._error(e, None)
+        kw = {"mode": q0.mode, "by": q0.by}
+        if q0.where:
+            kw["where"] = q0.where
+        return SearchTask(self.state.index_for(q0.index), qs, qm, q0.k, kw)
+
+    def _split(self, members, task: SearchTask, res, out) -> None:
+        """The rows of a task's result (or its error) to the task's queries."""
+        if not isinstance(res, BaseException):
+            try:
+                rows = hits_json(*res)
+            except Exception as e:
+                res = e
+        if isinstance(res, BaseException):
+            err = self._error(res, None)
             for i in members:
                 out[i] = err
             return
         for j, i in enumerate(members):
-            out[i] = {"results": rows[j], "index": served.name}
+            out[i] = {"results": rows[j], "index": task.served.name}
 
     @staticmethod
     def _error(e: Exception, field):
@@ -179,5 +242,5 @@ class Batcher:
             return e
         if isinstance(e, (ValueError, TypeError, KeyError)):
             return from_exception(e, field)
-        log.exception("pecm serve: search failed")
+        log.error("pecm serve: search failed", exc_info=e)
         return e

@@ -48,12 +48,17 @@ def _collapse(roots) -> List[str]:
     return out
 
 
+def index_name(path: str) -> str:
+    """The name an index directory is served under: its basename."""
+    return os.path.basename(os.path.abspath(path).rstrip(os.sep))
+
+
 class ServedIndex:
-    """One index directory behind the server (``name`` = its basename)."""
+    """One index directory behind the server (``name`` = `index_name`)."""
 
     def __init__(self, path: str, image_roots: Optional[Sequence[str]] = None, upload_dir: Optional[str] = None):
         self.path = os.path.abspath(path)
-        self.name = os.path.basename(self.path.rstrip(os.sep))
+        self.name = index_name(self.path)
         self.writer = ArchiveIndex.open(self.path, mode="a")
         try:
             self.reader = ArchiveIndex.open(self.path)
@@ -169,6 +174,7 @@ class State:
         self.encode_lock = threading.Lock()
         self.indexes: Dict[str, ServedIndex] = {}
         self.max_k, self.max_body, self.max_items = int(max_k), int(max_body), int(max_items)
+        self.world_size = 1  # ranks searching the indexes (`pecm serve --distributed` sets it)
         for s in indexes:
             if s.name in self.indexes:
                 raise ValueError(f"INDEX: two served indexes are named {s.name!r} (names are directory basenames)")
