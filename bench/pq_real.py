@@ -13,6 +13,12 @@ numbers measure what compression does to the cross-modal ranking:
 - Recall@1/5/10 of the matched pair (``pair_id``) by R with float16 and with pq prototypes;
 - bytes per item of the prototype data, and the time to train + encode.
 
+Codebooks: ``--codebook-from test`` trains each pq codebook on the indexed (test) items themselves, as a
+first `add` does; ``--codebook-from train`` (default when the demo's feature cache and checkpoint are there)
+trains it with `ArchiveIndex.train_pq` on the same modality's prototypes of the demo's *training* split
+(the checkpoint applied to ``cache/train.*.pt``), so the test items are encoded with a codebook that never
+saw them, as in an archive that grows after its codebook was trained.
+
 The items are few (the demo's test split): this is a quality measurement, not a speed one.
 """
 
@@ -34,7 +40,17 @@ sys.path.insert(0, ROOT)
 from pecm.bench.timing import cpu_model, git_commit  # noqa: E402
 from pecm.index import ArchiveIndex  # noqa: E402
 
-SETTINGS = [(32, False), (32, True), (64, False), (16, False)]
+SETTINGS = [  # (pq_m, per_slot, coarse stages)
+    (32, False, 0),
+    (32, False, 1),
+    (32, False, 2),
+    (32, True, 0),
+    (32, True, 1),
+    (64, False, 0),
+    (64, False, 1),
+    (16, False, 0),
+    (16, False, 1),
+]
 
 
 def _items(idx):
@@ -58,7 +74,24 @@ def _pair_recall(ids, qpair, tpair, ks=(1, 5, 10)):
     return {f"R@{k}": 100.0 * hits[k] / len(qpair) for k in ks}
 
 
-def run(demo: str, k: int = 10) -> dict:
+def _train_split_prototypes(demo: str) -> dict:
+    """{"images": (prototypes, masks), "reports": (...)} of the demo's training split: its checkpoint applied
+    to the cached backbone features (``cache/train.{image,text}.pt``)."""
+    import torch
+
+    from pecm.model import PECM
+    from pecm.train import prototypes_from_features
+
+    feats = {}
+    for side in ("image", "text"):
+        st = torch.load(os.path.join(demo, "cache", f"train.{side}.pt"), map_location="cpu", weights_only=True)
+        feats.update({k: v for k, v in st.items() if k != "key"})
+    model = PECM.load(os.path.join(demo, "checkpoint"))
+    img, im, txt, tm, _ = prototypes_from_features(model, feats)
+    return {"images": (img.numpy(), im.numpy()), "reports": (txt.numpy(), tm.numpy())}
+
+
+def run(demo: str, k: int = 10, codebook_from: str = "train") -> dict:
     root = os.path.join(demo, "index")
     out = {
         "benchmark": "bench/pq_real.py",
@@ -67,8 +100,12 @@ def run(demo: str, k: int = 10) -> dict:
         "python": platform.python_version(),
         "demo": os.path.abspath(demo),
         "k": k,
+        "codebook_from": codebook_from,
         "directions": {},
     }
+    train_protos = _train_split_prototypes(demo) if codebook_from == "train" else None
+    if train_protos is not None:
+        out["codebook_training_items"] = {name: int(len(v[0])) for name, v in train_protos.items()}
     mods = {}
     for name in ("images", "reports"):
         with ArchiveIndex.open(os.path.join(root, name)) as idx:
@@ -85,15 +122,25 @@ def run(demo: str, k: int = 10) -> dict:
                 "prototype_bytes_per_item": f16.item_bytes["prototypes"],
                 **_pair_recall(ei, qpair, tpair),
             }
-            for m, per_slot in SETTINGS:
+            for m, per_slot, coarse in SETTINGS:
                 t = time.perf_counter()
                 ix = ArchiveIndex.create(
-                    os.path.join(tmp, f"pq{m}{per_slot}"), K, D, dtype="pq", weights=w, pq_m=m, pq_per_slot=per_slot
+                    os.path.join(tmp, f"pq{m}{per_slot}{coarse}"),
+                    K,
+                    D,
+                    dtype="pq",
+                    weights=w,
+                    pq_m=m,
+                    pq_per_slot=per_slot,
+                    pq_coarse=coarse,
                 )
+                setting = {"pq_m": m, "per_slot": per_slot, "coarse": coarse}
                 try:
+                    if train_protos is not None:
+                        ix.train_pq(*train_protos[target])
                     ix.add(tx, masks=tm, pooled=tp, progress=False)
                 except ValueError as e:  # e.g. per-slot codebooks: too few valid prototypes in a slot
-                    res["settings"].append({"pq_m": m, "per_slot": per_slot, "error": str(e)})
+                    res["settings"].append({**setting, "error": str(e)})
                     ix.close()
                     continue
                 build = time.perf_counter() - t
@@ -101,8 +148,7 @@ def run(demo: str, k: int = 10) -> dict:
                 rec = np.mean([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(ei, pi)])
                 res["settings"].append(
                     {
-                        "pq_m": m,
-                        "per_slot": per_slot,
+                        **setting,
                         f"recall_at_{k}_vs_exact_float16": float(rec),
                         "prototype_bytes_per_item": ix.item_bytes["prototypes"] + ix.item_bytes["scales"],
                         "item_bytes_total": int(sum(ix.item_bytes.values())),
@@ -122,11 +168,17 @@ def main(argv=None) -> int:
         "--demo", default="runs/demo", help="the demo's --out directory (holds index/images, index/reports)"
     )
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/pq_real_roco_<cpu>.json)")
+    ap.add_argument(
+        "--codebook-from",
+        choices=("train", "test"),
+        default="train",
+        help="train the codebooks on the demo's training split (held out; default) or on the indexed test items",
+    )
     a = ap.parse_args(argv)
     if not os.path.isdir(os.path.join(a.demo, "index", "images")):
         print(f"pq_real: error: --demo {a.demo!r} has no index/images (run `make demo` first)", file=sys.stderr)
         return 2
-    res = run(a.demo)
+    res = run(a.demo, codebook_from=a.codebook_from)
     text = json.dumps(res, indent=1)
     print(text)
     path = a.out or os.path.join(ROOT, "bench", "results", "pq_real_roco_cpu_zen4.json")

@@ -56,7 +56,7 @@ TRAIN_SAMPLE = 65536  # prototypes sampled to train one codebook
 MIN_TRAIN = KSUB  # k-means needs at least one training vector per centroid
 TORCH_CHUNK = 2048  # candidate rows per step of the torch backend
 MAX_COARSE = 4  # residual stages at most
-DEFAULT_COARSE = 0  # residual stages of a new pq index (ArchiveIndex.create(pq_coarse=None))
+DEFAULT_COARSE = 1  # residual stages of a new pq index (ArchiveIndex.create(pq_coarse=None))
 COARSE_SAMPLE = 40 * KSUB  # prototypes per slot sampled to train one coarse stage
 
 
