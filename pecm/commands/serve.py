@@ -81,13 +81,7 @@ def _run(a) -> int:
             lifespan="on",
         )
         server = _server(config)
-        sock = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((a.host, a.port))
-        except OSError as e:
-            sock.close()
-            raise ValueError(f"--host/--port: cannot bind {a.host}:{a.port}: {e.strerror}") from None
+        sock = _listen_socket(a.host, a.port)
         host, port = sock.getsockname()[:2]
         print(
             f"pecm serve: http://{host}:{port} indexes {sorted(state.indexes)}{' (token required)' if token else ''}",
@@ -97,6 +91,24 @@ def _run(a) -> int:
     finally:
         state.close()
     return 0
+
+
+def _listen_socket(host: str, port: int) -> socket.socket:
+    """The TCP socket bound to ``host:port`` that uvicorn serves on; a bind failure is a ValueError naming
+    --host/--port.
+
+    Created with proto ``IPPROTO_TCP``, not the default 0: accepted connections inherit it, and asyncio sets
+    ``TCP_NODELAY`` only on sockets whose proto is ``IPPROTO_TCP``. Without it, Nagle's algorithm holds a
+    response's body behind its headers until the client's delayed ACK (~40 ms on Linux) on every request after
+    the first of a keep-alive connection."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"--host/--port: cannot bind {host}:{port}: {e.strerror}") from None
+    return sock
 
 
 def _server(config):
