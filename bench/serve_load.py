@@ -727,7 +727,14 @@ def main(argv=None) -> int:
     env["cpu_tag"] = cpu_tag()
     env["nice"] = os.nice(0)
     env["client"] = "threads, one httpx.Client (one keep-alive connection) each, in this process"
-    res = run(a)
+    env["thread_env"] = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}
+    import httpx
+
+    try:
+        res = run(a)
+    except (httpx.HTTPError, OSError, RuntimeError, ValueError) as e:
+        print(f"bench/serve_load.py: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     env["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
     errors = sum(p[ph]["errors"] for p in res.get("runs", {}).values() for ph in ("one_at_a_time", "concurrent"))
     violations = 0
