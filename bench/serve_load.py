@@ -607,7 +607,9 @@ def parse_args(argv):
     wr.add_argument("--writer-pause", type=float, default=0.5, help="seconds between its POSTs (default 0.5)")
     wr.add_argument("--check-interval", type=float, default=0.2, help="seconds between checker rounds")
     wr.add_argument("--check-gets", type=int, default=20, help="reader hits the checker fetches per round")
-    ap.add_argument("--out", help="result JSON (default bench/results/serve_load_<cpu>.json; '-': stdout only)")
+    ap.add_argument(
+        "--out", help="result JSON (default bench/results/serve_load_cpu_<zen4 etc.>.json; '-': stdout only)"
+    )
     a = ap.parse_args(argv)
     if (a.url is None) == (a.index is None):
         ap.error("give either --index DIR ... --checkpoint CKPT (the script starts pecm serve) or --url")
@@ -774,7 +776,7 @@ def main(argv=None) -> int:
         "ok": ok,
     }
     text = json.dumps(doc, indent=1)
-    out = a.out or os.path.join(HERE, "bench", "results", f"serve_load_{cpu_tag()}.json")
+    out = a.out or os.path.join(HERE, "bench", "results", f"serve_load_cpu_{cpu_tag()}.json")
     if out == "-":
         print(text)
     else:
