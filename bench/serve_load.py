@@ -350,6 +350,9 @@ def measured(phase: Phase, client, server: Optional[Server], extra=None) -> dict
     cpu = time.process_time() - cpu0
     out["client_cpu_s"] = round(cpu, 3)
     out["server_cpu_s"] = round(s1 - s0, 3) if s0 is not None and s1 is not None else None
+    wall = out["wall_s"] or 1.0
+    out["client_cores"] = round(cpu / wall, 3)  # CPU seconds per wall second: 2.0 = both cores of this machine
+    out["server_cores"] = round(out["server_cpu_s"] / wall, 3) if out["server_cpu_s"] is not None else None
     out["batches"] = batch_delta(m0, scrape_batches(client))
     out["loadavg_1min"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
     return out

@@ -60,6 +60,7 @@ def test_short_run_against_a_started_server(arch, tmp_path):
         _check_phase(one)
         _check_phase(many)
         assert one["clients"] == 1 and many["clients"] == 4
+        assert one["server_cpu_s"] > 0 and many["server_cores"] > 0  # /proc of the started server
         assert one["batches"]["mean_size"] == 1.0  # one client: nothing to coalesce
         assert one["batches"]["queries"] == one["ok"] and many["batches"]["queries"] == many["ok"]
         assert r["ratio"] == pytest.approx(many["qps"] / one["qps"], rel=1e-2)
