@@ -1,8 +1,9 @@
 """Load test of `pecm serve` (issue 13 items 2 and 5): N clients for T seconds on loopback, q/s and latency.
 
 Starts ``pecm serve --port 0`` itself (``--index DIR ... --checkpoint CKPT``; the first line it prints gives the
-URL, then it waits for ``/health``; SIGTERM at the end, which must exit 0) or targets ``--url`` of a running
-server (``--token-file`` for its token). For each query kind in ``--query`` (``text``, ``prototypes``, ``id``):
+URL, then it waits for ``/health``; SIGTERM at the end, which must exit 0; ``--server-path DIR`` runs it from
+another pecm source tree, for before / after comparisons) or targets ``--url`` of a running server
+(``--token-file`` for its token). For each query kind in ``--query`` (``text``, ``prototypes``, ``id``):
 
 1. **one at a time**: one client, sequential ``POST /search`` for ``--duration`` s;
 2. **concurrent**: ``--clients`` clients (default 16) for ``--duration`` s;
@@ -108,10 +109,10 @@ def percentiles(lat_s: List[float]) -> Dict[str, Optional[float]]:
 class Server:
     """A `pecm serve --port 0` subprocess: its URL (first printed line), stderr in a temporary file, CPU time."""
 
-    def __init__(self, cmd: List[str], startup_s: float):
+    def __init__(self, cmd: List[str], startup_s: float, path: str = HERE):
         self.cmd = cmd
         self.err = tempfile.TemporaryFile(mode="w+")
-        env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(os.environ, PYTHONPATH=path)  # the pecm source tree the server runs from
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.err, text=True, env=env)
         line = self.proc.stdout.readline()
@@ -589,6 +590,7 @@ def parse_args(argv):
     src.add_argument("--max-wait-ms", type=float, default=5.0, help="pecm serve --max-wait-ms (default 5)")
     src.add_argument("--max-k", type=int, default=1000, help="pecm serve --max-k (default 1000; the checker's k)")
     src.add_argument("--server-arg", action="append", default=[], help="more `pecm serve` arguments (repeatable)")
+    src.add_argument("--server-path", default=HERE, help="pecm source tree the server runs from (default: this one)")
     src.add_argument("--startup-s", type=float, default=180.0, help="seconds to wait for /health (default 180)")
     ld = ap.add_argument_group("load")
     ld.add_argument("--duration", type=float, default=20.0, help="seconds per phase (default 20)")
@@ -648,7 +650,7 @@ def run(a) -> dict:
         if a.token_file:
             cmd += ["--token-file", a.token_file]
         cmd += a.server_arg
-        server = Server(cmd, a.startup_s)
+        server = Server(cmd, a.startup_s, a.server_path)
         url = server.url
     else:
         url = a.url.rstrip("/")
@@ -713,6 +715,7 @@ def run(a) -> dict:
                 "started_here": True,
                 "command": ["python" if x == sys.executable else x for x in cmd],
                 "startup_s": round(server.startup_s, 3),
+                "pecm_path": a.server_path,
                 "exit_code": rc,
             }
             if rc != 0:
