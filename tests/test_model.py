@@ -407,3 +407,51 @@ def test_packaged_minilm_matches_sentence_transformers(monkeypatch):
     ref = st.SentenceTransformer(str(pkg.get_model_path()), device="cpu").encode(sents, convert_to_tensor=True)
     cos = F.cosine_similarity(ours, ref.float(), dim=-1)
     assert float(cos.min()) > 0.999  # our mean pooling = the model's own pooling (before normalisation)
+
+
+# ---------------------------------------------------------------------------------------------- encoder batches
+def test_length_chunks_is_the_cheapest_contiguous_cut():
+    import itertools
+
+    from pecm.model.text import length_chunks
+
+    def cost(lengths, chunks, fixed):
+        return sum(fixed + (e - s) * lengths[e - 1] for s, e in chunks)
+
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        n = int(rng.integers(1, 9))
+        lengths = sorted(int(x) for x in rng.integers(1, 65, n))
+        max_size, fixed = int(rng.integers(1, 6)), int(rng.integers(0, 40))
+        got = length_chunks(lengths, max_size, fixed)
+        assert got[0][0] == 0 and got[-1][1] == n and all(a[1] == b[0] for a, b in zip(got, got[1:]))
+        assert all(0 < e - s <= max_size for s, e in got)
+        best = float("inf")  # every way to cut 0..n-1 into contiguous chunks of at most max_size
+        for bits in itertools.product((0, 1), repeat=n - 1):
+            cuts = [0] + [i + 1 for i, b in enumerate(bits) if b] + [n]
+            chunks = list(zip(cuts, cuts[1:]))
+            if all(e - s <= max_size for s, e in chunks):
+                best = min(best, cost(lengths, chunks, fixed))
+        assert cost(lengths, got, fixed) == best, (lengths, max_size, fixed, got)
+    assert length_chunks([], 4) == []
+    assert length_chunks([5, 5, 5], 64, fixed=0) == [(0, 3)]  # no padding: one forward
+    assert length_chunks([2, 60], 64, fixed=0) == [(0, 1), (1, 2)]  # padding 2 -> 60 costs more than a forward
+
+
+def test_batched_text_encoding_equals_one_report_at_a_time(tiny):
+    """Mixed lengths go through several padded forwards (`length_chunks`); each report's prototypes equal its
+    own encoding to float32 rounding."""
+    reports = REPORTS + ["Normal.", "A " + "very long report about the lungs. " * 20, REPORTS[1]]
+    sizes, encode = [], tiny.text._encode
+    tiny.text._encode = lambda texts: sizes.append(len(texts)) or encode(texts)
+    try:
+        with torch.no_grad():
+            tq, tm = tiny.encode_texts(reports)
+    finally:
+        del tiny.text._encode
+    assert len(sizes) > 1 and sum(sizes) == len({t for r in reports for t in [r.strip(), *tiny.text.groups(r)]})
+    with torch.no_grad():
+        for i, r in enumerate(reports):
+            q1, m1 = tiny.encode_texts([r])
+            assert torch.equal(tm[i], m1[0])
+            torch.testing.assert_close(tq[i], q1[0], rtol=0, atol=1e-5)

@@ -318,6 +318,8 @@ BAD_SEARCH = [
     ({"index": "arch", "prototypes": [[0.5] * 15] * 5}, 422, "prototypes"),
     ({"index": "arch", "prototypes": [[0.5] * 16] * 4}, 422, "prototypes"),
     ({"index": "arch", "prototypes": [["a"] * 16] * 5}, 422, "prototypes"),
+    ({"index": "arch", "prototypes": [[0.5] * 15 + [True]] + [[0.5] * 16] * 4}, 422, "prototypes"),
+    ({"index": "arch", "prototypes": [[0.5] * 16] * 4 + [[None] * 16]}, 422, "prototypes"),
     ({"index": "arch", "prototypes": [[1e39] * 16] * 5}, 422, "prototypes"),
     ({"index": "arch", "prototypes": _P, "mask": [True] * 4}, 422, "mask"),
     ({"index": "arch", "prototypes": _P, "mask": [1, 0, 1, 1, 1]}, 422, "mask"),

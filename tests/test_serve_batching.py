@@ -205,3 +205,30 @@ def test_sigterm_drains_and_exits_zero(arch, tmp_path):
     from pecm.index import ArchiveIndex
 
     ArchiveIndex.open(arch["copy"], mode="a").close()  # the writer lock was released
+
+
+def test_served_connections_get_tcp_nodelay():
+    """The socket `pecm serve` listens on: asyncio turns TCP_NODELAY on for the connections it accepts (without
+    it a keep-alive client waits for the delayed ACK, ~40 ms, on every request after its first)."""
+    import asyncio
+    import socket
+
+    from pecm.commands.serve import _listen_socket
+
+    sock = _listen_socket("127.0.0.1", 0)
+    got = []
+
+    async def run():
+        def accepted(reader, writer):
+            got.append(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(accepted, sock=sock)
+        reader, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        assert await reader.read() == b""  # the server closed it after looking
+        writer.close()
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(run())
+    assert len(got) == 1 and got[0] != 0

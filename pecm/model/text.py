@@ -101,6 +101,33 @@ def group_sentences(vecs: np.ndarray, max_groups: int, threshold: float) -> List
     return groups
 
 
+FORWARD_COST_TOKENS = 32
+"""The fixed cost of one text-encoder forward, in padded tokens, for `length_chunks`. Measured on the demo
+checkpoint's MiniLM-L6 encoder, one thread of a Zen 4 core: ~10 ms per forward whatever its size (every weight
+read once, the modules' Python overhead) plus ~0.3 ms per padded token."""
+
+
+def length_chunks(lengths: Sequence[int], max_size: int, fixed: int = FORWARD_COST_TOKENS) -> List[Tuple[int, int]]:
+    """Cut positions 0..n-1 of ascending token counts ``lengths`` into contiguous ``(start, end)`` chunks of at
+    most ``max_size`` that minimise the sum over chunks of ``fixed + size * longest`` (its padded tokens plus the
+    cost of one forward): dynamic programming over the cut points, O(n * max_size). Ties go to the longer last
+    chunk. One chunk padded to the longest text spends much of a mixed batch on padding (batches of 16 ROCO
+    reports with their sentence groups: 2.1x the real tokens on average, 1.13x in these chunks); a forward per
+    length spends the fixed cost again and again."""
+    n = len(lengths)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(max(0, j - max_size), j):
+            c = best[i] + fixed + (j - i) * lengths[j - 1]
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    out, j = [], n
+    while j > 0:
+        out.append((cut[j], j))
+        j = cut[j]
+    return out[::-1]
+
+
 class TextFeatures(nn.Module):
     """Reports → raw features [B, K, H] + masks [B, K] (slot 0 global, then sentence groups)."""
 
@@ -266,11 +293,16 @@ class TextFeatures(nn.Module):
         return (hid * m).sum(1) / m.sum(1).clamp_min(1.0)
 
     def _encode_unique(self, texts: List[str], batch: int) -> torch.Tensor:
-        """Encode each distinct text once (a one-group report's group is the report itself), in batches of
-        similar length (less padding); returns [len(texts), H] in the order of ``texts``."""
-        uniq = sorted(set(texts), key=lambda t: (len(t), t))
+        """Encode each distinct text once (a one-group report's group is the report itself), sorted by token
+        count and cut into at most ``batch``-text forwards by `length_chunks` (little padding, few forwards);
+        returns [len(texts), H] in the order of ``texts``."""
+        uniq = sorted(set(texts))
+        ids = self.tokenizer(uniq, truncation=True, max_length=self.config.text_max_len)["input_ids"]
+        order = sorted(range(len(uniq)), key=lambda i: (len(ids[i]), uniq[i]))
+        uniq = [uniq[i] for i in order]
+        chunks = length_chunks([len(ids[i]) for i in order], batch)
+        enc = torch.cat([self._encode(uniq[s:e]) for s, e in chunks])
         pos = {t: i for i, t in enumerate(uniq)}
-        enc = torch.cat([self._encode(uniq[s : s + batch]) for s in range(0, len(uniq), batch)])
         return enc[torch.tensor([pos[t] for t in texts], device=enc.device)]
 
     def forward(self, reports: Sequence[str], batch: int = 64) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import itertools
 import json
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -125,7 +126,9 @@ def parse_prototypes(v, mask, name: str, mask_name: str, K: int, D: int):
     """[K][D] numbers -> float32 [K, D] (finite) and an optional [K] bool mask."""
     if not isinstance(v, list) or len(v) != K or not all(isinstance(r, list) and len(r) == D for r in v):
         raise bad(name, f"expected a [K={K}][D={D}] list of numbers")
-    if any(isinstance(x, bool) or not isinstance(x, (int, float)) for r in v for x in r):
+    # exact types, not isinstance: bool (an int subclass) is refused; json.loads makes no other subclasses. One
+    # C-level pass over the K*D numbers (the per-number generator took ~0.7 ms of the event loop at K=26, D=256)
+    if not set(map(type, itertools.chain.from_iterable(v))) <= {int, float}:
         raise bad(name, "expected numbers only")
     with np.errstate(over="ignore"):  # 1e39 overflows to inf: refused below
         q = np.asarray(v, dtype=np.float32)
