@@ -23,7 +23,7 @@ from ._common import add_progress_flags, show_progress
 
 IMAGE_KEYS = ("image_backbone", "image_size", "image_weights", "grid", "K")
 TEXT_KEYS = ("text_encoder", "text_hidden", "text_layers", "text_heads", "text_max_len", "doc2vec_dim")
-TEXT_KEYS += ("doc2vec_epochs", "doc2vec_min_count", "group_threshold", "K", "seed")
+TEXT_KEYS += ("doc2vec_epochs", "doc2vec_min_count", "group_threshold", "K", "seed", "text_units")
 
 
 def _cached_features(model, pairs, path: str, progress: bool, train_ids):
@@ -111,6 +111,10 @@ def _run(a) -> int:
         over["group_threshold"] = a.group_threshold
     if a.head_hidden is not None:
         over["head_hidden"] = a.head_hidden
+    if a.image_slots is not None:
+        over["image_slots"] = a.image_slots
+    if a.text_units is not None:
+        over["text_units"] = a.text_units
     cfg = PECMConfig.tiny(**over) if a.quick else PECMConfig.demo_cpu(**over)
     model = PECM(cfg)
     model.text.fit(train_set.texts)
@@ -140,6 +144,8 @@ def _run(a) -> int:
         select_best=val_set is not None,
         lam=a.lam,
         nu=a.nu,
+        kappa=a.kappa,
+        theta_lr=a.theta_lr,
     )
     # small per-step ops (B*K rows): one intra-op thread avoids OpenMP synchronisation overhead, which on a
     # shared 2-core machine cost 1.5-5x per step in our measurements (docs/model.md)
@@ -229,6 +235,10 @@ def register(sub) -> None:
     p.add_argument("--head-hidden", type=int, help="projection head width (demo default 256)")
     p.add_argument("--lam", type=float, default=1.0, help="weight of L_conf")
     p.add_argument("--nu", type=float, default=0.0, help="weight of L_rank (InfoNCE over R; 0 = the paper's loss)")
+    p.add_argument("--kappa", type=float, default=0.0, help="weight of L_cnce (InfoNCE over C; 0 = the paper's loss)")
+    p.add_argument("--theta-lr", type=float, default=1.0, help="learning-rate multiplier of the weight logits theta")
+    p.add_argument("--image-slots", choices=("regions", "attend"), help="image slots 1..K-1 (demo default regions)")
+    p.add_argument("--text-units", choices=("sentences", "clauses"), help="report grouping units (demo: sentences)")
     p.add_argument("--train-threads", type=int, default=1, help="torch threads while training the heads")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny random model, 60 shipped pairs, 3 epochs")
     p.add_argument("--limit", type=int, help="use at most this many pairs")
