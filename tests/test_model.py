@@ -432,7 +432,8 @@ def test_split_sentences_fixed_keeps_abbreviations_and_lists():
 def test_split_clauses():
     from pecm.model.text import split_clauses, split_units
 
-    t = "Initial chest x-ray showing a left pneumothorax with shift of the mediastinum, pleural effusion (left, small). Ok."
+    t = "Initial chest x-ray showing a left pneumothorax with shift of the mediastinum, pleural effusion (left, small)."
+    t += " Ok."
     assert split_clauses(t) == [
         "Initial chest x-ray",
         "showing a left pneumothorax",
