@@ -8,6 +8,9 @@
 - ``L_rank`` (an extension, not in the paper; weight ``nu``, default 0 = the paper's loss): the same symmetric
   InfoNCE over the score matrix ``R = sim · C``. L_conf only pulls matched confidences towards 1, so nothing
   teaches C to rank; L_rank trains the product that retrieval sorts by (Eq. 8).
+- ``L_cnce`` (an extension, not in the paper; weight ``kappa``, default 0): the same symmetric InfoNCE over the
+  confidence matrix ``C`` itself — a confidence loss that sees the in-batch negatives (L_conf only pulls the
+  matched C towards 1), so C is trained as a ranking signal of its own, beside sim.
 - ``L_div`` on each item's unit prototypes z^k (masked prototypes excluded), averaged over both modalities:
   ``"decorrelate"`` (default, the stated intent): mean over valid pairs k ≠ l of cos(z^k, z^l)²;
   ``"paper"``: the literal Σ_{k≠l} (1 − cos(z^k, z^l))² (summed over pairs, averaged over items), which
@@ -139,17 +142,18 @@ class PECMLoss(nn.Module):
         max_logit_scale: float = 100.0,
         nu: float = 0.0,
         gather: bool = True,
+        kappa: float = 0.0,
     ):
         super().__init__()
         if not isinstance(gather, bool):
             raise ValueError(f"gather: expected a bool, got {gather!r}")
         if div not in DIV_CHOICES:
             raise ValueError(f"div: expected one of {DIV_CHOICES}, got {div!r}")
-        for name, v in (("lam", lam), ("mu", mu), ("nu", nu)):
+        for name, v in (("lam", lam), ("mu", mu), ("nu", nu), ("kappa", kappa)):
             if not float(v) >= 0:
                 raise ValueError(f"{name}: expected a weight >= 0, got {v}")
         self.lam, self.mu, self.div, self.backend, self.max_scale = float(lam), float(mu), div, backend, max_logit_scale
-        self.nu = float(nu)
+        self.nu, self.kappa = float(nu), float(kappa)
         self.gather = gather
 
     def forward(self, img, txt, w, img_mask=None, txt_mask=None, logit_scale=None) -> Dict[str, torch.Tensor]:
@@ -165,13 +169,13 @@ class PECMLoss(nn.Module):
             tm_all = None if txt_mask is None else _all_gather(txt_mask)
             # image -> report rows [B, W*B] and report -> image rows [B, W*B] (sim and C are symmetric in q, c)
             sim, conf, score = ops.pecm_scores(img, txt_all, w, q_mask=img_mask, c_mask=tm_all, backend=backend)
-            sim_t, _, score_t = ops.pecm_scores(img_all, txt, w, q_mask=im_all, c_mask=txt_mask, backend=backend)
-            sim_t, score_t = sim_t.t(), score_t.t()
+            sim_t, conf_t, score_t = ops.pecm_scores(img_all, txt, w, q_mask=im_all, c_mask=txt_mask, backend=backend)
+            sim_t, conf_t, score_t = sim_t.t(), conf_t.t(), score_t.t()
             labels = torch.arange(off, off + b, device=sim.device)
             conf_pos = conf[torch.arange(b, device=conf.device), labels]
         else:
             sim, conf, score = ops.pecm_scores(img, txt, w, q_mask=img_mask, c_mask=txt_mask, backend=backend)
-            sim_t, score_t = sim.t(), score.t()
+            sim_t, conf_t, score_t = sim.t(), conf.t(), score.t()
             labels = torch.arange(sim.shape[0], device=sim.device)
             conf_pos = conf.diagonal()
         if logit_scale is None:
@@ -188,6 +192,10 @@ class PECMLoss(nn.Module):
             l_rank = (F.cross_entropy(scale * score, labels) + F.cross_entropy(scale * score_t, labels)) / 2
             loss = loss + self.nu * l_rank
             out["rank"] = l_rank.detach()
+        if self.kappa > 0:
+            l_cnce = (F.cross_entropy(scale * conf, labels) + F.cross_entropy(scale * conf_t, labels)) / 2
+            loss = loss + self.kappa * l_cnce
+            out["cnce"] = l_cnce.detach()
         return {
             **out,
             "loss": loss,

@@ -55,6 +55,8 @@ class TrainConfig:
     lam: float = 1.0
     mu: float = 1.0
     nu: float = 0.0  # weight of L_rank (InfoNCE over R = sim * C; an extension, 0 = the paper's loss)
+    kappa: float = 0.0  # weight of L_cnce (InfoNCE over C: a confidence loss with negatives; extension, 0 = paper)
+    theta_lr: float = 1.0  # learning-rate multiplier of the weight logits theta (1 = the same lr as the heads)
     div: str = "decorrelate"
     seed: int = 0
     amp: bool = True  # on CUDA only
@@ -72,11 +74,13 @@ class TrainConfig:
         for n in ("epochs", "batch_size", "save_every", "feature_batch"):
             if int(getattr(self, n)) < 1:
                 raise ValueError(f"{n}: expected an int >= 1, got {getattr(self, n)}")
+        if not self.theta_lr > 0:
+            raise ValueError(f"theta_lr: expected a positive float, got {self.theta_lr}")
         if not self.lr > 0:
             raise ValueError(f"lr: expected a positive float, got {self.lr}")
         if self.batch_size < 2:
             raise ValueError(f"batch_size: expected >= 2 (in-batch InfoNCE needs negatives), got {self.batch_size}")
-        for n in ("weight_decay", "warmup_steps", "lam", "mu", "nu", "num_workers"):
+        for n in ("weight_decay", "warmup_steps", "lam", "mu", "nu", "kappa", "num_workers"):
             if not getattr(self, n) >= 0:
                 raise ValueError(f"{n}: expected a value >= 0, got {getattr(self, n)}")
         if self.div not in DIV_CHOICES:
@@ -264,15 +268,18 @@ def train(
         model.text.fit(train_pairs.texts)
     cached = model.config.freeze_image and model.config.freeze_text
     n = len(train_pairs)
-    step_mod = _Step(model, PECMLoss(cfg.lam, cfg.mu, cfg.div, nu=cfg.nu, gather=cfg.gather))
+    step_mod = _Step(model, PECMLoss(cfg.lam, cfg.mu, cfg.div, nu=cfg.nu, gather=cfg.gather, kappa=cfg.kappa))
     if world > 1:
         ddp = nn.parallel.DistributedDataParallel(
             step_mod, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True
         )
     else:
         ddp = step_mod
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    split_theta = cfg.theta_lr != 1.0 and model.theta.requires_grad  # one group otherwise (older train states)
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and not (split_theta and p is model.theta)]}]
+    if split_theta:
+        groups.append({"params": [model.theta], "lr": cfg.lr * cfg.theta_lr})
+    opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_rank = math.ceil(n / world)
     steps_per_epoch = max(1, per_rank // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch

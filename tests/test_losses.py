@@ -19,8 +19,8 @@ def _plain_scores(q, c, w, mq, mc):
     return hq @ hc.t(), conf
 
 
-def _plain_terms(q, c, w, mq, mc, log_scale, div, nu=0.0):
-    """(L_sim [+ nu L_rank], L_conf, L_div) of one batch, written directly from DESIGN §1."""
+def _plain_terms(q, c, w, mq, mc, log_scale, div, nu=0.0, kappa=0.0):
+    """(L_sim [+ nu L_rank + kappa L_cnce], L_conf, L_div) of one batch, written directly from DESIGN §1."""
     sim, conf = _plain_scores(q, c, w, mq, mc)
     b = q.shape[0]
     lab = torch.arange(b)
@@ -29,6 +29,9 @@ def _plain_terms(q, c, w, mq, mc, log_scale, div, nu=0.0):
     if nu:
         rl = log_scale.exp() * sim * conf  # L_rank: the same InfoNCE over R = sim * C
         l_sim = l_sim + nu * (F.cross_entropy(rl, lab) + F.cross_entropy(rl.t(), lab)) / 2
+    if kappa:
+        cl = log_scale.exp() * conf  # L_cnce: the same InfoNCE over C
+        l_sim = l_sim + kappa * (F.cross_entropy(cl, lab) + F.cross_entropy(cl.t(), lab)) / 2
     l_conf = ((1 - conf.diagonal()) ** 2).mean()
     terms = []
     for z, m in ((q, mq), (c, mc)):
@@ -49,12 +52,15 @@ def _plain_terms(q, c, w, mq, mc, log_scale, div, nu=0.0):
     return l_sim, l_conf, (terms[0] + terms[1]) / 2
 
 
-def _plain_loss(q, c, w, mq, mc, log_scale, div, nu=0.0):
-    return sum(_plain_terms(q, c, w, mq, mc, log_scale, div, nu))
+def _plain_loss(q, c, w, mq, mc, log_scale, div, nu=0.0, kappa=0.0):
+    return sum(_plain_terms(q, c, w, mq, mc, log_scale, div, nu, kappa))
 
 
-@pytest.mark.parametrize("div,nu", [("decorrelate", 0.0), ("paper", 0.0), ("decorrelate", 0.7)])
-def test_loss_and_gradients_match_plain_torch(div, nu):
+@pytest.mark.parametrize(
+    "div,nu,kappa",
+    [("decorrelate", 0.0, 0.0), ("paper", 0.0, 0.0), ("decorrelate", 0.7, 0.0), ("decorrelate", 0.3, 1.4)],
+)
+def test_loss_and_gradients_match_plain_torch(div, nu, kappa):
     g = torch.Generator().manual_seed(0)
     b, k, d = 5, 4, 6
     q = torch.randn(b, k, d, generator=g, dtype=torch.float64)
@@ -68,11 +74,11 @@ def test_loss_and_gradients_match_plain_torch(div, nu):
     ls = torch.tensor(1.3, dtype=torch.float64)
     args = [t.clone().requires_grad_(True) for t in (q, c, theta, ls)]
     w = k * torch.softmax(args[2], 0)
-    out = PECMLoss(div=div, backend="torch", nu=nu)(args[0], args[1], w, mq, mc, logit_scale=args[3])
-    assert ("rank" in out) == (nu > 0)
+    out = PECMLoss(div=div, backend="torch", nu=nu, kappa=kappa)(args[0], args[1], w, mq, mc, logit_scale=args[3])
+    assert ("rank" in out) == (nu > 0) and ("cnce" in out) == (kappa > 0)
     grads = torch.autograd.grad(out["loss"], args)
     ref_args = [t.clone().requires_grad_(True) for t in (q, c, theta, ls)]
-    ref = _plain_loss(ref_args[0], ref_args[1], k * torch.softmax(ref_args[2], 0), mq, mc, ref_args[3], div, nu)
+    ref = _plain_loss(ref_args[0], ref_args[1], k * torch.softmax(ref_args[2], 0), mq, mc, ref_args[3], div, nu, kappa)
     ref_grads = torch.autograd.grad(ref, ref_args)
     torch.testing.assert_close(out["loss"].double(), ref.detach(), rtol=1e-5, atol=1e-6)
     for a, r in zip(grads, ref_grads):
@@ -104,6 +110,8 @@ def test_bad_arguments():
         PECMLoss(div="other")
     with pytest.raises(ValueError, match="nu"):
         PECMLoss(nu=-1.0)
+    with pytest.raises(ValueError, match="kappa"):
+        PECMLoss(kappa=-0.5)
     with pytest.raises(ValueError, match="gather"):
         PECMLoss(gather="yes")
     with pytest.raises(ValueError, match="txt"):

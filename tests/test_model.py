@@ -455,3 +455,75 @@ def test_batched_text_encoding_equals_one_report_at_a_time(tiny):
             q1, m1 = tiny.encode_texts([r])
             assert torch.equal(tm[i], m1[0])
             torch.testing.assert_close(tq[i], q1[0], rtol=0, atol=1e-5)
+
+# ---------------------------------------------------------------------------------------------- extensions
+def test_split_sentences_fixed_keeps_abbreviations_and_lists():
+    from pecm.model.text import split_sentences_fixed
+
+    assert split_sentences_fixed("As seen by Dr. Smith in Fig. 2 the mass grows. Next one.") == [
+        "As seen by Dr. Smith in Fig. 2 the mass grows.",
+        "Next one.",
+    ]
+    assert split_sentences_fixed("Findings: 1. Mass in the liver 2. Pleural effusion 3. Ascites") == [
+        "Findings:",
+        "1. Mass in the liver",
+        "2. Pleural effusion",
+        "3. Ascites",
+    ]
+    assert split_sentences_fixed("1. Mass. 2. Effusion.") == ["1. Mass.", "2. Effusion."]
+    assert split_sentences_fixed("Patient no. 15. Stump lengthening.") == ["Patient no. 15.", "Stump lengthening."]
+    assert split_sentences_fixed("Case 2. Axial MRI.") == ["Case 2.", "Axial MRI."]  # a marker after a bare word
+    assert split_sentences("Fig. 2 shows it.") == ["Fig.", "2 shows it."]  # the paper's splitter is unchanged
+
+
+def test_split_clauses():
+    from pecm.model.text import split_clauses, split_units
+
+    t = "Initial chest x-ray showing a left pneumothorax with shift of the mediastinum, pleural effusion (left, small)."
+    t += " Ok."
+    assert split_clauses(t) == [
+        "Initial chest x-ray",
+        "showing a left pneumothorax",
+        "with shift of the mediastinum,",
+        "pleural effusion (left, small).",  # no split inside parentheses
+        "Ok.",  # a sentence shorter than 3 words stays one clause
+    ]
+    assert split_clauses("CT, axial view of the abdomen") == ["CT, axial view of the abdomen"]  # short piece joins
+    assert split_clauses("Chest x-ray showing a mass") == ["Chest x-ray showing a mass"]
+    joined = " ".join(split_clauses(t))
+    assert joined == t  # every word once, in order
+    assert split_units(t, "sentences") == split_sentences(t)
+    with pytest.raises(ValueError, match="text_units"):
+        split_units(t, "words")
+    with pytest.raises(ValueError, match="text_units"):
+        PECMConfig.tiny(text_units="words")
+
+
+def test_clause_units_give_more_groups():
+    m = PECM(PECMConfig.tiny(text_units="clauses", group_threshold=1.0), load_pretrained=False)
+    m.text.fit(REPORTS)
+    r = "Axial CT scan showing a mass in the liver with central necrosis, small effusion in the pleura."
+    assert m.text.groups(r) == ["Axial CT scan", "showing a mass in the liver", "with central necrosis,"] + [
+        "small effusion in the pleura."
+    ]
+    _, tm = m.encode_texts([r])
+    assert tm[0].tolist() == [True, True, True, True, True]  # K = 5: global + 4 clause groups
+
+
+def test_attend_image_slots():
+    cfg = PECMConfig.tiny(image_slots="attend")
+    m = PECM(cfg, load_pretrained=False)
+    assert "image_attend.query" in m.state_dict()
+    assert "image_attend.query" not in PECM(PECMConfig.tiny(), load_pretrained=False).state_dict()
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(3, cfg.K, m.image.dim, generator=g)
+    pooled = m.image_attend(feats)
+    assert torch.equal(pooled[:, 0], feats[:, 0])  # the global slot passes through
+    att = torch.softmax(m.image_attend.norm(feats[:, 1:]) @ m.image_attend.query / m.image.dim**0.5, dim=1)
+    torch.testing.assert_close(pooled[:, 1:], torch.einsum("brk,brc->bkc", att, feats[:, 1:]))
+    protos, mask = m.encode_image_features(feats)
+    assert protos.shape == (3, cfg.K, cfg.D) and bool(mask.all())
+    protos2, _ = m.encode_image_features(feats[[2, 0, 1]])
+    torch.testing.assert_close(protos2, protos[[2, 0, 1]])  # per item: no mixing across the batch
+    with pytest.raises(ValueError, match="image_slots"):
+        PECMConfig.tiny(image_slots="other")

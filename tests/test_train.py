@@ -136,10 +136,27 @@ def test_end_to_end_mode_updates_the_backbone(fitted, pairs, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_extensions_train_attend_slots_kappa_and_theta_lr(fitted, pairs, feats, tmp_path):
+    """image_slots="attend" + L_cnce + theta_lr: trains (the attention queries move), the loss dict has the new
+    term, and theta (its own Adam group with lr * theta_lr) moves theta_lr times further than with the same lr."""
+    moves = {}
+    for lr_mult in (1.0, 50.0):
+        m = PECM(PECMConfig.tiny(image_slots="attend"), load_pretrained=False)
+        m.text.doc2vec, m.text.tokenizer = fitted.text.doc2vec, fitted.text.tokenizer
+        q0 = m.image_attend.query.detach().clone()
+        cfg = _cfg(epochs=1, lr=1e-4, kappa=0.5, nu=0.5, theta_lr=lr_mult)
+        hist = train(m, pairs, str(tmp_path / str(lr_mult)), cfg, train_feats=feats)
+        assert {"cnce", "rank"} <= set(hist[0]["train"]) and np.isfinite(hist[0]["train"]["cnce"])
+        assert not torch.equal(q0, m.image_attend.query.detach())
+        moves[lr_mult] = float(m.theta.detach().abs().max())
+    assert moves[50.0] > 10 * moves[1.0]
+
+
 def test_bad_train_config_names_the_field():
     for kw, field in [({"epochs": 0}, "epochs"), ({"lr": 0.0}, "lr"), ({"batch_size": 1}, "batch_size"),
                       ({"div": "x"}, "div"), ({"lam": -1.0}, "lam"), ({"nu": -0.5}, "nu"),
-                      ({"gather": 1}, "gather")]:  # fmt: skip
+                      ({"gather": 1}, "gather"), ({"kappa": -1.0}, "kappa"),
+                      ({"theta_lr": 0.0}, "theta_lr")]:  # fmt: skip
         with pytest.raises(ValueError, match=field):
             TrainConfig(**kw)
 

@@ -6,7 +6,10 @@ pretrained backbones (efficientnet_lite0 ImageNet, all-MiniLM-L6-v2), frozen; ex
 train heads + θ + logit scale (`pecm.train`, paper schedule) and keep the epoch with the best validation RSUM; save
 ``OUT/checkpoint``; index the test images and reports in ``OUT/index/{images,reports}`` (`pecm.index.ArchiveIndex`);
 run example report→image and image→report searches; print the evaluation table on the test pairs (sim only vs
-R = sim·C), chance levels and the wall time. ``--quick``: a tiny random model on 60 shipped pairs (tests; needs
+R = sim·C), chance levels and the wall time. Demo defaults chosen on the validation split (issue 14, docs/model.md
+§6 runs G–P): ``--image-slots attend --text-units clauses --group-threshold 1.0 --nu 1 --kappa 1``; the paper's
+form of the demo is ``--image-slots regions --text-units sentences --group-threshold 0.95 --nu 0 --kappa 0``.
+``--quick``: a tiny random model on 60 shipped pairs (tests; needs
 only the ``[model]`` extra, no pretrained-weights packages).
 See docs/model.md for the measured results.
 """
@@ -23,7 +26,7 @@ from ._common import add_progress_flags, show_progress
 
 IMAGE_KEYS = ("image_backbone", "image_size", "image_weights", "grid", "K")
 TEXT_KEYS = ("text_encoder", "text_hidden", "text_layers", "text_heads", "text_max_len", "doc2vec_dim")
-TEXT_KEYS += ("doc2vec_epochs", "doc2vec_min_count", "group_threshold", "K", "seed")
+TEXT_KEYS += ("doc2vec_epochs", "doc2vec_min_count", "group_threshold", "K", "seed", "text_units")
 
 
 def _cached_features(model, pairs, path: str, progress: bool, train_ids):
@@ -111,6 +114,10 @@ def _run(a) -> int:
         over["group_threshold"] = a.group_threshold
     if a.head_hidden is not None:
         over["head_hidden"] = a.head_hidden
+    if a.image_slots is not None:
+        over["image_slots"] = a.image_slots
+    if a.text_units is not None:
+        over["text_units"] = a.text_units
     cfg = PECMConfig.tiny(**over) if a.quick else PECMConfig.demo_cpu(**over)
     model = PECM(cfg)
     model.text.fit(train_set.texts)
@@ -140,6 +147,8 @@ def _run(a) -> int:
         select_best=val_set is not None,
         lam=a.lam,
         nu=a.nu,
+        kappa=a.kappa,
+        theta_lr=a.theta_lr,
     )
     # small per-step ops (B*K rows): one intra-op thread avoids OpenMP synchronisation overhead, which on a
     # shared 2-core machine cost 1.5-5x per step in our measurements (docs/model.md)
@@ -225,10 +234,23 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--test-fraction", type=float, default=0.2, help="held-out test pairs (all reported numbers)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="pairs held out to monitor training")
-    p.add_argument("--group-threshold", type=float, help="sentence grouping cosine threshold (demo default 0.95)")
+    p.add_argument(
+        "--group-threshold",
+        type=float,
+        default=1.0,
+        help="grouping cosine threshold (demo default 1.0: clauses merge only down to K-1 groups; paper form 0.95)",
+    )
     p.add_argument("--head-hidden", type=int, help="projection head width (demo default 256)")
     p.add_argument("--lam", type=float, default=1.0, help="weight of L_conf")
-    p.add_argument("--nu", type=float, default=0.0, help="weight of L_rank (InfoNCE over R; 0 = the paper's loss)")
+    p.add_argument("--nu", type=float, default=1.0, help="weight of L_rank (InfoNCE over R; 0 = paper)")
+    p.add_argument("--kappa", type=float, default=1.0, help="weight of L_cnce (InfoNCE over C; demo 1; 0 = paper)")
+    p.add_argument("--theta-lr", type=float, default=1.0, help="learning-rate multiplier of the weight logits theta")
+    p.add_argument(
+        "--image-slots", choices=("regions", "attend"), default="attend", help="image slots 1..K-1 (paper: regions)"
+    )
+    p.add_argument(
+        "--text-units", choices=("sentences", "clauses"), default="clauses", help="report units (paper: sentences)"
+    )
     p.add_argument("--train-threads", type=int, default=1, help="torch threads while training the heads")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny random model, 60 shipped pairs, 3 epochs")
     p.add_argument("--limit", type=int, help="use at most this many pairs")

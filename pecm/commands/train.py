@@ -30,6 +30,10 @@ def _config(a):
         over["text_encoder"] = a.text_encoder
     if a.temperature is not None:
         over["temperature"] = a.temperature
+    if a.image_slots:
+        over["image_slots"] = a.image_slots
+    if a.text_units:
+        over["text_units"] = a.text_units
     if a.unfreeze:
         over["freeze_image"] = over["freeze_text"] = False
     return PECMConfig.from_dict({**cfg.to_dict(), **over})
@@ -43,9 +47,11 @@ def _check_flags(a) -> None:
         raise ValueError(f"--batch-size: expected an int >= 2 (in-batch negatives), got {a.batch_size}")
     if not a.lr > 0:
         raise ValueError(f"--lr: expected a float > 0, got {a.lr}")
-    for flag in ("weight_decay", "lam", "mu", "nu"):
+    for flag in ("weight_decay", "lam", "mu", "nu", "kappa"):
         if not getattr(a, flag) >= 0:
             raise ValueError(f"--{flag.replace('_', '-')}: expected a value >= 0, got {getattr(a, flag)}")
+    if not a.theta_lr > 0:
+        raise ValueError(f"--theta-lr: expected a float > 0, got {a.theta_lr}")
     if not 0.0 <= a.val_fraction < 1.0:
         raise ValueError(f"--val-fraction: expected a float in [0, 1), got {a.val_fraction}")
     if a.select_best and not a.val_fraction > 0:
@@ -99,6 +105,8 @@ def _train(a, distributed: bool) -> int:
         lam=a.lam,
         mu=a.mu,
         nu=a.nu,
+        kappa=a.kappa,
+        theta_lr=a.theta_lr,
         div=a.div,
         seed=a.seed,
         amp=not a.no_amp,
@@ -140,6 +148,20 @@ def register(sub) -> None:
     p.add_argument("--mu", type=float, default=1.0, help="weight of L_div")
     p.add_argument(
         "--nu", type=float, default=0.0, help="weight of L_rank, InfoNCE over R = sim*C (extension; 0 = paper loss)"
+    )
+    p.add_argument(
+        "--kappa", type=float, default=0.0, help="weight of L_cnce, InfoNCE over C (extension; 0 = paper loss)"
+    )
+    p.add_argument("--theta-lr", type=float, default=1.0, help="learning-rate multiplier of the weight logits theta")
+    p.add_argument(
+        "--image-slots",
+        choices=("regions", "attend"),
+        help="image slots 1..K-1: grid regions (paper; presets' default) or learned attention pools over the regions",
+    )
+    p.add_argument(
+        "--text-units",
+        choices=("sentences", "clauses"),
+        help="report pieces grouped into slots: sentences (paper; presets' default) or clauses",
     )
     p.add_argument("--div", default="decorrelate", choices=("decorrelate", "paper", "none"))
     p.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction for per-epoch validation")

@@ -25,6 +25,10 @@ LIMITS = {
 }
 
 
+IMAGE_SLOTS = ("regions", "attend")
+TEXT_UNITS = ("sentences", "clauses")
+
+
 @dataclass
 class PECMConfig:
     # prototypes
@@ -44,7 +48,14 @@ class PECMConfig:
     doc2vec_dim: int = 64
     doc2vec_epochs: int = 20
     doc2vec_min_count: int = 1
+    # the pieces a report is grouped from: "sentences" (the paper) or "clauses" (an extension: abbreviation- and
+    # list-aware sentences split at , ; : and before connectives such as "showing" / "with"; pecm.model.text)
+    text_units: str = "sentences"
     group_threshold: float = 0.6  # merge adjacent sentence groups whose cosine exceeds this
+    # image slots 1..K-1: "regions" (the paper: slot k = grid region k, row-major) or "attend" (an extension:
+    # slot k = a learned attention pooling over all grid regions, one query per slot, so slot k can hold the
+    # image content that report group k describes; prototypes stay per item and index-aligned)
+    image_slots: str = "regions"
     # heads / training behaviour
     head_hidden: int = 512
     freeze_image: bool = True
@@ -77,6 +88,10 @@ class PECMConfig:
         g = self.group_threshold
         if not isinstance(g, (int, float)) or isinstance(g, bool) or not -1.0 <= g <= 1.0:
             raise ValueError(f"group_threshold: expected a cosine in [-1, 1], got {g!r}")
+        if self.text_units not in TEXT_UNITS:
+            raise ValueError(f"text_units: expected one of {TEXT_UNITS}, got {self.text_units!r}")
+        if self.image_slots not in IMAGE_SLOTS:
+            raise ValueError(f"image_slots: expected one of {IMAGE_SLOTS}, got {self.image_slots!r}")
         t = self.temperature
         if t is not None and (not isinstance(t, (int, float)) or isinstance(t, bool) or not t > 0):
             raise ValueError(f"temperature: expected None (learnable) or a float > 0, got {t!r}")

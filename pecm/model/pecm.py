@@ -52,6 +52,22 @@ class Head(nn.Module):
         return self.mlp(self.norm(x)) + self.slot
 
 
+class SlotAttention(nn.Module):
+    """``image_slots="attend"``: slot k >= 1 = a softmax-weighted mean of the grid-region features, with one
+    learned query per slot (logits = LayerNorm(region) · q_k / sqrt(C)); slot 0 (global) passes through."""
+
+    def __init__(self, cin: int, k: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(cin)
+        self.query = nn.Parameter(torch.randn(cin, k - 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        regions = x[:, 1:]  # [B, R, C]
+        logits = self.norm(regions) @ self.query / math.sqrt(regions.shape[-1])  # [B, R, K-1]
+        att = torch.softmax(logits, dim=1)
+        return torch.cat([x[:, :1], att.transpose(1, 2) @ regions], dim=1)
+
+
 class PECM(nn.Module):
     def __init__(
         self,
@@ -75,6 +91,8 @@ class PECM(nn.Module):
         self.text = TextFeatures(config, warn=not _from_checkpoint, encoder_config=_text_encoder_config)
         torch.manual_seed(config.seed + 1)
         self.image_head = Head(self.image.dim, config.head_hidden, config.D, config.K)
+        if config.image_slots == "attend":
+            self.image_attend = SlotAttention(self.image.dim, config.K)
         self.text_head = Head(self.text.dim, config.head_hidden, config.D, config.K)
         self.theta = nn.Parameter(torch.zeros(config.K))
         if config.temperature is None:
@@ -118,7 +136,10 @@ class PECM(nn.Module):
 
     # ------------------------------------------------------------------ prototypes
     def encode_image_features(self, feats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        protos = self.image_head(feats.to(self.device).float())
+        feats = feats.to(self.device).float()
+        if self.config.image_slots == "attend":
+            feats = self.image_attend(feats)
+        protos = self.image_head(feats)
         return protos, torch.ones(protos.shape[:2], dtype=torch.bool, device=protos.device)
 
     def encode_text_features(self, feats: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -78,6 +78,73 @@ def split_sentences(text: str) -> List[str]:
     return [s.strip() for s in _SPLIT.split(text.strip()) if s and s.strip()]
 
 
+# text_units="clauses" (an extension): a sentence split that keeps abbreviations ("Dr. Smith", "Fig. 2", "no. 15")
+# and numbered lists ("Findings: 1. Mass 2. Effusion") together, then a split of each sentence into clauses
+_ABBREV = re.compile(r"(?:^|[\s(])(?:dr|drs|mr|mrs|ms|prof|fig|figs|no|nos|vs|ref|refs|approx|al|cf|st|pt)\.$", re.I)
+_MARKER = re.compile(r"(?:^|\s)(\(?\d{1,2}[.)])$")  # a list marker "1." / "2)" / "(3)" at the end of a piece
+_CLAUSE = re.compile(
+    r"(?<=[,;:])\s+(?![^()]*\))"  # after , ; : (not inside parentheses)
+    r"|\s+(?=(?:showing|shows|showed|shown|demonstrating|demonstrates|demonstrated|revealing|reveals|revealed"
+    r"|with|without|indicating|suggesting|suggestive|consistent|compatible|which|where|after|before|following"
+    r"|because|due)\b)"
+)
+MIN_CLAUSE_WORDS = 3  # shorter pieces join the following clause (the previous one at the end)
+
+
+def split_sentences_fixed(text: str) -> List[str]:
+    """`split_sentences`, then re-join splits after an abbreviation ("Dr.", "Fig.", "no.", "et al.") and move
+    a numbered-list marker that ended a piece ("Findings: 1.", "1. Mass 2.") to the start of the item it numbers
+    (a marker after a bare word, "Case 2.", stays)."""
+    out: List[str] = []
+    for p in split_sentences(text):
+        if out and (_ABBREV.search(out[-1]) or _MARKER.fullmatch(" " + out[-1])):
+            out[-1] = out[-1] + " " + p  # "Fig." + "2 shows ..." / a lone marker "1." + its item
+            continue
+        if out:
+            m = _MARKER.search(out[-1])
+            head = out[-1][: m.start()].rstrip() if m else ""
+            in_list = _MARKER.fullmatch(" " + head.split(" ", 1)[0]) is not None  # "1. Mass 2." -> "1. Mass"
+            if m and head and (head[-1] in ".:;!?" or in_list) and not _ABBREV.search(head):
+                out[-1], p = head, m.group(1) + " " + p
+        out.append(p)
+    return out
+
+
+def split_clauses(text: str) -> List[str]:
+    """Report → clauses: `split_sentences_fixed`, then each sentence split after , ; : (outside parentheses)
+    and before a connective ("showing", "with", "consistent with", ...); pieces of fewer than
+    `MIN_CLAUSE_WORDS` words join the following piece of their sentence (the previous one at its end)."""
+    out: List[str] = []
+    for sent in split_sentences_fixed(text):
+        pieces = [c.strip() for c in _CLAUSE.split(sent) if c and c.strip()]
+        merged: List[str] = []
+        carry = ""
+        for c in pieces:
+            c = f"{carry} {c}" if carry else c
+            carry = ""
+            if len(words(c)) < MIN_CLAUSE_WORDS:
+                carry = c
+            else:
+                merged.append(c)
+        if carry:
+            if merged:
+                merged[-1] = f"{merged[-1]} {carry}"
+            else:
+                merged.append(carry)
+        out.extend(merged)
+    return out
+
+
+def split_units(text: str, units: str = "sentences") -> List[str]:
+    """The pieces a report is grouped from: ``"sentences"`` (`split_sentences`, the paper's unit) or
+    ``"clauses"`` (`split_clauses`)."""
+    if units == "sentences":
+        return split_sentences(text)
+    if units == "clauses":
+        return split_clauses(text)
+    raise ValueError(f"text_units: expected 'sentences' or 'clauses', got {units!r}")
+
+
 def words(text: str) -> List[str]:
     return _WORD.findall(text.lower())
 
@@ -278,7 +345,7 @@ class TextFeatures(nn.Module):
     def groups(self, report: str) -> List[str]:
         if self.doc2vec is None:
             raise ValueError("text: Doc2Vec is not fitted (call fit(train_reports) first)")
-        sents = split_sentences(report) or [report.strip()]
+        sents = split_units(report, self.config.text_units) or [report.strip()]
         idx = group_sentences(self.sentence_vectors(sents), self.K - 1, self.config.group_threshold)
         return [" ".join(sents[i] for i in g) for g in idx]
 
