@@ -456,6 +456,7 @@ def test_batched_text_encoding_equals_one_report_at_a_time(tiny):
             assert torch.equal(tm[i], m1[0])
             torch.testing.assert_close(tq[i], q1[0], rtol=0, atol=1e-5)
 
+
 # ---------------------------------------------------------------------------------------------- extensions
 def test_split_sentences_fixed_keeps_abbreviations_and_lists():
     from pecm.model.text import split_sentences_fixed
