@@ -97,10 +97,21 @@ def cluster(arch):
 
 
 @pytest.fixture(scope="module")
-def spare(arch):
+def spare(arch, tmp_path_factory):
     """A second cluster for the killed-rank test (heartbeats every 30 s: a search meets the dead rank first),
-    started by the first test that asks for it, so that it can start during the idle test's sleep."""
-    c = Cluster(arch, "--dist-timeout-s", "120")
+    started by the first test that asks for it, so that it can start during the idle test's sleep. It serves
+    copies of the indexes: the first cluster's rank 0 still holds their write lock while this one starts."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("serve_dist_spare")
+    own = dict(arch, index=str(root / "arch"), other=str(root / "other"))
+    shutil.copytree(arch["index"], own["index"])
+    shutil.copytree(arch["other"], own["other"])
+    for d in (own["index"], own["other"]):
+        lock = os.path.join(d, "write.lock")
+        if os.path.exists(lock):
+            os.remove(lock)
+    c = Cluster(own, "--dist-timeout-s", "120")
     yield c
     c.close()
 
