@@ -183,17 +183,21 @@ class PECMLoss(nn.Module):
         else:  # float32 (or float64 for float64 inputs: exact gradient checks), also under bfloat16 autocast
             ls = logit_scale if logit_scale.dtype == torch.float64 else logit_scale.float()
             scale = ls.exp().clamp(max=self.max_scale)
-        l_sim = (F.cross_entropy(scale * sim, labels) + F.cross_entropy(scale * sim_t, labels)) / 2
+
+        def infonce(rows, rows_t):  # symmetric InfoNCE: image -> report rows and report -> image rows
+            return (F.cross_entropy(scale * rows, labels) + F.cross_entropy(scale * rows_t, labels)) / 2
+
+        l_sim = infonce(sim, sim_t)
         l_conf = (1.0 - conf_pos).pow(2).mean()
         l_div = (diversity(img, img_mask, self.div) + diversity(txt, txt_mask, self.div)) / 2
         loss = l_sim + self.lam * l_conf + self.mu * l_div
         out = {}
         if self.nu > 0:
-            l_rank = (F.cross_entropy(scale * score, labels) + F.cross_entropy(scale * score_t, labels)) / 2
+            l_rank = infonce(score, score_t)
             loss = loss + self.nu * l_rank
             out["rank"] = l_rank.detach()
         if self.kappa > 0:
-            l_cnce = (F.cross_entropy(scale * conf, labels) + F.cross_entropy(scale * conf_t, labels)) / 2
+            l_cnce = infonce(conf, conf_t)
             loss = loss + self.kappa * l_cnce
             out["cnce"] = l_cnce.detach()
         return {

@@ -188,11 +188,10 @@ def train(
         for t in range(k):
             rows = np.nonzero(valid[:, t])[0]
             for j in range(coarse):
-                x = unit[rows, t]
-                if len(x) > COARSE_SAMPLE:
-                    x = x[rng.choice(len(x), size=COARSE_SAMPLE, replace=False)]
-                stages[t, j] = _kmeans(faiss, np.ascontiguousarray(x), seed + 7919 * t + j)
-                unit[rows, t] -= stages[t, j][_nearest(unit[rows, t], stages[t, j])]
+                x = unit[rows, t]  # (a copy: the residual of slot t so far)
+                fit = x if len(x) <= COARSE_SAMPLE else x[rng.choice(len(x), size=COARSE_SAMPLE, replace=False)]
+                stages[t, j] = _kmeans(faiss, np.ascontiguousarray(fit), seed + 7919 * t + j)
+                unit[rows, t] = x - stages[t, j][_nearest(x, stages[t, j]).numpy()]
     groups = [np.arange(k)] if not per_slot else [np.array([t]) for t in range(k)]
     out = []
     for g in groups:

@@ -185,7 +185,7 @@ class ArchiveIndex:
             "normalized": True,
             "weights": [float(x) for x in w],
             "files": files,
-            "item_bytes": fmt.item_bytes(K, D, dtype, pq_entry["m"] + pq_entry["coarse"] if pq_entry else 0),
+            "item_bytes": fmt.item_bytes(K, D, dtype, fmt.pq_m({"dtype": dtype, "pq": pq_entry})),
             "sizes": {n: 0 for n in files},
             "checksums": [],
             "tombstones": [],
@@ -552,7 +552,7 @@ class ArchiveIndex:
         p = dict(m["pq"])
         rng = np.random.default_rng(seed)
         want = -(-pq.TRAIN_SAMPLE // (1 if p["per_slot"] else self.K))  # items giving TRAIN_SAMPLE prototypes
-        if p.get("coarse", 0):
+        if fmt.pq_coarse(m):
             want = max(want, pq.COARSE_SAMPLE)  # the coarse stages train per slot
         pick = np.sort(rng.choice(len(x), size=want, replace=False)) if len(x) > want else np.arange(len(x))
         enc = fmt.BlockEncoder(self.K, self.D, self.weights, "float32", len(pick))

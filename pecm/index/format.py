@@ -39,6 +39,7 @@ import torch
 
 from ..operands import NORM_HI, NORM_LO
 from ..operands import unit as unit_vectors
+from ..pq import MAX_COARSE
 
 FORMAT_NAME = "pecm-archive-index"
 FORMAT_VERSION = 1
@@ -255,8 +256,8 @@ def _validate_pq(m: dict, path: str, d: int) -> None:
     ):
         raise IndexCorruptError(f"{bad} must be an object with m, per_slot, coarse and codebook")
     r = p.get("coarse", 0)
-    if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= 4:
-        raise IndexCorruptError(f"{bad}: coarse must be an int in [0, 4], got {r!r}")
+    if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= MAX_COARSE:
+        raise IndexCorruptError(f"{bad}: coarse must be an int in [0, {MAX_COARSE}], got {r!r}")
     mm = p.get("m")
     if not isinstance(mm, int) or isinstance(mm, bool) or not 1 <= mm <= d or d % mm:
         raise IndexCorruptError(f"{bad}: m must be an int in [1, D={d}] dividing D, got {mm!r}")
