@@ -40,16 +40,17 @@ sys.path.insert(0, ROOT)
 from pecm.bench.timing import cpu_model, git_commit  # noqa: E402
 from pecm.index import ArchiveIndex  # noqa: E402
 
-SETTINGS = [  # (pq_m, per_slot, coarse stages)
-    (32, False, 0),
-    (32, False, 1),
-    (32, False, 2),
-    (32, True, 0),
-    (32, True, 1),
-    (64, False, 0),
-    (64, False, 1),
-    (16, False, 0),
-    (16, False, 1),
+SETTINGS = [  # (pq_m, per_slot, coarse stages, pooled, scales); the first is the default of a new pq index
+    (64, False, 1, "int8", "float16"),
+    (64, False, 1, "float16", "float32"),
+    (64, False, 0, "int8", "float16"),
+    (64, False, 2, "int8", "float16"),
+    (32, False, 0, "float16", "float32"),
+    (32, False, 1, "float16", "float32"),
+    (32, False, 1, "int8", "float16"),
+    (32, False, 2, "float16", "float32"),
+    (32, True, 1, "float16", "float32"),
+    (16, False, 1, "float16", "float32"),
 ]
 
 
@@ -122,10 +123,10 @@ def run(demo: str, k: int = 10, codebook_from: str = "train") -> dict:
                 "prototype_bytes_per_item": f16.item_bytes["prototypes"],
                 **_pair_recall(ei, qpair, tpair),
             }
-            for m, per_slot, coarse in SETTINGS:
+            for m, per_slot, coarse, pooled, scales in SETTINGS:
                 t = time.perf_counter()
                 ix = ArchiveIndex.create(
-                    os.path.join(tmp, f"pq{m}{per_slot}{coarse}"),
+                    os.path.join(tmp, f"pq{m}{per_slot}{coarse}{pooled}{scales}"),
                     K,
                     D,
                     dtype="pq",
@@ -133,8 +134,10 @@ def run(demo: str, k: int = 10, codebook_from: str = "train") -> dict:
                     pq_m=m,
                     pq_per_slot=per_slot,
                     pq_coarse=coarse,
+                    pq_pooled=pooled,
+                    pq_scales=scales,
                 )
-                setting = {"pq_m": m, "per_slot": per_slot, "coarse": coarse}
+                setting = {"pq_m": m, "per_slot": per_slot, "coarse": coarse, "pooled": pooled, "scales": scales}
                 try:
                     if train_protos is not None:
                         ix.train_pq(*train_protos[target])

@@ -27,13 +27,17 @@ kernels, which sum K·(R+M) table entries per candidate, are unchanged. The coar
 items of an archive share (a slot's common directions, cluster centres, repeated prototypes) and leave the
 PQ codes a residual of smaller norm, which they quantise with a smaller error.
 
-``sim`` uses the stored unit pooled vectors (dense, float16/float32), ``score = sim·conf``.
-So every PQ score equals the float64 reference score of the decoded prototypes (`decode`) up to float32
-rounding — tested — and the fused kernels (cpp `pecm._C.pq_topk`, Triton `pecm.kernels.pq_topk`) never
-decompress a row: they gather K·M table entries per candidate.
+``sim`` uses the candidates' unit pooled vectors as float32 (dense; an index stores them as int8 rows r and
+hands over r / ||r||, or as float16), ``score = sim·conf``. So every PQ score equals the float64 score of the
+decoded prototypes (`decode`, ``a · (...)`` as they are) up to float32 rounding — tested — and the fused kernels
+(cpp `pecm._C.pq_topk`, Triton `pecm.kernels.pq_topk`) never decompress a row: they gather K·(R+M) table
+entries per candidate. With float32 scales the decoded prototypes are unit to float32 rounding, so this is also
+the `pecm.reference` score; with float16 scales (an index's default) they are unit to 2^-11, as the prototypes
+of a float16 index are.
 
-Storage per item at K = 26, D = 256, M = 32: 832 code bytes (+ 26 per coarse stage) + 104 scale bytes (+ the
-pooled vector and mask, as in every index), against 13,312 bytes of float16 prototypes.
+Storage per item at K = 26, D = 256 (an index's default M = 64, R = 1, float16 scales, int8 pooled): 1,690 code
+bytes + 52 scale bytes + 256 pooled bytes + 26 mask bytes + 8 id bytes = 2,032 bytes, against 13,858 bytes for
+a float16 index.
 
 Codebooks are trained with FAISS (`faiss.Kmeans` per slot and stage for the coarse stages, then
 `faiss.ProductQuantizer`, k-means per subspace, on the residuals) on a sample of unit prototypes (the
@@ -148,9 +152,9 @@ def check_coarse(r) -> int:
 
 
 def default_m(d: int) -> int:
-    """D / 8 subspaces (8-dimensional subvectors: 32 bytes per prototype at D = 256), or the largest
+    """D / 4 subspaces (4-dimensional subvectors: 64 bytes per prototype at D = 256), or the largest
     divisor of D not above that."""
-    m = max(1, d // 8)
+    m = max(1, d // 4)
     while d % m:
         m -= 1
     return m
@@ -240,9 +244,22 @@ def _nearest(x, cent: np.ndarray, chunk: int = 65536) -> torch.Tensor:
     return out
 
 
-def encode(unit: np.ndarray, mask: Optional[np.ndarray], cb: Codebook) -> Tuple[np.ndarray, np.ndarray]:
-    """(codes uint8 [n, K, R + M], scales float32 [n, K]) of unit prototypes [n, K, D] (masked rows get
-    codes 0 and scale 0)."""
+def encode(
+    unit: np.ndarray, mask: Optional[np.ndarray], cb: Codebook, scales: str = "float32"
+) -> Tuple[np.ndarray, np.ndarray]:
+    """(codes uint8 [n, K, R + M], scales [n, K]) of unit prototypes [n, K, D] (masked rows get codes 0 and
+    scale 0). ``scales="float16"`` rounds the scales to float16 (the decoded prototypes are then unit up to
+    that rounding, relative error <= 2^-11, as a float16 index's prototypes are; a scale above the float16
+    range is clamped to its largest value)."""
+    c, a = _encode32(unit, mask, cb)
+    if scales == "float16":
+        a = np.minimum(a, np.finfo(np.float16).max).astype(np.float16)
+    elif scales != "float32":
+        raise ValueError(f"scales: expected 'float16' or 'float32', got {scales!r}")
+    return c, a
+
+
+def _encode32(unit: np.ndarray, mask: Optional[np.ndarray], cb: Codebook) -> Tuple[np.ndarray, np.ndarray]:
     x = np.ascontiguousarray(unit, dtype=np.float32)
     mk = None if mask is None else np.ascontiguousarray(mask, dtype=bool).view(np.uint8)
     if not cb.r:

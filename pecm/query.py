@@ -89,6 +89,7 @@ def hit_scores(view, queries: np.ndarray, q_mask: Optional[np.ndarray], ids: np.
     import torch
 
     from . import ops
+    from .index.format import pooled_values
 
     q = np.array(queries, dtype=np.float32)  # a writable copy (a query file is a read-only memmap)
     if q.ndim == 2:
@@ -103,9 +104,12 @@ def hit_scores(view, queries: np.ndarray, q_mask: Optional[np.ndarray], ids: np.
         rows = view.rows_of(ids[b][sel])
         c = torch.from_numpy(np.asarray(view.dequantize(rows), dtype=np.float32))
         cm = torch.from_numpy(view.read_rows("masks", rows).astype(bool))
-        cp = torch.from_numpy(view.read_rows("pooled", rows).astype(np.float32))
+        cp = torch.from_numpy(pooled_values(view.read_rows("pooled", rows)))
         qm = None if q_mask is None else torch.from_numpy(np.asarray(q_mask, dtype=bool)[b : b + 1])
-        s, cf, _ = ops.pecm_scores(torch.from_numpy(q[b : b + 1]), c, w, q_mask=qm, c_mask=cm, c_pooled=cp)
+        # normalized: the stored rows as they are (unit, masked zero), scored as the search scored them
+        s, cf, _ = ops.pecm_scores(
+            torch.from_numpy(q[b : b + 1]), c, w, q_mask=qm, c_mask=cm, c_pooled=cp, normalized=True
+        )
         sim[b, sel] = s[0].float().numpy()
         conf[b, sel] = cf[0].float().numpy()
     return sim, conf

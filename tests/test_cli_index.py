@@ -203,14 +203,33 @@ def test_checkpoint_paths_with_real_encoder(tmp_path, capsys):
 def test_pq_index_from_the_command_line(files, capsys):
     pytest.importorskip("faiss")
     ix = files / "pq"
-    rc, out, err = _run(capsys, "index", "create", ix, "-K", K, "-D", D, "--dtype", "pq", "--pq-m", 4, "--pq-coarse", 2)
+    rc, out, err = _run(
+        capsys,
+        "index",
+        "create",
+        ix,
+        "-K",
+        K,
+        "-D",
+        D,
+        "--dtype",
+        "pq",
+        "--pq-m",
+        4,
+        "--pq-coarse",
+        2,
+        "--pq-scales",
+        "float32",
+    )
     assert rc == 0, err
     rc, _, err = _run(capsys, "index", "add", ix, "--prototypes", files / "p.npy", "--masks", files / "m.npy")
     assert rc == 0, err  # 120 items x K = 480 prototypes: enough to train the shared codebook
     rc, out, _ = _run(capsys, "index", "info", ix, "--json")
     st = json.loads(out)
     assert st["dtype"] == "pq" and st["pq"]["m"] == 4 and st["pq"]["coarse"] == 2
+    assert st["pq"]["pooled"] == "int8" and st["pq"]["scales"] == "float32"  # the default, the flag
     assert st["bytes"]["prototypes"] == 120 * K * (2 + 4)  # 2 coarse + 4 PQ codes per prototype
+    assert st["bytes"]["pooled"] == 120 * D and st["bytes"]["scales"] == 120 * K * 4
     assert _run(capsys, "index", "verify", ix)[0] == 0
     rc, out, _ = _run(capsys, "search", ix, "--query-file", files / "q.npy", "-k", 5, "--json")
     with ArchiveIndex.open(ix) as idx:
@@ -218,3 +237,5 @@ def test_pq_index_from_the_command_line(files, capsys):
     assert rc == 0 and json.loads(out)["ids"] == i.tolist()
     rc, _, err = _run(capsys, "index", "create", files / "bad", "--dtype", "float16", "--pq-m", 4)
     assert rc == 2 and "--pq-m" in err
+    rc, _, err = _run(capsys, "index", "create", files / "bad2", "--dtype", "int8", "--pq-pooled", "int8")
+    assert rc == 2 and "--pq-pooled" in err

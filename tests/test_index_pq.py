@@ -27,14 +27,30 @@ def _items(n, seed=0, centres=40, noise=0.8):
     return (c[torch.randint(0, centres, (n,), generator=g)] + noise * torch.randn((n, K, D), generator=g)).numpy()
 
 
+def _decoded_conf(q, c, cm, w):
+    """Float64 confidence of unit query prototypes against the decoded prototypes ``c`` *as they are*
+    (Σ_k w_k m_k <q̂_k, c_k> / Σ_k w_k m_k, no renormalisation of c): what scoring from the codes computes."""
+    qh = q / np.linalg.norm(q, axis=-1, keepdims=True)
+    wm = cm.astype(np.float64) * w  # [N, K]
+    num = np.einsum("bkd,nkd,nk->bn", qh, c, wm)
+    den = wm.sum(-1)[None, :]
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+
+
 def _ref_topk(idx, q, k, by="score", ids=None):
-    """Float64 reference top-k over the decoded prototypes and stored pooled vectors of live items."""
+    """Float64 top-k over the decoded prototypes and stored pooled vectors of live items: exact for the
+    decoded values; their float64 `pecm.reference` confidence (which renormalises each decoded prototype)
+    agrees to float32 rounding with float32 scales and to the float16 rounding of float16 scales."""
     live = np.setdiff1d(np.asarray(idx.ids()), idx.tombstones) if ids is None else np.asarray(ids)
     rows = idx.get(live, vectors=True)
     c = np.stack([r["prototypes"] for r in rows]).astype(np.float64)
     cm = np.stack([r["mask"] for r in rows])
     qs = ops.prepare_queries(torch.from_numpy(q), torch.from_numpy(idx.weights))
-    _, conf, _ = reference.scores(q.astype(np.float64), c, idx.weights.astype(np.float64), c_mask=cm)
+    w = idx.weights.astype(np.float64)
+    conf = _decoded_conf(q.astype(np.float64), c, cm, w)
+    _, conf_ref, _ = reference.scores(q.astype(np.float64), c, w, c_mask=cm)
+    tol = 2e-3 if fmt.pq_storage(idx.manifest)["scales"] == "float16" else 1e-5
+    np.testing.assert_allclose(conf, conf_ref, atol=tol)
     pooled = np.stack([r["pooled"] for r in rows]).astype(np.float64)
     sim = qs.qp.double().numpy() @ pooled.T
     vals = {"score": sim * conf, "sim": sim, "conf": conf}[by]
@@ -42,11 +58,18 @@ def _ref_topk(idx, q, k, by="score", ids=None):
     return v, np.where(i >= 0, live[np.maximum(i, 0)], -1)
 
 
-@pytest.fixture(params=[0, 2], ids=["coarse0", "coarse2"])
+# (coarse stages, pooled, scales): the storage of indexes written before pq_pooled / pq_scales, and the defaults
+STORAGE = [(0, "float16", "float32"), (2, "int8", "float16")]
+
+
+@pytest.fixture(params=STORAGE, ids=["coarse0-f16pooled-f32scales", "coarse2-int8pooled-f16scales"])
 def pq_index(tmp_path, request):
     x = _items(1500)
     masks = np.random.default_rng(1).random((1500, K)) > 0.1
-    idx = ArchiveIndex.create(tmp_path / "pq", K, D, dtype="pq", pq_m=8, pq_coarse=request.param)
+    r, pooled, scales = request.param
+    idx = ArchiveIndex.create(
+        tmp_path / "pq", K, D, dtype="pq", pq_m=8, pq_coarse=r, pq_pooled=pooled, pq_scales=scales
+    )
     meta = [{"modality": "CT" if i % 3 == 0 else "MR", "site": i % 4} for i in range(1500)]
     idx.add(x, masks=masks, metadata=meta)
     return idx
@@ -57,17 +80,31 @@ def test_layout_and_bytes(pq_index):
     assert idx.manifest["pq"]["codebook"]["file"] == fmt.PQ_CODEBOOK
     st = idx.stats()
     r = idx.manifest["pq"]["coarse"]
-    assert st["pq"] == {"m": 8, "per_slot": False, "coarse": r, "codebook_bytes": 4 * D * 256 * (1 + K * r)}
+    store = fmt.pq_storage(idx.manifest)
+    want = {"m": 8, "per_slot": False, "coarse": r, "codebook_bytes": 4 * D * 256 * (1 + K * r), **store}
+    assert st["pq"] == want
     assert idx.codebook.r == r and os.path.getsize(os.path.join(idx.root, fmt.PQ_CODEBOOK)) == 4 * D * 256 * (1 + K * r)
     per_item = sum(idx.item_bytes.values())
-    assert per_item == K * (8 + r) + K * 4 + D * 2 + K + 8  # codes, scales, float16 pooled, mask, id
+    scale_b = {"float16": 2, "float32": 4}[store["scales"]]
+    pooled_b = {"int8": 1, "float16": 2}[store["pooled"]]
+    assert per_item == K * (8 + r) + K * scale_b + D * pooled_b + K + 8  # codes, scales, pooled, mask, id
     assert np.asarray(idx.array("prototypes")).dtype == np.uint8
     assert np.asarray(idx.array("prototypes")).shape == (1500, K, 8 + r)
+    assert np.asarray(idx.array("pooled")).dtype == np.dtype(store["pooled"])
+    assert np.asarray(idx.array("scales")).dtype == np.dtype(store["scales"])
     got = idx.get([0, 1], vectors=True)
-    assert got[0]["prototypes"].shape == (K, D)
+    assert got[0]["prototypes"].shape == (K, D) and got[0]["pooled"].dtype == np.float32
     nrm = np.linalg.norm(got[0]["prototypes"], axis=-1)
-    np.testing.assert_allclose(nrm[got[0]["mask"]], 1.0, atol=1e-5)
+    np.testing.assert_allclose(nrm[got[0]["mask"]], 1.0, atol=1e-5 if store["scales"] == "float32" else 5e-4)
     assert np.all(nrm[~got[0]["mask"]] == 0)
+    np.testing.assert_allclose(np.linalg.norm(got[0]["pooled"]), 1.0, atol=1e-6 if store["pooled"] == "int8" else 1e-3)
+    if store["pooled"] == "int8":  # decoded as r / ||r|| of the stored int8 row, close to the unit pooled vector
+        row = np.asarray(idx.array("pooled"))[0].astype(np.float64)
+        np.testing.assert_allclose(got[0]["pooled"], row / np.linalg.norm(row), atol=1e-6)
+        exact = ArchiveIndex.create(idx.root + "-f16", K, D, weights=idx.weights)
+        exact.add(_items(1500)[:2], masks=np.random.default_rng(1).random((1500, K))[:2] > 0.1, progress=False)
+        assert np.abs(got[0]["pooled"] - exact.get([0], vectors=True)[0]["pooled"]).max() < 1e-2
+        exact.close()
     ArchiveIndex.open(idx.root, verify=True).close()
 
 
@@ -150,6 +187,12 @@ def test_bad_arguments(tmp_path):
         ArchiveIndex.create(tmp_path / "e", K, D, dtype="pq", pq_coarse=9)
     with pytest.raises(ValueError, match="pq_coarse"):
         ArchiveIndex.create(tmp_path / "f", K, D, pq_coarse=1)
+    with pytest.raises(ValueError, match="pq_pooled"):
+        ArchiveIndex.create(tmp_path / "g", K, D, dtype="pq", pq_pooled="float32")
+    with pytest.raises(ValueError, match="pq_scales"):
+        ArchiveIndex.create(tmp_path / "h", K, D, dtype="pq", pq_scales="int8")
+    with pytest.raises(ValueError, match="pq_pooled"):
+        ArchiveIndex.create(tmp_path / "i", K, D, dtype="int8", pq_pooled="int8")
     idx = ArchiveIndex.create(tmp_path / "d", K, D)
     with pytest.raises(ValueError, match="train_pq"):
         idx.train_pq(_items(300))
@@ -227,8 +270,9 @@ def test_recall_floor_clustered():
 
 
 def test_manifest_without_coarse_field_opens(pq_index, tmp_path):
-    """A pq manifest written before the coarse stages existed (no "coarse" key) reads as 0 stages; a bad
-    value is refused as corruption."""
+    """A pq manifest written before the coarse stages and the pooled / scales storage fields existed (no
+    "coarse", "pooled", "scales" keys) reads as 0 stages, float16 pooled, float32 scales; a bad value is refused
+    as corruption."""
     import json
 
     idx = pq_index
@@ -240,13 +284,30 @@ def test_manifest_without_coarse_field_opens(pq_index, tmp_path):
     idx.close()
     mp_ = os.path.join(root, fmt.MANIFEST)
     m = json.load(open(mp_))
-    del m["pq"]["coarse"]
+    for key in ("coarse", "pooled", "scales"):
+        del m["pq"][key]
     json.dump(m, open(mp_, "w"))
     with ArchiveIndex.open(root, verify=True) as r:
         s2, i2, _ = r.search(q, 5, with_metadata=False)
         np.testing.assert_array_equal(i2, i)
-        assert r.codebook.r == 0
+        assert r.codebook.r == 0 and fmt.pq_storage(r.manifest) == {"pooled": "float16", "scales": "float32"}
+    for key, bad in (("pooled", "int4"), ("scales", "float64")):
+        json.dump({**m, "pq": {**m["pq"], key: bad}}, open(mp_, "w"))
+        with pytest.raises(IndexCorruptError, match="pooled must be one of"):
+            ArchiveIndex.open(root)
     m["pq"]["coarse"] = -1
     json.dump(m, open(mp_, "w"))
     with pytest.raises(IndexCorruptError, match="coarse"):
         ArchiveIndex.open(root)
+
+
+def test_hit_sim_and_conf_agree_with_the_score(pq_index):
+    """`pecm search` / the service report each hit's sim and conf (`pecm.query.hit_scores`, from the decoded rows);
+    their product is the score the codes gave, with float16 scales too (the decoded rows are scored as they are)."""
+    from pecm.query import hit_scores
+
+    idx = pq_index
+    q = _items(3, seed=31)
+    s, i, _ = idx.search(q, 8, with_metadata=False)
+    sim, conf = hit_scores(idx._current(), q, None, i)
+    np.testing.assert_allclose(sim * conf, s, atol=2e-6)

@@ -196,7 +196,7 @@ def test_bad_arguments():
         pq.check_m(True, D)
     with pytest.raises(ValueError, match="centroids"):
         pq.Codebook(np.zeros((1, 4, 255, 8), np.float32))
-    assert pq.default_m(256) == 32 and pq.default_m(12) == 1 and pq.default_m(96) == 12
+    assert pq.default_m(256) == 64 and pq.default_m(12) == 3 and pq.default_m(96) == 24 and pq.default_m(10) == 2
 
 
 def _clustered(n, seed, centres=12, noise=0.3):

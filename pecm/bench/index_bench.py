@@ -152,7 +152,15 @@ def build(args) -> dict:
     noise = torch.empty((args.block, K, D))
     w = torch.softmax(torch.randn(K, generator=gen), 0).numpy() * K
     pq_kw = (
-        {"pq_m": args.pq_m, "pq_per_slot": args.pq_per_slot, "pq_coarse": args.pq_coarse} if args.dtype == "pq" else {}
+        {
+            "pq_m": args.pq_m,
+            "pq_per_slot": args.pq_per_slot,
+            "pq_coarse": args.pq_coarse,
+            "pq_pooled": args.pq_pooled,
+            "pq_scales": args.pq_scales,
+        }
+        if args.dtype == "pq"
+        else {}
     )
     idx = ArchiveIndex.create(args.path, K, D, dtype=args.dtype, weights=w, **pq_kw)  # a fresh path
     add_s, gen_s, exact_s = 0.0, 0.0, 0.0
@@ -357,7 +365,9 @@ def _parser(prog) -> argparse.ArgumentParser:
         "(default: the system temporary directory, $TMPDIR or /tmp)",
     )
     ap.add_argument("--dtype", default="float16", choices=fmt.DTYPES)
-    ap.add_argument("--pq-m", type=int, default=None, help="dtype pq: codes per prototype (default D/8)")
+    ap.add_argument("--pq-m", type=int, default=None, help="dtype pq: codes per prototype (default D/4)")
+    ap.add_argument("--pq-pooled", choices=fmt.PQ_POOLED, default=None, help="dtype pq: pooled storage (default int8)")
+    ap.add_argument("--pq-scales", choices=fmt.PQ_SCALES, default=None, help="dtype pq: scales (default float16)")
     ap.add_argument("--pq-per-slot", action="store_true", help="dtype pq: one codebook per slot")
     ap.add_argument("--pq-coarse", type=int, default=None, help="dtype pq: residual stages before the PQ codes")
     ap.add_argument(
@@ -429,19 +439,20 @@ def _out_path(args):
     return out
 
 
-def bytes_needed(n: int, dtype: str, queries: int, pq_m=None, pq_coarse=None) -> int:
+def bytes_needed(n: int, dtype: str, queries: int, pq_m=None, pq_coarse=None, pq_pooled=None, pq_scales=None) -> int:
     """Disk space one run needs: the index files plus 5% and a little for the manifest, metadata and queries."""
-    m = 0
+    m, store = 0, {}
     if dtype == "pq":
         from .. import pq
 
         m = (pq.default_m(D) if pq_m is None else pq_m) + (pq.DEFAULT_COARSE if pq_coarse is None else pq_coarse)
-    per_item = sum(fmt.item_bytes(K, D, dtype, m).values())
+        store = {"pq_pooled": pq_pooled or fmt.PQ_POOLED[0], "pq_scales": pq_scales or fmt.PQ_SCALES[0]}
+    per_item = sum(fmt.item_bytes(K, D, dtype, m, **store).values())
     return int(n * per_item * 1.05) + queries * K * D * 4 + (16 << 20)
 
 
 def _check_space(args, base: str) -> None:
-    need = bytes_needed(args.n, args.dtype, args.queries, args.pq_m, args.pq_coarse)
+    need = bytes_needed(args.n, args.dtype, args.queries, args.pq_m, args.pq_coarse, args.pq_pooled, args.pq_scales)
     free = shutil.disk_usage(base).free
     if need > free:
         where = "--dir" if args.dir is not None else "the temporary directory; --dir chooses another"

@@ -67,9 +67,16 @@ def _create(a) -> int:
         enc = load_encoder(a.checkpoint)
         k, d = int(enc.K), int(enc.D)
         w = np.asarray(enc.weights, dtype=np.float64) if w is None and hasattr(enc, "weights") else w
-    pq_kw = {"pq_m": a.pq_m, "pq_per_slot": a.pq_per_slot, "pq_coarse": a.pq_coarse} if a.dtype == "pq" else {}
-    if a.dtype != "pq" and (a.pq_m is not None or a.pq_per_slot or a.pq_coarse is not None):
-        raise ValueError("--pq-m / --pq-per-slot / --pq-coarse: only with --dtype pq")
+    pq_kw = {
+        "pq_m": a.pq_m,
+        "pq_per_slot": a.pq_per_slot,
+        "pq_coarse": a.pq_coarse,
+        "pq_pooled": a.pq_pooled,
+        "pq_scales": a.pq_scales,
+    }
+    if a.dtype != "pq" and (a.pq_per_slot or any(v is not None for k, v in pq_kw.items() if k != "pq_per_slot")):
+        raise ValueError("--pq-m / --pq-per-slot / --pq-coarse / --pq-pooled / --pq-scales: only with --dtype pq")
+    pq_kw = pq_kw if a.dtype == "pq" else {}
     idx = ArchiveIndex.create(a.path, k, d, dtype=a.dtype, weights=w, overwrite=a.overwrite, **pq_kw)
     idx.close()
     emit(a, {"path": a.path, "K": k, "D": d, "dtype": a.dtype}, f"created {a.path} (K={k}, D={d}, dtype={a.dtype})")
@@ -238,10 +245,16 @@ def register(sub) -> None:
         default="float16",
         help="prototype storage (default float16; pq: product-quantised codes, trained at the first add; needs faiss)",
     )
-    c.add_argument("--pq-m", type=int, default=None, help="--dtype pq: 8-bit codes per prototype (default D/8)")
+    c.add_argument("--pq-m", type=int, default=None, help="--dtype pq: 8-bit codes per prototype (default D/4)")
     c.add_argument("--pq-per-slot", action="store_true", help="--dtype pq: one codebook per slot (default shared)")
     c.add_argument(
         "--pq-coarse", type=int, default=None, help="--dtype pq: residual stages (256 centroids per slot) before the PQ"
+    )
+    c.add_argument(
+        "--pq-pooled", choices=("int8", "float16"), default=None, help="--dtype pq: pooled vectors (default int8)"
+    )
+    c.add_argument(
+        "--pq-scales", choices=("float16", "float32"), default=None, help="--dtype pq: scales (default float16)"
     )
     c.add_argument("--weights", help="prototype weights w: a .npy file or comma-separated floats (default ones)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing index")

@@ -132,14 +132,18 @@ class ArchiveIndex:
         pq_m: Optional[int] = None,
         pq_per_slot: bool = False,
         pq_coarse: Optional[int] = None,
+        pq_pooled: Optional[str] = None,
+        pq_scales: Optional[str] = None,
     ):
         """Create an empty index at ``path`` and return it open for appending.
 
         ``dtype="pq"``: product-quantised prototypes (`pecm.pq`): ``pq_m`` codes of 8 bits per prototype
-        (default D / 8: 32 bytes at D = 256), one codebook shared by every slot or, with ``pq_per_slot``,
+        (default D / 4: 64 bytes at D = 256), one codebook shared by every slot or, with ``pq_per_slot``,
         one per slot, after ``pq_coarse`` residual stages of 256 full-dimensional centroids per slot (1 byte
         each per prototype; default `pecm.pq.DEFAULT_COARSE`); the codebook is trained on the first `add` (or
-        `train_pq`). Needs faiss-cpu.
+        `train_pq`). ``pq_pooled``: the pooled vectors as ``"int8"`` (default; D bytes, decoded as r / ||r||)
+        or ``"float16"``; ``pq_scales``: the per-prototype scales as ``"float16"`` (default) or ``"float32"``.
+        Needs faiss-cpu.
         """
         path = os.fspath(path)
         for name, v, hi in (("K", K, fmt.MAX_K), ("D", D, fmt.MAX_D)):
@@ -156,9 +160,24 @@ class ArchiveIndex:
                 raise TypeError(f"pq_per_slot: expected a bool, got {pq_per_slot!r}")
             r = pq.DEFAULT_COARSE if pq_coarse is None else pq.check_coarse(pq_coarse)
             pq._faiss()  # fail now, not at the first add, when FAISS is missing
-            pq_entry = {"m": m_sub, "per_slot": pq_per_slot, "coarse": r, "codebook": None}
-        elif pq_m is not None or pq_per_slot or pq_coarse is not None:
-            raise ValueError(f"pq_m / pq_per_slot / pq_coarse: only for dtype 'pq', got dtype {dtype!r}")
+            pooled_dt = fmt.PQ_POOLED[0] if pq_pooled is None else pq_pooled
+            scales_dt = fmt.PQ_SCALES[0] if pq_scales is None else pq_scales
+            if pooled_dt not in fmt.PQ_POOLED:
+                raise ValueError(f"pq_pooled: expected one of {fmt.PQ_POOLED}, got {pq_pooled!r}")
+            if scales_dt not in fmt.PQ_SCALES:
+                raise ValueError(f"pq_scales: expected one of {fmt.PQ_SCALES}, got {pq_scales!r}")
+            pq_entry = {
+                "m": m_sub,
+                "per_slot": pq_per_slot,
+                "coarse": r,
+                "pooled": pooled_dt,
+                "scales": scales_dt,
+                "codebook": None,
+            }
+        elif pq_m is not None or pq_per_slot or pq_coarse is not None or pq_pooled is not None or pq_scales is not None:
+            raise ValueError(
+                f"pq_m / pq_per_slot / pq_coarse / pq_pooled / pq_scales: only for dtype 'pq', got dtype {dtype!r}"
+            )
         w = np.ones(K, dtype=np.float64) if weights is None else _as_array(weights, "weights").astype(np.float64)
         if w.shape != (K,):
             raise ValueError(f"weights: expected shape [K={K}], got {list(w.shape)}")
@@ -185,7 +204,7 @@ class ArchiveIndex:
             "normalized": True,
             "weights": [float(x) for x in w],
             "files": files,
-            "item_bytes": fmt.item_bytes(K, D, dtype, fmt.pq_m({"dtype": dtype, "pq": pq_entry})),
+            "item_bytes": fmt.manifest_item_bytes({"K": K, "D": D, "dtype": dtype, "pq": pq_entry}),
             "sizes": {n: 0 for n in files},
             "checksums": [],
             "tombstones": [],
@@ -260,7 +279,7 @@ class ArchiveIndex:
         self.manifest = m
         self.K, self.D, self.dtype, self.count = m["K"], m["D"], m["dtype"], m["count"]
         self.weights = np.asarray(m["weights"], dtype=np.float32)
-        self.layout = fmt.layout(self.K, self.D, self.dtype, fmt.pq_m(m))
+        self.layout = fmt.manifest_layout(m)
         self.item_bytes = fmt.manifest_item_bytes(m)
         entry = (m.get("pq") or {}).get("codebook")
         if entry is None or entry != getattr(self, "_pq_entry", None):  # (committed codebooks never change)
@@ -437,7 +456,7 @@ class ArchiveIndex:
         if vectors:
             protos = v.dequantize(rows).astype(np.float32)
             masks = v.read_rows("masks", rows).astype(bool)
-            pooled = v.read_rows("pooled", rows).astype(np.float32)
+            pooled = fmt.pooled_values(v.read_rows("pooled", rows))
             for j, row in enumerate(out):
                 row.update(prototypes=protos[j], mask=masks[j], pooled=pooled[j])
         return out
@@ -579,7 +598,9 @@ class ArchiveIndex:
         show = sys.stderr.isatty() if progress is None else bool(progress)
         nslots = 2 if n > ADD_BLOCK else 1
         encs = [
-            fmt.BlockEncoder(self.K, self.D, self.weights, self.dtype, min(n, ADD_BLOCK), codebook)
+            fmt.BlockEncoder(
+                self.K, self.D, self.weights, self.dtype, min(n, ADD_BLOCK), codebook, fmt.pq_storage(self.manifest)
+            )
             for _ in range(nslots)
         ]
         fds: Dict[str, int] = {}
@@ -674,7 +695,7 @@ class ArchiveIndex:
         seq = (m["ann"]["seq"] if m.get("ann") else 0) + 1
         name = f"ann.g{m['generation']}.s{seq}.faiss"
         try:
-            pooled = lambda r: self.read_rows("pooled", r)  # noqa: E731
+            pooled = lambda r: fmt.pooled_values(self.read_rows("pooled", r))  # noqa: E731
             m["ann"] = self._write_ann(name, seq, kind, params, self.count, pooled, progress)
             fmt.write_manifest(self.root, m)
         except BaseException:
@@ -789,9 +810,13 @@ class ArchiveIndex:
             "bytes": {k: self.count * self.item_bytes[k] for k in self.paths},
             "pq": None
             if self.dtype != "pq"
-            else {"m": self.manifest["pq"]["m"], "per_slot": self.manifest["pq"]["per_slot"],
-                  "coarse": fmt.pq_coarse(self.manifest),
-                  "codebook_bytes": (self.manifest["pq"]["codebook"] or {}).get("bytes", 0)},
+            else {
+                "m": self.manifest["pq"]["m"],
+                "per_slot": self.manifest["pq"]["per_slot"],
+                "coarse": fmt.pq_coarse(self.manifest),
+                **fmt.pq_storage(self.manifest),
+                "codebook_bytes": (self.manifest["pq"]["codebook"] or {}).get("bytes", 0),
+            },
             "files": dict(self.manifest["files"]),
         }
 

@@ -81,7 +81,7 @@ def compact_index(index, progress=None) -> dict:
                 params["nlist"] = min(params["nlist"], max(1, kept))
                 params["nprobe"] = min(params.get("nprobe", 1), params["nlist"])
             if ann.fits(a["kind"], params, kept):  # else too few items are left: no ANN until the next build
-                rows_of = lambda r: pooled[r]  # noqa: E731
+                rows_of = lambda r: fmt.pooled_values(pooled[r])  # noqa: E731
                 new["ann"] = index._write_ann(name, a["seq"] + 1, a["kind"], params, kept, rows_of, progress)
             del pooled
         new.update(

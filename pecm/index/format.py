@@ -81,10 +81,24 @@ def file_names(generation: int, scales: bool) -> Dict[str, str]:
     return {n: f"{n}{suffix}.bin" for n in names}
 
 
-def layout(k: int, d: int, dtype: str, m: int = 0) -> Dict[str, tuple]:
-    """Logical file -> (numpy dtype, per-item shape); ``m``: PQ subspaces (dtype "pq")."""
+PQ_POOLED = ("int8", "float16")  # pooled vectors of a pq index (manifest pq.pooled; first = the default)
+PQ_SCALES = ("float16", "float32")  # per-prototype scales of a pq index (manifest pq.scales; first = the default)
+
+
+def pq_storage(m: dict) -> Dict[str, str]:
+    """{"pooled", "scales"} storage dtypes of a manifest's pq index (manifests written before these fields
+    existed: float16 pooled, float32 scales)."""
+    p = m.get("pq") or {}
+    return {"pooled": p.get("pooled", "float16"), "scales": p.get("scales", "float32")}
+
+
+def layout(k: int, d: int, dtype: str, m: int = 0, pq_pooled: str = "float16", pq_scales: str = "float32"):
+    """Logical file -> (numpy dtype, per-item shape); ``m``: codes per prototype (dtype "pq"), ``pq_pooled`` /
+    ``pq_scales``: the pq index's storage of pooled vectors and scales (`pq_storage`)."""
     store = {"int8": np.int8, "pq": np.uint8}.get(dtype) or np.dtype(dtype)
     pooled = np.float32 if dtype == "float32" else np.float16
+    if dtype == "pq":
+        pooled = np.dtype(pq_pooled)
     out = {
         "prototypes": (np.dtype(store), (k, m) if dtype == "pq" else (k, d)),
         "pooled": (np.dtype(pooled), (d,)),
@@ -92,16 +106,47 @@ def layout(k: int, d: int, dtype: str, m: int = 0) -> Dict[str, tuple]:
         "ids": (np.dtype(np.int64), ()),
     }
     if has_scales(dtype):
-        out["scales"] = (np.dtype(np.float32), (k,))
+        out["scales"] = (np.dtype(pq_scales if dtype == "pq" else np.float32), (k,))
     return out
 
 
-def item_bytes(k: int, d: int, dtype: str, m: int = 0) -> Dict[str, int]:
-    return {n: dt.itemsize * int(np.prod(shape, dtype=np.int64)) for n, (dt, shape) in layout(k, d, dtype, m).items()}
+def manifest_layout(m: dict) -> Dict[str, tuple]:
+    extra = {f"pq_{k}": v for k, v in pq_storage(m).items()} if m.get("dtype") == "pq" else {}
+    return layout(m["K"], m["D"], m["dtype"], pq_m(m), **extra)
+
+
+def _bytes(lay: Dict[str, tuple]) -> Dict[str, int]:
+    return {n: dt.itemsize * int(np.prod(shape, dtype=np.int64)) for n, (dt, shape) in lay.items()}
+
+
+def item_bytes(k: int, d: int, dtype: str, m: int = 0, **storage) -> Dict[str, int]:
+    return _bytes(layout(k, d, dtype, m, **storage))
 
 
 def manifest_item_bytes(m: dict) -> Dict[str, int]:
-    return item_bytes(m["K"], m["D"], m["dtype"], pq_m(m))
+    return _bytes(manifest_layout(m))
+
+
+def int8_pooled(h) -> np.ndarray:
+    """Unit pooled vectors [n, D] (float32) -> int8 rows ``round(h / s)``, ``s = max|h| / 127`` per row (the
+    stored form of a pq index's pooled vectors; `pooled_values` decodes them)."""
+    h = torch.as_tensor(h, dtype=torch.float32)
+    s = h.abs().amax(-1, keepdim=True) / 127.0
+    return torch.round(h / torch.where(s > 0, s, torch.ones_like(s))).clamp_(-127, 127).to(torch.int8).numpy()
+
+
+def pooled_values(a: np.ndarray) -> np.ndarray:
+    """Stored pooled rows as the unit float32 vectors the scores use: float16/float32 as they are; int8 rows
+    ``r`` (pq indexes) decode to ``r / ||r||`` (0 for a zero row), so no per-row scale is stored."""
+    if a.dtype != np.int8:
+        return a.astype(np.float32)
+    return unit_int8_rows_(torch.from_numpy(a).float()).numpy()
+
+
+def unit_int8_rows_(f: torch.Tensor) -> torch.Tensor:
+    """In place: float32 rows holding int8 pooled values -> r / ||r|| (0 for a zero row); returns ``f``."""
+    n2 = f.square().sum(-1, keepdim=True)
+    return f.mul_(torch.where(n2 > 0, n2.rsqrt(), torch.zeros_like(n2)))
 
 
 def check_regular_files(root: str, names) -> None:
@@ -251,10 +296,12 @@ def _validate_pq(m: dict, path: str, d: int) -> None:
             raise IndexCorruptError(f"index: {path}: field 'pq' belongs to dtype 'pq' only")
         return
     bad = f"index: {path}: field 'pq'"
-    if not isinstance(p, dict) or set(p) - {"m", "per_slot", "coarse", "codebook"} or not isinstance(
-        p.get("per_slot"), bool
-    ):
-        raise IndexCorruptError(f"{bad} must be an object with m, per_slot, coarse and codebook")
+    keys = {"m", "per_slot", "coarse", "codebook", "pooled", "scales"}
+    if not isinstance(p, dict) or set(p) - keys or not isinstance(p.get("per_slot"), bool):
+        raise IndexCorruptError(f"{bad} must be an object with m, per_slot, coarse, pooled, scales and codebook")
+    st = pq_storage(m)
+    if st["pooled"] not in PQ_POOLED or st["scales"] not in PQ_SCALES:
+        raise IndexCorruptError(f"{bad}: pooled must be one of {PQ_POOLED} and scales one of {PQ_SCALES}, got {st}")
     r = p.get("coarse", 0)
     if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= MAX_COARSE:
         raise IndexCorruptError(f"{bad}: coarse must be an int in [0, {MAX_COARSE}], got {r!r}")
@@ -366,8 +413,9 @@ def check_sizes(m: dict, fds: Dict[str, int]) -> None:
             raise IndexCorruptError(f"index: {name} is truncated: {have} bytes, the manifest commits {need}")
     cb = (m.get("pq") or {}).get("codebook")
     if cb and os.fstat(fds["codebook"]).st_size != cb["bytes"]:
-        raise IndexCorruptError(f"index: {PQ_CODEBOOK} has {os.fstat(fds['codebook']).st_size} bytes, "
-                                f"the manifest {cb['bytes']}")
+        raise IndexCorruptError(
+            f"index: {PQ_CODEBOOK} has {os.fstat(fds['codebook']).st_size} bytes, the manifest {cb['bytes']}"
+        )
     a = m.get("ann")
     if a and os.fstat(fds["ann"]).st_size != a["bytes"]:
         raise IndexCorruptError(
@@ -453,8 +501,9 @@ class BlockEncoder:
     arrays up to float32 rounding (tested).
     """
 
-    def __init__(self, k: int, d: int, weights: np.ndarray, dtype: str, block: int, codebook=None):
+    def __init__(self, k: int, d: int, weights: np.ndarray, dtype: str, block: int, codebook=None, storage=None):
         self.k, self.d, self.dtype, self.codebook = k, d, dtype, codebook  # codebook: pecm.pq.Codebook (pq)
+        self.storage = storage or {"pooled": "float16", "scales": "float32"}  # `pq_storage` (dtype "pq")
         self.native = _native_encoder() if dtype == "float16" else None
         self.w = torch.as_tensor(np.asarray(weights), dtype=torch.float32)
         self.x32 = torch.empty((block, k, d))
@@ -541,8 +590,9 @@ class BlockEncoder:
         if self.dtype == "pq":  # unit float32 prototypes -> codes + 1/||decoded|| (masked: code 0, scale 0)
             from .. import pq
 
-            out["prototypes"], out["scales"] = pq.encode(unit.numpy(), m, self.codebook)
-            out["pooled"] = h.half().numpy()
+            out["prototypes"], scales = pq.encode(unit.numpy(), m, self.codebook, self.storage["scales"])
+            out["scales"] = scales
+            out["pooled"] = int8_pooled(h) if self.storage["pooled"] == "int8" else h.half().numpy()
         elif self.dtype == "int8":
             scale = unit.abs().amax(-1) / 127.0
             safe = torch.where(scale > 0, scale, torch.ones_like(scale))

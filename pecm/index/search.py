@@ -26,6 +26,7 @@ from .. import ops
 from ..operands import By, Candidates, Queries
 from ..topk import RunningTopK, empty_topk
 from . import filters
+from .format import pooled_values, unit_int8_rows_
 
 DEFAULT_CHUNK = 8192
 POOLED_CHUNK = 65536
@@ -129,8 +130,8 @@ def _chunk_candidates(index, w: torch.Tensor, a: Dict[str, np.ndarray], device=N
     if index.dtype == "pq":
         from ..pq import PQCandidates
 
-        codes, scales = torch.from_numpy(a["prototypes"]), torch.from_numpy(a["scales"])
-        pc = PQCandidates(codes, scales, torch.from_numpy(a["pooled"]), cm, w)
+        codes, scales = torch.from_numpy(a["prototypes"]), torch.from_numpy(a["scales"]).float()
+        pc = PQCandidates(codes, scales, torch.from_numpy(pooled_values(a["pooled"])), cm, w)
         return pc if device is None else pc.to(device)
     c = torch.from_numpy(a["prototypes"])
     if index.dtype == "int8":
@@ -207,7 +208,7 @@ def _pooled_topm(index, qp, m, chunk, start, end, allow=None, sel=None):
     if sel is not None:  # a selective filter: the pooled vectors of the allowed rows only
         for s in range(0, sel.size, chunk):
             r = sel[s : s + chunk]
-            best.add(qp @ torch.from_numpy(index.read_rows("pooled", r)).float().T, torch.from_numpy(r))
+            best.add(qp @ torch.from_numpy(pooled_values(index.read_rows("pooled", r))).T, torch.from_numpy(r))
         return best.result()
     reader = _ChunkReader(index, ["pooled", "ids"], chunk)
     p32 = torch.empty((min(chunk, end - start), index.D))  # reused: no fresh pages per chunk
@@ -215,6 +216,8 @@ def _pooled_topm(index, qp, m, chunk, start, end, allow=None, sel=None):
         for s, e, a in reader.stream(start, end):
             p = p32[: e - s]
             p.copy_(torch.from_numpy(a["pooled"]))
+            if a["pooled"].dtype == np.int8:  # a pq index's int8 pooled rows: r / ||r||
+                unit_int8_rows_(p)
             sim = qp @ p.T
             dead = _dead(index, a["ids"], allow)
             if dead is not None:
