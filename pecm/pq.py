@@ -264,20 +264,26 @@ def _encode32(unit: np.ndarray, mask: Optional[np.ndarray], cb: Codebook) -> Tup
     mk = None if mask is None else np.ascontiguousarray(mask, dtype=bool).view(np.uint8)
     if not cb.r:
         return _pq_encode(x, mk, cb)
-    n, k, _ = x.shape
-    xs = torch.from_numpy(x).transpose(0, 1).contiguous()  # [K, n, D]: one slot's rows contiguous
-    ccodes = torch.zeros((k, n, cb.r), dtype=torch.uint8)
-    resid = xs.clone()  # what the coarse stages leave; then the input of the PQ codes
-    for t in range(k):
-        for j in range(cb.r):
-            c = _nearest(resid[t], cb.coarse[t, j])
-            ccodes[t, :, j] = c.to(torch.uint8)
-            resid[t] -= torch.from_numpy(cb.coarse[t, j])[c]
-    pcodes, _ = _pq_encode(np.ascontiguousarray(resid.transpose(0, 1).numpy()), mk, cb)
-    dec = (xs - resid).transpose(0, 1) + _decode_pq(torch.from_numpy(pcodes), cb)  # coarse + PQ part, float32
-    norm2 = dec.double().square().sum(-1)
-    scales = torch.where(norm2 > 0, norm2.rsqrt(), torch.zeros_like(norm2)).float().numpy()
-    codes = np.concatenate([ccodes.transpose(0, 1).numpy(), pcodes], axis=2)
+    n, k, d = x.shape
+    r, m = cb.r, cb.m
+    codes = np.zeros((n, k, r + m), dtype=np.uint8)
+    scales = np.zeros((n, k), dtype=np.float32)
+    xt = torch.from_numpy(x)
+    for t in range(k):  # one slot at a time: its [n, D] rows stay in cache, no [n, K, D] temporaries
+        resid = xt[:, t].contiguous()  # what the coarse stages leave; then the input of the PQ codes
+        for j in range(r):
+            c = _nearest(resid, cb.coarse[t, j])
+            codes[:, t, j] = c.numpy()
+            resid -= torch.from_numpy(cb.coarse[t, j])[c]
+        one = Codebook(cb.centroids[t : t + 1] if cb.s > 1 else cb.centroids)  # slot t's PQ codebook
+        mt = None if mk is None else np.ascontiguousarray(mk[:, t : t + 1])
+        pc, _ = _pq_encode(resid.numpy()[:, None, :], mt, one)
+        codes[:, t, r:] = pc[:, 0]
+        dec = _decode_pq(torch.from_numpy(pc), one)[:, 0]  # the PQ part; + what the coarse stages took out:
+        dec += xt[:, t]
+        dec -= resid
+        nrm = torch.linalg.vector_norm(dec, dim=-1)
+        scales[:, t] = torch.where(nrm > 0, nrm.reciprocal(), torch.zeros_like(nrm)).numpy()
     if mk is not None:
         bad = mk == 0
         codes[bad] = 0
