@@ -106,6 +106,36 @@ std::vector<float> pack_queries(Problem& p, int lanes) {
 // The tile kernel of a problem: the PQ one for PQ candidates (pq_impl.h), else the dense one.
 inline TileFn p0_tile(const Problem& p) { return p.M ? current_pq_tile() : current_tile(); }
 
+// Work items of the exhaustive drivers and the tiles of each. Dense problems: an item is one kRowBlock-row block,
+// run against every query block (the block's rows stay in cache). PQ problems with B > 1: an item is kPqGroup
+// blocks, run one query at a time over all of them, so each query's lookup table ([K, R+M, 256] floats, 1.7 MB at K = 26 and
+// 65 codes) is read from cache for kPqGroup * kRowBlock rows instead of once per kRowBlock rows (with 64 queries
+// per tile, the 64 tables were streamed from memory for every 48 rows).
+// One query's table is reused across the group, so a single-query problem keeps groups of one block (finer
+// work items for the threads).
+constexpr int64_t kPqGroup = 8;
+
+inline int64_t group_blocks(const Problem& p) { return p.M && p.q.B > 1 ? kPqGroup : 1; }
+
+inline int64_t n_items(const Problem& p) {
+    const int64_t nblk = (p.c.N + kRowBlock - 1) / kRowBlock, g = group_blocks(p);
+    return (nblk + g - 1) / g;
+}
+
+template <typename F>  // f(q0, q1, n0, nr) for the tiles of work item `item`
+inline void for_tiles(const Problem& p, int64_t item, F&& f) {
+    const int64_t nblk = (p.c.N + kRowBlock - 1) / kRowBlock, g = group_blocks(p);
+    const int64_t b0 = item * g, b1 = std::min(nblk, b0 + g);
+    const int64_t qb = p.M ? 1 : kQueryBlock;
+    for (int64_t q0 = 0; q0 < p.q.B; q0 += qb) {
+        const int64_t q1 = std::min<int64_t>(p.q.B, q0 + qb);
+        for (int64_t blk = b0; blk < b1; blk++) {
+            const int64_t n0 = blk * kRowBlock;
+            f(q0, q1, n0, (int)std::min<int64_t>(kRowBlock, p.c.N - n0));
+        }
+    }
+}
+
 }  // namespace
 
 int max_threads() {
@@ -120,20 +150,17 @@ void run_scores(const Problem& p0, float* sim, float* conf, float* score) {
     const TileFn tile = p0_tile(p0);
     Problem p = p0;
     const std::vector<float> packed = pack_queries(p, current_lanes());
-    const int64_t nblk = (p.c.N + kRowBlock - 1) / kRowBlock;
+    const int64_t items = n_items(p);
     const bool par = worth_parallel(p, (double)p.q.B * p.c.N);
 #pragma omp parallel if (par)
     {
         Scratch s(p.K, p.D);
 #pragma omp for schedule(dynamic, 4)
-        for (int64_t blk = 0; blk < nblk; blk++) {
-            const int64_t n0 = blk * kRowBlock;
-            const int nr = (int)std::min<int64_t>(kRowBlock, p.c.N - n0);
-            for (int64_t q0 = 0; q0 < p.q.B; q0 += kQueryBlock) {
-                const int64_t q1 = std::min<int64_t>(p.q.B, q0 + kQueryBlock);
+        for (int64_t it = 0; it < items; it++) {
+            for_tiles(p, it, [&](int64_t q0, int64_t q1, int64_t n0, int nr) {
                 const int64_t off = q0 * p.c.N + n0;
                 tile(p, q0, q1, nullptr, n0, nr, sim + off, conf + off, score + off, p.c.N, s.t);
-            }
+            });
         }
     }
 }
@@ -142,7 +169,7 @@ void run_topk(const Problem& p0, int64_t k, int by, float* values, int64_t* ids)
     const TileFn tile = p0_tile(p0);
     Problem p = p0;
     const std::vector<float> packed = pack_queries(p, current_lanes());
-    const int64_t nblk = (p.c.N + kRowBlock - 1) / kRowBlock;
+    const int64_t items = n_items(p);
     const bool par = worth_parallel(p, (double)p.q.B * p.c.N);
     if (k * 4 >= p.c.N) {
         // Large k: the output is as large as the score matrix, so materialise the ranked quantity
@@ -152,15 +179,12 @@ void run_topk(const Problem& p0, int64_t k, int by, float* values, int64_t* ids)
         {
             Scratch s(p.K, p.D);
 #pragma omp for schedule(dynamic, 4)
-            for (int64_t blk = 0; blk < nblk; blk++) {
-                const int64_t n0 = blk * kRowBlock;
-                const int nr = (int)std::min<int64_t>(kRowBlock, p.c.N - n0);
-                for (int64_t q0 = 0; q0 < p.q.B; q0 += kQueryBlock) {
-                    const int64_t q1 = std::min<int64_t>(p.q.B, q0 + kQueryBlock);
+            for (int64_t it = 0; it < items; it++) {
+                for_tiles(p, it, [&](int64_t q0, int64_t q1, int64_t n0, int nr) {
                     float *sm, *cf, *sc;
                     by_ptrs(by, all.data() + q0 * p.c.N + n0, &sm, &cf, &sc);
                     tile(p, q0, q1, nullptr, n0, nr, sm, cf, sc, p.c.N, s.t);
-                }
+                });
             }
 #pragma omp for schedule(dynamic, 1)
             for (int64_t b = 0; b < p.q.B; b++) {
@@ -185,11 +209,8 @@ void run_topk(const Problem& p0, int64_t k, int by, float* values, int64_t* ids)
         auto& mine = heaps[(size_t)thread_id()];
         for (auto& h : mine) h.reserve((size_t)std::min<int64_t>(k, p.c.N));  // never more than N entries
 #pragma omp for schedule(dynamic, 4)
-        for (int64_t blk = 0; blk < nblk; blk++) {
-            const int64_t n0 = blk * kRowBlock;
-            const int nr = (int)std::min<int64_t>(kRowBlock, p.c.N - n0);
-            for (int64_t q0 = 0; q0 < p.q.B; q0 += kQueryBlock) {
-                const int64_t q1 = std::min<int64_t>(p.q.B, q0 + kQueryBlock);
+        for (int64_t it = 0; it < items; it++) {
+            for_tiles(p, it, [&](int64_t q0, int64_t q1, int64_t n0, int nr) {
                 float *sm, *cf, *sc;
                 by_ptrs(by, buf.data(), &sm, &cf, &sc);
                 tile(p, q0, q1, nullptr, n0, nr, sm, cf, sc, kRowBlock, s.t);
@@ -209,7 +230,7 @@ void run_topk(const Problem& p0, int64_t k, int by, float* values, int64_t* ids)
                         }
                     }
                 }
-            }
+            });
         }
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < p.q.B; b++) {

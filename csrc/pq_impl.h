@@ -69,21 +69,32 @@ static void pq_tile_t(const Problem& p, int64_t q0, int64_t q1, const int64_t* r
     const uint8_t* mask = p.c.mask;
     const P* pooled = static_cast<const P*>(p.c.pooled);
     const bool need_conf = conf || score, need_sim = sim || score;
+    // Slot-major within the tile: for each query, slot t's table ([M, 256] floats, 65 KB at 65 codes) is gathered
+    // for every row of the tile before slot t + 1's, so the table being read stays in L1/L2 instead of all K
+    // tables (K times that) being touched per candidate. Each candidate still adds its slots in the order
+    // t = 0..K-1, so every value is the same as with a candidate-major loop.
+    float num[kGatherRows > kRowBlock ? kGatherRows : kRowBlock];
     for (int64_t q = q0; q < q1; q++) {
         const float* lut = p.q.lut + q * LQ;
         const float* qp = p.q.qp + q * D;
         const float* qd = p.q.qden + q * K;
         const int64_t o = (q - q0) * ld;
+        if (need_conf) {
+            for (int i = 0; i < nr; i++) num[i] = 0.f;
+            for (int64_t t = 0; t < K; t++) {
+                const float* L = lut + t * M * 256;
+                for (int i = 0; i < nr; i++) {
+                    const int64_t n = rows ? rows[i] : n0 + i;
+                    const float a = scales[n * K + t];
+                    if (a != 0.f) num[i] += a * pq_lookup(L, codes + (n * K + t) * M, M);
+                }
+            }
+        }
         for (int i = 0; i < nr; i++) {
             const int64_t n = rows ? rows[i] : n0 + i;
             float sm = 0.f, cf = 0.f;
             if (need_sim) sm = pq_dot_pooled(qp, pooled + n * D, D);
             if (need_conf) {
-                const uint8_t* cr = codes + n * K * M;
-                const float* a = scales + n * K;
-                float num = 0.f;
-                for (int64_t t = 0; t < K; t++)
-                    if (a[t] != 0.f) num += a[t] * pq_lookup(lut + t * M * 256, cr + t * M, M);
                 float den;
                 if (mask) {
                     const uint8_t* mr = mask + n * K;
@@ -92,7 +103,7 @@ static void pq_tile_t(const Problem& p, int64_t q0, int64_t q1, const int64_t* r
                 } else {
                     den = p.q.qsum[q];
                 }
-                cf = den > 0.f ? num / den : 0.f;
+                cf = den > 0.f ? num[i] / den : 0.f;
             }
             if (sim) sim[o + i] = sm;
             if (conf) conf[o + i] = cf;

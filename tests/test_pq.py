@@ -245,3 +245,21 @@ def test_coarse_few_distinct_prototypes_are_exact():
         pq.check_coarse(True)
     with pytest.raises(ValueError, match="coarse"):
         pq.Codebook(cb.centroids, np.zeros((K, 1, 256, D + 1), np.float32))
+
+
+@pytest.mark.parametrize("b", [1, 5])
+def test_cpp_scan_across_row_groups(b):
+    """The cpp exhaustive drivers run a PQ problem in groups of 32 tiles of 48 rows, one query at a time: at
+    N = 3,300 (two full groups, a partial one, a partial last tile) every score, the small-k top-k (heaps) and
+    the large-k top-k (materialised) equal the float64 decoded reference."""
+    n = 3300
+    cb, cs, codes, scales, pooled, cm, w = _data(n, seed=7, coarse=1)
+    q = np.random.default_rng(8).standard_normal((b, K, D)).astype(np.float32)
+    qs = ops.prepare_queries(torch.from_numpy(q), torch.from_numpy(w))
+    table = pq.lut(qs, cb)
+    ref = _ref(q, None, cb, codes, scales, pooled, cm, w)
+    for g, r in zip(pq.pq_scores(qs, table, cs, backend="cpp"), ref):
+        np.testing.assert_allclose(g.double().numpy(), r, atol=2e-6, rtol=0)
+    for k in (10, n):  # heaps; k * 4 >= N: the materialised path
+        v, i = pq.pq_topk(qs, table, cs, k, "score", backend="cpp")
+        assert_topk_matches(v, i, ref[2], k, 2e-6)
