@@ -249,17 +249,27 @@ def test_coarse_few_distinct_prototypes_are_exact():
 
 @pytest.mark.parametrize("b", [1, 5])
 def test_cpp_scan_across_row_groups(b):
-    """The cpp exhaustive drivers run a PQ problem in groups of 32 tiles of 48 rows, one query at a time: at
-    N = 3,300 (two full groups, a partial one, a partial last tile) every score, the small-k top-k (heaps) and
-    the large-k top-k (materialised) equal the float64 decoded reference."""
+    """With B > 1 the cpp exhaustive drivers run a PQ problem in groups of 8 tiles of 48 rows, one query at a
+    time: at N = 3,300 (8 full groups, a partial one, a partial last tile) every score, the small-k top-k (heaps)
+    and the large-k top-k (materialised) equal the float64 decoded reference, for every SIMD level's tile."""
+    from pecm import _C
+    from pecm.backends import cpp_backend
+
     n = 3300
     cb, cs, codes, scales, pooled, cm, w = _data(n, seed=7, coarse=1)
     q = np.random.default_rng(8).standard_normal((b, K, D)).astype(np.float32)
     qs = ops.prepare_queries(torch.from_numpy(q), torch.from_numpy(w))
     table = pq.lut(qs, cb)
     ref = _ref(q, None, cb, codes, scales, pooled, cm, w)
-    for g, r in zip(pq.pq_scores(qs, table, cs, backend="cpp"), ref):
-        np.testing.assert_allclose(g.double().numpy(), r, atol=2e-6, rtol=0)
-    for k in (10, n):  # heaps; k * 4 >= N: the materialised path
-        v, i = pq.pq_topk(qs, table, cs, k, "score", backend="cpp")
-        assert_topk_matches(v, i, ref[2], k, 2e-6)
+    level = _C.simd_level()
+    try:
+        for lv in _C.simd_levels():
+            cpp_backend.set_simd(lv)
+            cs = pq.PQCandidates(cs.codes, cs.scales, cs.pooled, cs.mask, cs.weights)  # a fresh cpp handle
+            for g, r in zip(pq.pq_scores(qs, table, cs, backend="cpp"), ref):
+                np.testing.assert_allclose(g.double().numpy(), r, atol=2e-6, rtol=0, err_msg=lv)
+            for k in (10, n):  # heaps; k * 4 >= N: the materialised path
+                v, i = pq.pq_topk(qs, table, cs, k, "score", backend="cpp")
+                assert_topk_matches(v, i, ref[2], k, 2e-6)
+    finally:
+        cpp_backend.set_simd(level)
