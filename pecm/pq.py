@@ -264,7 +264,7 @@ def _encode32(unit: np.ndarray, mask: Optional[np.ndarray], cb: Codebook) -> Tup
     mk = None if mask is None else np.ascontiguousarray(mask, dtype=bool).view(np.uint8)
     if not cb.r:
         return _pq_encode(x, mk, cb)
-    n, k, d = x.shape
+    n, k, _ = x.shape
     r, m = cb.r, cb.m
     codes = np.zeros((n, k, r + m), dtype=np.uint8)
     scales = np.zeros((n, k), dtype=np.float32)

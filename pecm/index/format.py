@@ -503,7 +503,7 @@ class BlockEncoder:
 
     def __init__(self, k: int, d: int, weights: np.ndarray, dtype: str, block: int, codebook=None, storage=None):
         self.k, self.d, self.dtype, self.codebook = k, d, dtype, codebook  # codebook: pecm.pq.Codebook (pq)
-        self.storage = storage or {"pooled": "float16", "scales": "float32"}  # `pq_storage` (dtype "pq")
+        self.storage = storage or pq_storage({})  # dtype "pq": the storage of pooled vectors and scales
         self.native = _native_encoder() if dtype == "float16" else None
         self.w = torch.as_tensor(np.asarray(weights), dtype=torch.float32)
         self.x32 = torch.empty((block, k, d))
