@@ -11,6 +11,12 @@
 - ``L_cnce`` (an extension, not in the paper; weight ``kappa``, default 0): the same symmetric InfoNCE over the
   confidence matrix ``C`` itself — a confidence loss that sees the in-batch negatives (L_conf only pulls the
   matched C towards 1), so C is trained as a ranking signal of its own, beside sim.
+- ``L_img`` (an extension, not in the paper; weight ``rho``, default 0): a supervised contrastive loss (SupCon,
+  Khosla et al. 2020, the "L_out" form) over the in-batch **image–image** score matrix, the one image→image
+  search (CBIR) sorts by: anchor i's positives P(i) are the other batch images that share a label with it
+  (``img_labels`` [B, L] multi-hot, e.g. the pairs' CUIs), ``L_img = mean_{i: P(i) ≠ ∅} −1/|P(i)| Σ_{p ∈ P(i)}
+  log softmax_{a ≠ i}(s·R_img)[i, p]``. The cross-modal terms never compare two images, so without it
+  nothing pulls images with shared findings together. Under DDP it stays local (a rank's own images).
 - ``L_div`` on each item's unit prototypes z^k (masked prototypes excluded), averaged over both modalities:
   ``"decorrelate"`` (default, the stated intent): mean over valid pairs k ≠ l of cos(z^k, z^l)²;
   ``"paper"``: the literal Σ_{k≠l} (1 − cos(z^k, z^l))² (summed over pairs, averaged over items), which
@@ -132,6 +138,24 @@ def _check_ranks(img, img_mask, txt_mask) -> None:
         raise ValueError(what + "; pass gather=False for a rank-local InfoNCE")
 
 
+def supcon(img, img_mask, w, labels, scale, backend) -> torch.Tensor:
+    """L_img (module doc): SupCon over the image–image score matrix R = sim · C of ``img`` [B, K, D]; positives
+    share a label of ``labels`` [B, L]; anchors without a positive are left out (0 when no anchor has one)."""
+    _, _, r = ops.pecm_scores(img, img, w, q_mask=img_mask, c_mask=img_mask, backend=backend)
+    b = r.shape[0]
+    eye = torch.eye(b, dtype=torch.bool, device=r.device)
+    lab = labels.to(device=r.device, dtype=r.dtype)
+    pos = ((lab @ lab.t()) > 0) & ~eye
+    logits = (scale * r).masked_fill(eye, float("-inf"))
+    logp = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    npos = pos.sum(1)
+    has = npos > 0
+    if not bool(has.any()):
+        return r.sum() * 0.0
+    per = -(logp.masked_fill(~pos, 0.0).sum(1)[has] / npos[has].to(r.dtype))
+    return per.mean()
+
+
 class PECMLoss(nn.Module):
     def __init__(
         self,
@@ -143,23 +167,34 @@ class PECMLoss(nn.Module):
         nu: float = 0.0,
         gather: bool = True,
         kappa: float = 0.0,
+        rho: float = 0.0,
     ):
         super().__init__()
         if not isinstance(gather, bool):
             raise ValueError(f"gather: expected a bool, got {gather!r}")
         if div not in DIV_CHOICES:
             raise ValueError(f"div: expected one of {DIV_CHOICES}, got {div!r}")
-        for name, v in (("lam", lam), ("mu", mu), ("nu", nu), ("kappa", kappa)):
+        for name, v in (("lam", lam), ("mu", mu), ("nu", nu), ("kappa", kappa), ("rho", rho)):
             if not float(v) >= 0:
                 raise ValueError(f"{name}: expected a weight >= 0, got {v}")
         self.lam, self.mu, self.div, self.backend, self.max_scale = float(lam), float(mu), div, backend, max_logit_scale
-        self.nu, self.kappa = float(nu), float(kappa)
+        self.nu, self.kappa, self.rho = float(nu), float(kappa), float(rho)
         self.gather = gather
 
-    def forward(self, img, txt, w, img_mask=None, txt_mask=None, logit_scale=None) -> Dict[str, torch.Tensor]:
-        """img, txt: prototypes [B, K, D]; w: [K]; masks bool [B, K]; logit_scale: log of the InfoNCE scale."""
+    def forward(
+        self, img, txt, w, img_mask=None, txt_mask=None, logit_scale=None, img_labels=None
+    ) -> Dict[str, torch.Tensor]:
+        """img, txt: prototypes [B, K, D]; w: [K]; masks bool [B, K]; logit_scale: log of the InfoNCE scale;
+        img_labels: [B, L] multi-hot labels of the images (needed when rho > 0; two images are positives of
+        L_img when they share a label)."""
         if img.shape != txt.shape:
             raise ValueError(f"txt: expected the shape of img {list(img.shape)}, got {list(txt.shape)}")
+        if self.rho > 0:
+            if img_labels is None:
+                raise ValueError("img_labels: required when rho > 0 (L_img needs the images' labels, e.g. CUIs)")
+            if img_labels.dim() != 2 or img_labels.shape[0] != img.shape[0]:
+                got = list(img_labels.shape)
+                raise ValueError(f"img_labels: expected a [B, L] multi-hot tensor with B = {img.shape[0]}, got {got}")
         backend = self.backend or ("triton" if img.is_cuda else "torch")
         if self.gather and _world() > 1:
             _check_ranks(img, img_mask, txt_mask)
@@ -200,6 +235,10 @@ class PECMLoss(nn.Module):
             l_cnce = infonce(conf, conf_t)
             loss = loss + self.kappa * l_cnce
             out["cnce"] = l_cnce.detach()
+        if self.rho > 0:
+            l_img = supcon(img, img_mask, w, img_labels, scale, backend)
+            loss = loss + self.rho * l_img
+            out["img"] = l_img.detach()
         return {
             **out,
             "loss": loss,

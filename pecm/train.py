@@ -56,6 +56,7 @@ class TrainConfig:
     mu: float = 1.0
     nu: float = 0.0  # weight of L_rank (InfoNCE over R = sim * C; an extension, 0 = the paper's loss)
     kappa: float = 0.0  # weight of L_cnce (InfoNCE over C: a confidence loss with negatives; extension, 0 = paper)
+    rho: float = 0.0  # weight of L_img (SupCon over image-image R, positives share a CUI; extension, 0 = paper)
     theta_lr: float = 1.0  # learning-rate multiplier of the weight logits theta (1 = the same lr as the heads)
     div: str = "decorrelate"
     seed: int = 0
@@ -80,7 +81,7 @@ class TrainConfig:
             raise ValueError(f"lr: expected a positive float, got {self.lr}")
         if self.batch_size < 2:
             raise ValueError(f"batch_size: expected >= 2 (in-batch InfoNCE needs negatives), got {self.batch_size}")
-        for n in ("weight_decay", "warmup_steps", "lam", "mu", "nu", "kappa", "num_workers"):
+        for n in ("weight_decay", "warmup_steps", "lam", "mu", "nu", "kappa", "rho", "num_workers"):
             if not getattr(self, n) >= 0:
                 raise ValueError(f"{n}: expected a value >= 0, got {getattr(self, n)}")
         if self.div not in DIV_CHOICES:
@@ -220,7 +221,21 @@ class _Step(nn.Module):
         else:
             iq, im = m.encode_images(batch["images"])
             tq, tm = m.encode_texts(batch["texts"])
-        return self.loss(iq.float(), tq.float(), m.weights(), im, tm, logit_scale=m.logit_scale)
+        labels = batch.get("img_labels")
+        return self.loss(iq.float(), tq.float(), m.weights(), im, tm, logit_scale=m.logit_scale, img_labels=labels)
+
+
+def label_matrix(cuis) -> torch.Tensor:
+    """[N, L] float32 multi-hot of the pairs' CUI lists (L = the distinct CUIs), the positives of L_img. A
+    ValueError when no pair has a CUI (``rho > 0`` needs them)."""
+    vocab = {c: j for j, c in enumerate(sorted({c for cs in cuis for c in cs}))}
+    if not vocab:
+        raise ValueError("rho: L_img needs CUI labels (the pairs' 'cuis'), and no training pair has any")
+    out = torch.zeros(len(cuis), len(vocab))
+    for i, cs in enumerate(cuis):
+        for c in cs:
+            out[i, vocab[c]] = 1.0
+    return out
 
 
 def _plot(history: List[dict], path: str) -> None:
@@ -268,7 +283,9 @@ def train(
         model.text.fit(train_pairs.texts)
     cached = model.config.freeze_image and model.config.freeze_text
     n = len(train_pairs)
-    step_mod = _Step(model, PECMLoss(cfg.lam, cfg.mu, cfg.div, nu=cfg.nu, gather=cfg.gather, kappa=cfg.kappa))
+    loss = PECMLoss(cfg.lam, cfg.mu, cfg.div, nu=cfg.nu, gather=cfg.gather, kappa=cfg.kappa, rho=cfg.rho)
+    step_mod = _Step(model, loss)
+    labels = label_matrix(train_pairs.cuis) if cfg.rho > 0 else None
     if world > 1:
         ddp = nn.parallel.DistributedDataParallel(
             step_mod, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True
@@ -337,6 +354,8 @@ def train(
                     "images": model.load_image_paths([p.image for p in part]).to(dev),
                     "texts": [p.text for p in part],
                 }
+            if labels is not None:
+                batch["img_labels"] = labels[idx].to(dev)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 out = ddp(batch)
             opt.zero_grad(set_to_none=True)

@@ -85,6 +85,51 @@ def test_loss_and_gradients_match_plain_torch(div, nu, kappa):
         torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-6)
 
 
+def _plain_supcon(q, w, mq, labels, log_scale):
+    """L_img written per anchor: -1/|P(i)| sum_p log(exp(s R_ip) / sum_{a != i} exp(s R_ia)), R = sim * C."""
+    sim, conf = _plain_scores(q, q, w, mq, mq)
+    r = log_scale.exp() * sim * conf
+    terms = []
+    for i in range(q.shape[0]):
+        others = [a for a in range(q.shape[0]) if a != i]
+        pos = [p for p in others if bool((labels[i] * labels[p]).sum() > 0)]
+        if not pos:
+            continue
+        den = torch.logsumexp(r[i, others], 0)
+        terms.append(-sum(r[i, p] - den for p in pos) / len(pos))
+    return sum(terms) / len(terms) if terms else r.sum() * 0
+
+
+@pytest.mark.parametrize("rho", [0.5, 2.0])
+def test_image_supcon_term_matches_plain_torch(rho):
+    """L_img (rho > 0): values and gradients against the per-anchor formula; anchors without a positive (item 4,
+    whose only label nobody else has, and item 5, with no label) are left out of the mean."""
+    g = torch.Generator().manual_seed(3)
+    b, k, d = 6, 3, 5
+    q = torch.randn(b, k, d, generator=g, dtype=torch.float64)
+    c = torch.randn(b, k, d, generator=g, dtype=torch.float64)
+    mq = torch.rand(b, k, generator=g) > 0.3
+    mq[:, 0] = True
+    w = torch.tensor([1.2, 0.9, 0.9], dtype=torch.float64)
+    labels = torch.tensor(
+        [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0]], dtype=torch.float64
+    )
+    ls = torch.tensor(0.7, dtype=torch.float64)
+    qa, qb = q.clone().requires_grad_(True), q.clone().requires_grad_(True)
+    base = PECMLoss(backend="torch")(qa, c, w, mq, None, logit_scale=ls)
+    out = PECMLoss(backend="torch", rho=rho)(qa, c, w, mq, None, logit_scale=ls, img_labels=labels)
+    ref = _plain_supcon(qb, w, mq, labels, ls)
+    assert "img" in out and "img" not in base
+    torch.testing.assert_close(out["img"].double(), ref.detach(), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close((out["loss"] - base["loss"]).double(), rho * ref.detach(), rtol=1e-6, atol=1e-8)
+    ga = torch.autograd.grad(out["loss"] - base["loss"], qa)[0]
+    gb = torch.autograd.grad(rho * ref, qb)[0]
+    torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-8)
+    # no anchor with a positive: the term is 0 (and has a zero gradient), not NaN
+    none = PECMLoss(backend="torch", rho=rho)(q, c, w, mq, None, logit_scale=ls, img_labels=torch.eye(b))
+    assert float(none["img"]) == 0.0 and torch.isfinite(none["loss"])
+
+
 def test_float32_path_matches_float64_reference():
     g = torch.Generator().manual_seed(1)
     q, c = torch.randn(8, 3, 5, generator=g), torch.randn(8, 3, 5, generator=g)
@@ -114,6 +159,12 @@ def test_bad_arguments():
         PECMLoss(kappa=-0.5)
     with pytest.raises(ValueError, match="gather"):
         PECMLoss(gather="yes")
+    with pytest.raises(ValueError, match="rho"):
+        PECMLoss(rho=-1.0)
+    with pytest.raises(ValueError, match="img_labels"):
+        PECMLoss(rho=1.0)(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.ones(3))
+    with pytest.raises(ValueError, match="img_labels"):
+        PECMLoss(rho=1.0)(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.ones(3), img_labels=torch.ones(3, 2))
     with pytest.raises(ValueError, match="txt"):
         PECMLoss()(torch.randn(2, 3, 4), torch.randn(3, 3, 4), torch.ones(3))
 

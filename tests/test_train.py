@@ -2,6 +2,7 @@
 resumable checkpoints (a resumed run ends in exactly the state of an uninterrupted one), end-to-end mode and
 the evaluation helpers against metrics computed from `pecm.reference` scores."""
 
+import dataclasses
 import json
 import os
 
@@ -19,6 +20,7 @@ from pecm.train import (
     evaluate_features,
     evaluate_prototypes,
     extract_features,
+    label_matrix,
     prototypes_from_features,
     train,
 )
@@ -152,11 +154,33 @@ def test_extensions_train_attend_slots_kappa_and_theta_lr(fitted, pairs, feats, 
     assert moves[50.0] > 10 * moves[1.0]
 
 
+def test_image_supcon_term_trains_on_cui_labels(fitted, pairs, feats, tmp_path):
+    """rho > 0: the batches carry the pairs' CUI multi-hot labels, the history has the L_img term and it changes
+    the trained heads; pairs without any CUI are refused with a ValueError naming rho."""
+    assert sum(len(c) for c in pairs.cuis) > 0
+    lab = label_matrix(pairs.cuis)
+    assert lab.shape == (len(pairs), len({c for cs in pairs.cuis for c in cs}))
+    assert [sorted(np.flatnonzero(r.numpy()).tolist()) for r in lab][:3] == [
+        sorted(sorted({c for cs in pairs.cuis for c in cs}).index(c) for c in cs) for cs in pairs.cuis[:3]
+    ]
+    heads = {}
+    for rho in (0.0, 1.0):
+        m = _fresh(fitted)
+        hist = train(m, pairs, str(tmp_path / str(rho)), _cfg(epochs=1, rho=rho), train_feats=feats)
+        assert ("img" in hist[0]["train"]) == (rho > 0)
+        heads[rho] = m.image_head.state_dict()
+    assert np.isfinite(hist[0]["train"]["img"])
+    assert any(not torch.equal(heads[0.0][k], heads[1.0][k]) for k in heads[0.0])
+    nolab = dataclasses.replace(pairs, pairs=[dataclasses.replace(p, cuis=[]) for p in pairs.pairs])
+    with pytest.raises(ValueError, match="rho"):
+        train(_fresh(fitted), nolab, str(tmp_path / "x"), _cfg(epochs=1, rho=1.0), train_feats=feats)
+
+
 def test_bad_train_config_names_the_field():
     for kw, field in [({"epochs": 0}, "epochs"), ({"lr": 0.0}, "lr"), ({"batch_size": 1}, "batch_size"),
                       ({"div": "x"}, "div"), ({"lam": -1.0}, "lam"), ({"nu": -0.5}, "nu"),
                       ({"gather": 1}, "gather"), ({"kappa": -1.0}, "kappa"),
-                      ({"theta_lr": 0.0}, "theta_lr")]:  # fmt: skip
+                      ({"theta_lr": 0.0}, "theta_lr"), ({"rho": -1.0}, "rho")]:  # fmt: skip
         with pytest.raises(ValueError, match=field):
             TrainConfig(**kw)
 

@@ -148,6 +148,7 @@ def _run(a) -> int:
         lam=a.lam,
         nu=a.nu,
         kappa=a.kappa,
+        rho=a.rho,
         theta_lr=a.theta_lr,
     )
     # small per-step ops (B*K rows): one intra-op thread avoids OpenMP synchronisation overhead, which on a
@@ -244,6 +245,9 @@ def register(sub) -> None:
     p.add_argument("--lam", type=float, default=1.0, help="weight of L_conf")
     p.add_argument("--nu", type=float, default=1.0, help="weight of L_rank (InfoNCE over R; 0 = paper)")
     p.add_argument("--kappa", type=float, default=1.0, help="weight of L_cnce (InfoNCE over C; demo 1; 0 = paper)")
+    p.add_argument(
+        "--rho", type=float, default=0.0, help="weight of L_img, SupCon over image-image R on shared CUIs (0 = paper)"
+    )
     p.add_argument("--theta-lr", type=float, default=1.0, help="learning-rate multiplier of the weight logits theta")
     p.add_argument(
         "--image-slots", choices=("regions", "attend"), default="attend", help="image slots 1..K-1 (paper: regions)"

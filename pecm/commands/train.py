@@ -47,7 +47,7 @@ def _check_flags(a) -> None:
         raise ValueError(f"--batch-size: expected an int >= 2 (in-batch negatives), got {a.batch_size}")
     if not a.lr > 0:
         raise ValueError(f"--lr: expected a float > 0, got {a.lr}")
-    for flag in ("weight_decay", "lam", "mu", "nu", "kappa"):
+    for flag in ("weight_decay", "lam", "mu", "nu", "kappa", "rho"):
         if not getattr(a, flag) >= 0:
             raise ValueError(f"--{flag.replace('_', '-')}: expected a value >= 0, got {getattr(a, flag)}")
     if not a.theta_lr > 0:
@@ -106,6 +106,7 @@ def _train(a, distributed: bool) -> int:
         mu=a.mu,
         nu=a.nu,
         kappa=a.kappa,
+        rho=a.rho,
         theta_lr=a.theta_lr,
         div=a.div,
         seed=a.seed,
@@ -151,6 +152,12 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--kappa", type=float, default=0.0, help="weight of L_cnce, InfoNCE over C (extension; 0 = paper loss)"
+    )
+    p.add_argument(
+        "--rho",
+        type=float,
+        default=0.0,
+        help="weight of L_img, SupCon over image-image R with images sharing a CUI as positives (extension; 0 = paper)",
     )
     p.add_argument("--theta-lr", type=float, default=1.0, help="learning-rate multiplier of the weight logits theta")
     p.add_argument(

@@ -1,0 +1,151 @@
+"""Validation runs of the demo's training (issue 14): `pecm demo`'s split, model, cached features, schedule and
+epoch selection, with one setting changed; prints and writes the **validation** metrics only (sim only, R =
+sim·C and C only: Recall@1/5/10 both ways, RSUM, CUI@10, CBIR P@10, and the raw backbone's CBIR P@10).
+
+    python bench/demo_val.py --name P --out bench/results/demo_val/        # the current demo defaults
+    python bench/demo_val.py --name R --rho 1 ...                         # + L_img
+
+Needs the feature cache of a finished `pecm demo` (``--demo runs/demo``; it stops when the cache files are
+missing); a run is then ~1.5 min of training on one thread. The run with no option reproduces the validation history of
+``runs/demo/checkpoint/metrics.json`` exactly. Two experiment-only settings are not library options:
+``--img-loss-on sim`` (L_img over the pooled image–image sim instead of R) and ``--hard F`` (a fraction F of
+each epoch's items go into batches of one k-means cluster of the training pairs' raw global image + report
+features, i.e. hard in-batch negatives; the rest are random batches, in shuffled order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import pecm.losses as L
+import pecm.train as PT
+from pecm.commands.demo import _cached_features
+from pecm.data import default_data_dir, load_pairs, split_pairs
+from pecm.model import PECM, PECMConfig
+from pecm.train import TrainConfig, evaluate_features, train
+
+
+def _supcon_on_sim(img, img_mask, w, labels, scale, backend):
+    """L_img of `pecm.losses.supcon`, over the pooled image-image sim instead of R."""
+    from pecm import ops
+
+    s, _, _ = ops.pecm_scores(img, img, w, q_mask=img_mask, c_mask=img_mask, backend=backend)
+    eye = torch.eye(s.shape[0], dtype=torch.bool)
+    lab = labels.to(s.dtype)
+    pos = ((lab @ lab.t()) > 0) & ~eye
+    lg = (scale * s).masked_fill(eye, float("-inf"))
+    lp = lg - torch.logsumexp(lg, 1, keepdim=True)
+    n = pos.sum(1)
+    h = n > 0
+    return (-(lp.masked_fill(~pos, 0).sum(1)[h] / n[h])).mean()
+
+
+def _hard_batches(tr_f, frac: float, batch: int, seed: int):
+    """Patch the epoch permutation of `pecm.train` (experiment only): cluster-ordered batches for a fraction."""
+    import faiss
+
+    x = torch.cat([F.normalize(tr_f["img"][:, 0], dim=-1), F.normalize(tr_f["txt"][:, 0], dim=-1)], 1)
+    x = x.numpy().astype("float32")
+    n = x.shape[0]
+    km = faiss.Kmeans(x.shape[1], max(2, n // batch), niter=20, seed=seed)
+    km.train(x)
+    assign = km.index.search(x, 1)[1][:, 0]
+    real = torch.randperm
+
+    def randperm(m, generator=None, **kw):
+        perm = real(m, generator=generator, **kw)
+        if m != n:
+            return perm
+        ph = perm[: int(frac * n)]
+        hard = ph[np.argsort(assign[ph.numpy()], kind="stable")]
+        nb = len(hard) // batch
+        hb = [hard[i * batch : (i + 1) * batch] for i in range(nb)]
+        rest = torch.cat([hard[nb * batch :], perm[int(frac * n) :]])
+        rb = [rest[i : i + batch] for i in range(0, len(rest), batch)]
+        tail = [rb.pop()] if rb and len(rb[-1]) != batch else []  # a partial batch stays last (dropped)
+        allb = hb + rb
+        out = torch.cat([allb[i] for i in real(len(allb), generator=generator).tolist()] + tail)
+        assert sorted(out.tolist()) == list(range(n))
+        return out
+
+    PT.torch.randperm = randperm
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--demo", default="runs/demo", help="a finished pecm demo's output folder (its cache/)")
+    ap.add_argument("--out", default=None, help="folder for NAME.json (default: print only)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--nu", type=float, default=1.0)
+    ap.add_argument("--kappa", type=float, default=1.0)
+    ap.add_argument("--rho", type=float, default=0.0)
+    ap.add_argument("--img-loss-on", choices=("score", "sim"), default="score")
+    ap.add_argument("--hard", type=float, default=0.0)
+    a = ap.parse_args(argv)
+    if a.img_loss_on == "sim":
+        L.supcon = _supcon_on_sim
+    torch.set_num_threads(1)  # = pecm demo --train-threads 1
+    pairs = load_pairs(default_data_dir())
+    rest, _test = split_pairs(pairs, 0.2, 0)  # the test split is never evaluated here
+    train_set, val_set = split_pairs(rest, 0.05 / 0.8, 1)
+    cfg = PECMConfig.demo_cpu(seed=a.seed, group_threshold=1.0, image_slots="attend", text_units="clauses")
+    model = PECM(cfg)
+    model.text.fit(train_set.texts)
+    cache = os.path.join(a.demo, "cache")
+    ids = [p.id for p in train_set.pairs]
+    for side in ("train", "val"):
+        if not os.path.isfile(os.path.join(cache, f"{side}.image.pt")):
+            raise SystemExit(f"--demo: no feature cache in {cache}; run `pecm demo --out {a.demo}` first")
+    tr_f, h1 = _cached_features(model, train_set, os.path.join(cache, "train"), False, ids)
+    va_f, h2 = _cached_features(model, val_set, os.path.join(cache, "val"), False, ids)
+    if a.hard > 0:
+        _hard_batches(tr_f, a.hard, a.batch, a.seed)
+    tc = TrainConfig(
+        epochs=a.epochs, batch_size=a.batch, lr=a.lr, seed=a.seed, progress=False, save_every=a.epochs,
+        select_best=True, lam=1.0, nu=a.nu, kappa=a.kappa, rho=a.rho,
+    )  # fmt: skip
+    t = time.time()
+    ckpt = os.path.join("/tmp", f"pecm-demo-val-{a.name}")
+    hist = train(model, train_set, ckpt, tc, val_pairs=val_set, train_feats=tr_f, val_feats=va_f)
+    res = evaluate_features(model, va_f, val_set.cuis, by_list=("sim", "score", "conf"))
+    out = {
+        "name": a.name,
+        "args": vars(a),
+        "features_cached": bool(h1 and h2),
+        "epoch": [h["epoch"] for h in hist if h.get("selected")],
+        "train_s": round(time.time() - t, 1),
+        "val_rsum_history": [round(h["val"]["rsum"], 1) for h in hist],
+        "raw_cbir10": round(res["baseline"]["cbir_cui"]["@10"], 1),
+    }
+    for by in ("sim", "score", "conf"):
+        r = res[by]
+        i2r, r2i = r["image_to_report"], r["report_to_image"]
+        out[by] = {
+            "i2r": [round(i2r[k], 1) for k in ("R@1", "R@5", "R@10")],
+            "r2i": [round(r2i[k], 1) for k in ("R@1", "R@5", "R@10")],
+            "rsum": round(sum(i2r.values()) + sum(r2i.values()), 1),
+            "r10sum": round(i2r["R@10"] + r2i["R@10"], 1),
+            "cui10": round(r["cui"]["@10"], 1),
+            "cbir10": round(r["cbir_cui"]["@10"], 1),
+        }
+    print(json.dumps(out))
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, f"{a.name}.json"), "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
