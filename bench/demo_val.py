@@ -6,8 +6,11 @@ sim·C and C only: Recall@1/5/10 both ways, RSUM, CUI@10, CBIR P@10, and the raw
     python bench/demo_val.py --name R --rho 1 ...                         # + L_img
 
 Needs the feature cache of a finished `pecm demo` (``--demo runs/demo``; it stops when the cache files are
-missing); a run is then ~1.5 min of training on one thread. The run with no option reproduces the validation history of
-``runs/demo/checkpoint/metrics.json`` exactly. Two experiment-only settings are not library options:
+missing); a run is then ~1.5 min of training on one thread. The run with no option reproduces the validation
+history of ``runs/demo/checkpoint/metrics.json`` exactly. ``--image-backbone NAME --image-weights FILE
+--image-sha256 HEX --image-size S --cache DIR`` runs the same with another image backbone (its features are
+extracted once into DIR, the report side copied from the demo's cache). ``--feat-dropout P`` is
+``TrainConfig(feature_dropout=P)``. Two experiment-only settings are not library options:
 ``--img-loss-on sim`` (L_img over the pooled image–image sim instead of R) and ``--hard F`` (a fraction F of
 each epoch's items go into batches of one k-means cluster of the training pairs' raw global image + report
 features, i.e. hard in-batch negatives; the rest are random batches, in shuffled order).
@@ -16,8 +19,10 @@ features, i.e. hard in-batch negatives; the rest are random batches, in shuffled
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -92,28 +97,51 @@ def main(argv=None) -> int:
     ap.add_argument("--rho", type=float, default=0.0)
     ap.add_argument("--img-loss-on", choices=("score", "sim"), default="score")
     ap.add_argument("--hard", type=float, default=0.0)
+    ap.add_argument("--feat-dropout", type=float, default=0.0, help="dropout on the raw features (augmentation)")
+    ap.add_argument("--image-backbone", help="timm name (default: the demo's efficientnet_lite0)")
+    ap.add_argument("--image-weights", help="local weights file for --image-backbone (checked: --image-sha256)")
+    ap.add_argument("--image-sha256", help="expected sha256 of --image-weights (refused when it differs)")
+    ap.add_argument("--image-size", type=int)
+    ap.add_argument(
+        "--cache", help="feature cache folder (default DEMO/cache, never written); another folder is filled once"
+    )
     a = ap.parse_args(argv)
     if a.img_loss_on == "sim":
         L.supcon = _supcon_on_sim
-    torch.set_num_threads(1)  # = pecm demo --train-threads 1
+    torch.set_num_threads(2 if a.cache else 1)  # feature extraction (a new --cache) on both cores
     pairs = load_pairs(default_data_dir())
     rest, _test = split_pairs(pairs, 0.2, 0)  # the test split is never evaluated here
     train_set, val_set = split_pairs(rest, 0.05 / 0.8, 1)
-    cfg = PECMConfig.demo_cpu(seed=a.seed, group_threshold=1.0, image_slots="attend", text_units="clauses")
+    over = {}
+    if a.image_backbone:
+        if not (a.image_weights and a.image_sha256 and a.image_size and a.cache):
+            raise SystemExit("--image-backbone needs --image-weights, --image-sha256, --image-size and --cache")
+        with open(a.image_weights, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if digest != a.image_sha256:
+            raise SystemExit(f"--image-weights: sha256 {digest} differs from --image-sha256 {a.image_sha256}")
+        over = {"image_backbone": a.image_backbone, "image_weights": a.image_weights, "image_size": a.image_size}
+    cfg = PECMConfig.demo_cpu(seed=a.seed, group_threshold=1.0, image_slots="attend", text_units="clauses", **over)
     model = PECM(cfg)
     model.text.fit(train_set.texts)
-    cache = os.path.join(a.demo, "cache")
+    cache = a.cache or os.path.join(a.demo, "cache")
     ids = [p.id for p in train_set.pairs]
-    for side in ("train", "val"):
-        if not os.path.isfile(os.path.join(cache, f"{side}.image.pt")):
-            raise SystemExit(f"--demo: no feature cache in {cache}; run `pecm demo --out {a.demo}` first")
+    if a.cache is None:
+        for side in ("train", "val"):
+            if not os.path.isfile(os.path.join(cache, f"{side}.image.pt")):
+                raise SystemExit(f"--demo: no feature cache in {cache}; run `pecm demo --out {a.demo}` first")
+    elif a.cache and not os.path.isfile(os.path.join(cache, "train.text.pt")):
+        os.makedirs(cache, exist_ok=True)  # the report side is the demo's: reuse its cached features
+        for side in ("train", "val"):
+            shutil.copy(os.path.join(a.demo, "cache", f"{side}.text.pt"), os.path.join(cache, f"{side}.text.pt"))
     tr_f, h1 = _cached_features(model, train_set, os.path.join(cache, "train"), False, ids)
     va_f, h2 = _cached_features(model, val_set, os.path.join(cache, "val"), False, ids)
+    torch.set_num_threads(1)  # = pecm demo --train-threads 1
     if a.hard > 0:
         _hard_batches(tr_f, a.hard, a.batch, a.seed)
     tc = TrainConfig(
         epochs=a.epochs, batch_size=a.batch, lr=a.lr, seed=a.seed, progress=False, save_every=a.epochs,
-        select_best=True, lam=1.0, nu=a.nu, kappa=a.kappa, rho=a.rho,
+        select_best=True, lam=1.0, nu=a.nu, kappa=a.kappa, rho=a.rho, feature_dropout=a.feat_dropout,
     )  # fmt: skip
     t = time.time()
     ckpt = os.path.join("/tmp", f"pecm-demo-val-{a.name}")

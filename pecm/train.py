@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import metrics as M
@@ -57,6 +58,8 @@ class TrainConfig:
     nu: float = 0.0  # weight of L_rank (InfoNCE over R = sim * C; an extension, 0 = the paper's loss)
     kappa: float = 0.0  # weight of L_cnce (InfoNCE over C: a confidence loss with negatives; extension, 0 = paper)
     rho: float = 0.0  # weight of L_img (SupCon over image-image R, positives share a CUI; extension, 0 = paper)
+    # dropout rate on the raw backbone features of each training batch (feature-level augmentation; 0 = off)
+    feature_dropout: float = 0.0
     theta_lr: float = 1.0  # learning-rate multiplier of the weight logits theta (1 = the same lr as the heads)
     div: str = "decorrelate"
     seed: int = 0
@@ -77,6 +80,8 @@ class TrainConfig:
                 raise ValueError(f"{n}: expected an int >= 1, got {getattr(self, n)}")
         if not self.theta_lr > 0:
             raise ValueError(f"theta_lr: expected a positive float, got {self.theta_lr}")
+        if not 0.0 <= self.feature_dropout < 1.0:
+            raise ValueError(f"feature_dropout: expected a rate in [0, 1), got {self.feature_dropout}")
         if not self.lr > 0:
             raise ValueError(f"lr: expected a positive float, got {self.lr}")
         if self.batch_size < 2:
@@ -209,18 +214,21 @@ def evaluate_features(model: PECM, feats, cuis=None, by_list=("sim", "score", "c
 class _Step(nn.Module):
     """One forward for DDP: features (cached) or images + reports (end-to-end) → loss dict."""
 
-    def __init__(self, model: PECM, loss: PECMLoss):
+    def __init__(self, model: PECM, loss: PECMLoss, feature_dropout: float = 0.0):
         super().__init__()
-        self.model, self.loss = model, loss
+        self.model, self.loss, self.feature_dropout = model, loss, float(feature_dropout)
 
     def forward(self, batch):
         m = self.model
         if "img" in batch:
-            iq, im = m.encode_image_features(batch["img"])
-            tq, tm = m.encode_text_features(batch["txt"], batch["txt_mask"])
+            fi, ft, fm = batch["img"], batch["txt"], batch["txt_mask"]
         else:
-            iq, im = m.encode_images(batch["images"])
-            tq, tm = m.encode_texts(batch["texts"])
+            fi = m.extract_image_features(batch["images"])
+            ft, fm = m.extract_text_features(batch["texts"])
+        if self.feature_dropout > 0 and self.training:  # augmentation of the raw features (TrainConfig)
+            fi, ft = F.dropout(fi, self.feature_dropout), F.dropout(ft, self.feature_dropout)
+        iq, im = m.encode_image_features(fi)
+        tq, tm = m.encode_text_features(ft, fm)
         labels = batch.get("img_labels")
         return self.loss(iq.float(), tq.float(), m.weights(), im, tm, logit_scale=m.logit_scale, img_labels=labels)
 
@@ -284,7 +292,7 @@ def train(
     cached = model.config.freeze_image and model.config.freeze_text
     n = len(train_pairs)
     loss = PECMLoss(cfg.lam, cfg.mu, cfg.div, nu=cfg.nu, gather=cfg.gather, kappa=cfg.kappa, rho=cfg.rho)
-    step_mod = _Step(model, loss)
+    step_mod = _Step(model, loss, cfg.feature_dropout)
     labels = label_matrix(train_pairs.cuis) if cfg.rho > 0 else None
     if world > 1:
         ddp = nn.parallel.DistributedDataParallel(

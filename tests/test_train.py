@@ -176,11 +176,34 @@ def test_image_supcon_term_trains_on_cui_labels(fitted, pairs, feats, tmp_path):
         train(_fresh(fitted), nolab, str(tmp_path / "x"), _cfg(epochs=1, rho=1.0), train_feats=feats)
 
 
+@pytest.mark.parametrize("mode", ["cached", "end_to_end"])
+def test_feature_dropout_augments_training_batches_only(fitted, pairs, feats, tmp_path, mode):
+    """feature_dropout > 0 drops raw features of the training batches (cached features or, end to end, the
+    extracted ones): the trained heads differ from a run without it, the same seed gives the same heads, and the
+    evaluation features are untouched (evaluation is deterministic and uses no dropout)."""
+    heads = {}
+    for name, p in (("off", 0.0), ("on", 0.5), ("on_again", 0.5)):
+        if mode == "cached":
+            m, data, kw = _fresh(fitted), pairs, {"train_feats": feats}
+        else:  # end to end: images decoded and the backbone run in every step
+            m, data, kw = PECM(PECMConfig.tiny(freeze_image=False), load_pretrained=False), pairs.subset(range(8)), {}
+            m.text.doc2vec, m.text.tokenizer = fitted.text.doc2vec, fitted.text.tokenizer
+        train(m, data, str(tmp_path / name), _cfg(epochs=1, batch_size=4, feature_dropout=p), **kw)
+        heads[name] = {k: v.clone() for k, v in m.image_head.state_dict().items()}
+        if name == "on_again" and mode == "cached":
+            a = prototypes_from_features(m, feats)[0]
+            assert torch.equal(a, prototypes_from_features(m, feats)[0])
+    assert any(not torch.equal(heads["off"][k], heads["on"][k]) for k in heads["off"])
+    assert all(torch.equal(heads["on"][k], heads["on_again"][k]) for k in heads["on"])
+
+
 def test_bad_train_config_names_the_field():
     for kw, field in [({"epochs": 0}, "epochs"), ({"lr": 0.0}, "lr"), ({"batch_size": 1}, "batch_size"),
                       ({"div": "x"}, "div"), ({"lam": -1.0}, "lam"), ({"nu": -0.5}, "nu"),
                       ({"gather": 1}, "gather"), ({"kappa": -1.0}, "kappa"),
-                      ({"theta_lr": 0.0}, "theta_lr"), ({"rho": -1.0}, "rho")]:  # fmt: skip
+                      ({"theta_lr": 0.0}, "theta_lr"), ({"rho": -1.0}, "rho"),
+                      ({"feature_dropout": 1.0}, "feature_dropout"),
+                      ({"feature_dropout": -0.1}, "feature_dropout")]:  # fmt: skip
         with pytest.raises(ValueError, match=field):
             TrainConfig(**kw)
 

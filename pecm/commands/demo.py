@@ -149,6 +149,7 @@ def _run(a) -> int:
         nu=a.nu,
         kappa=a.kappa,
         rho=a.rho,
+        feature_dropout=a.feature_dropout,
         theta_lr=a.theta_lr,
     )
     # small per-step ops (B*K rows): one intra-op thread avoids OpenMP synchronisation overhead, which on a
@@ -247,6 +248,9 @@ def register(sub) -> None:
     p.add_argument("--kappa", type=float, default=1.0, help="weight of L_cnce (InfoNCE over C; demo 1; 0 = paper)")
     p.add_argument(
         "--rho", type=float, default=0.0, help="weight of L_img, SupCon over image-image R on shared CUIs (0 = paper)"
+    )
+    p.add_argument(
+        "--feature-dropout", type=float, default=0.0, help="dropout on the raw features of each batch (augmentation)"
     )
     p.add_argument("--theta-lr", type=float, default=1.0, help="learning-rate multiplier of the weight logits theta")
     p.add_argument(

@@ -52,6 +52,8 @@ def _check_flags(a) -> None:
             raise ValueError(f"--{flag.replace('_', '-')}: expected a value >= 0, got {getattr(a, flag)}")
     if not a.theta_lr > 0:
         raise ValueError(f"--theta-lr: expected a float > 0, got {a.theta_lr}")
+    if not 0.0 <= a.feature_dropout < 1.0:
+        raise ValueError(f"--feature-dropout: expected a rate in [0, 1), got {a.feature_dropout}")
     if not 0.0 <= a.val_fraction < 1.0:
         raise ValueError(f"--val-fraction: expected a float in [0, 1), got {a.val_fraction}")
     if a.select_best and not a.val_fraction > 0:
@@ -107,6 +109,7 @@ def _train(a, distributed: bool) -> int:
         nu=a.nu,
         kappa=a.kappa,
         rho=a.rho,
+        feature_dropout=a.feature_dropout,
         theta_lr=a.theta_lr,
         div=a.div,
         seed=a.seed,
@@ -158,6 +161,9 @@ def register(sub) -> None:
         type=float,
         default=0.0,
         help="weight of L_img, SupCon over image-image R with images sharing a CUI as positives (extension; 0 = paper)",
+    )
+    p.add_argument(
+        "--feature-dropout", type=float, default=0.0, help="dropout on the raw features of each batch (augmentation)"
     )
     p.add_argument("--theta-lr", type=float, default=1.0, help="learning-rate multiplier of the weight logits theta")
     p.add_argument(
