@@ -37,6 +37,19 @@ from pecm.model import PECM, PECMConfig
 from pecm.train import TrainConfig, evaluate_features, train
 
 
+def summarise(r: dict) -> dict:
+    """The table row of one ranking of `pecm.train.evaluate_features`: R@1/5/10 both ways, RSUM, CUI@10, CBIR."""
+    i2r, r2i = r["image_to_report"], r["report_to_image"]
+    return {
+        "i2r": [round(i2r[k], 1) for k in ("R@1", "R@5", "R@10")],
+        "r2i": [round(r2i[k], 1) for k in ("R@1", "R@5", "R@10")],
+        "rsum": round(sum(i2r.values()) + sum(r2i.values()), 1),
+        "r10sum": round(i2r["R@10"] + r2i["R@10"], 1),
+        "cui10": round(r["cui"]["@10"], 1),
+        "cbir10": round(r["cbir_cui"]["@10"], 1),
+    }
+
+
 def _supcon_on_sim(img, img_mask, w, labels, scale, backend):
     """L_img of `pecm.losses.supcon`, over the pooled image-image sim instead of R."""
     from pecm import ops
@@ -157,16 +170,7 @@ def main(argv=None) -> int:
         "raw_cbir10": round(res["baseline"]["cbir_cui"]["@10"], 1),
     }
     for by in ("sim", "score", "conf"):
-        r = res[by]
-        i2r, r2i = r["image_to_report"], r["report_to_image"]
-        out[by] = {
-            "i2r": [round(i2r[k], 1) for k in ("R@1", "R@5", "R@10")],
-            "r2i": [round(r2i[k], 1) for k in ("R@1", "R@5", "R@10")],
-            "rsum": round(sum(i2r.values()) + sum(r2i.values()), 1),
-            "r10sum": round(i2r["R@10"] + r2i["R@10"], 1),
-            "cui10": round(r["cui"]["@10"], 1),
-            "cbir10": round(r["cbir_cui"]["@10"], 1),
-        }
+        out[by] = summarise(res[by])
     print(json.dumps(out))
     if a.out:
         os.makedirs(a.out, exist_ok=True)

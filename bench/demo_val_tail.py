@@ -13,6 +13,7 @@ feature evaluation, its best-epoch snapshot (which must include the tuned conv_h
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
@@ -23,6 +24,9 @@ from pecm.commands.demo import _cached_features
 from pecm.data import default_data_dir, load_pairs, split_pairs
 from pecm.model import PECM, PECMConfig
 from pecm.train import TrainConfig, train
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from demo_val import summarise  # noqa: E402  (bench/demo_val.py)
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--name", default="tail")
@@ -151,16 +155,7 @@ out = {
     "hist": [round(h["val"]["rsum"], 1) for h in hist],
 }
 for by in ("sim", "score"):
-    r = res[by]
-    i2r, r2i = r["image_to_report"], r["report_to_image"]
-    out[by] = {
-        "i2r": [round(i2r[k], 1) for k in ("R@1", "R@5", "R@10")],
-        "r2i": [round(r2i[k], 1) for k in ("R@1", "R@5", "R@10")],
-        "rsum": round(sum(i2r.values()) + sum(r2i.values()), 1),
-        "r10sum": round(i2r["R@10"] + r2i["R@10"], 1),
-        "cui10": round(r["cui"]["@10"], 1),
-        "cbir10": round(r["cbir_cui"]["@10"], 1),
-    }
+    out[by] = summarise(res[by])
 out["args"] = vars(a)
 print(json.dumps(out))
 if a.out:
