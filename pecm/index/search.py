@@ -131,10 +131,10 @@ def _chunk_candidates(index, w: torch.Tensor, a: Dict[str, np.ndarray], device=N
         from ..pq import PQCandidates
 
         codes, scales = torch.from_numpy(a["prototypes"]), torch.from_numpy(a["scales"]).float()
-        pooled = a["pooled"]  # int8 rows are decoded; float16 ones go to the kernels as they are (no copy)
-        pc = PQCandidates(
-            codes, scales, torch.from_numpy(pooled_values(pooled) if pooled.dtype == np.int8 else pooled), cm, w
-        )
+        pooled = a["pooled"]
+        if pooled.dtype == np.int8:  # decoded to unit float32 rows; float16 ones go to the kernels as stored
+            pooled = pooled_values(pooled)
+        pc = PQCandidates(codes, scales, torch.from_numpy(pooled), cm, w)
         return pc if device is None else pc.to(device)
     c = torch.from_numpy(a["prototypes"])
     if index.dtype == "int8":
