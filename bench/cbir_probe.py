@@ -17,13 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
 
 from pecm import metrics as M
-from pecm.data import default_data_dir, load_pairs, split_pairs
 from pecm.train import label_matrix
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from demo_val import demo_split  # noqa: E402  (bench/demo_val.py: pecm demo's split)
 
 
 def _p10(x, cuis) -> float:
@@ -67,9 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    pairs = load_pairs(default_data_dir())
-    rest, _test = split_pairs(pairs, 0.2, 0)
-    tr, va = split_pairs(rest, 0.05 / 0.8, 1)
+    tr, va = demo_split()
     cache = os.path.join(a.demo, "cache")
     xtr = torch.load(os.path.join(cache, "train.image.pt"), weights_only=True)["img"][:, 0].double()
     xva = torch.load(os.path.join(cache, "val.image.pt"), weights_only=True)["img"][:, 0].double()

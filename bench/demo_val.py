@@ -6,10 +6,11 @@ sim·C and C only: Recall@1/5/10 both ways, RSUM, CUI@10, CBIR P@10, and the raw
     python bench/demo_val.py --name R --rho 1 ...                         # + L_img
 
 Needs the feature cache of a finished `pecm demo` (``--demo runs/demo``; it stops when the cache files are
-missing); a run is then ~1.5 min of training on one thread. The run with no option reproduces the validation
-history of ``runs/demo/checkpoint/metrics.json`` exactly. ``--image-backbone NAME --image-weights FILE
---image-sha256 HEX --image-size S --cache DIR`` runs the same with another image backbone (its features are
-extracted once into DIR, the report side copied from the demo's cache). ``--feat-dropout P`` is
+missing or stale, and never writes them); a run is then ~1.5 min of training on one thread. The run with no
+option reproduces the validation history of ``runs/demo/checkpoint/metrics.json`` exactly.
+``--image-backbone NAME --image-weights FILE --image-sha256 HEX --image-size S --cache DIR`` runs the same
+with another image backbone (its features are extracted once into DIR, the report side copied from the demo's
+cache). ``--feat-dropout P`` is
 ``TrainConfig(feature_dropout=P)``. Two experiment-only settings are not library options:
 ``--img-loss-on sim`` (L_img over the pooled image–image sim instead of R) and ``--hard F`` (a fraction F of
 each epoch's items go into batches of one k-means cluster of the training pairs' raw global image + report
@@ -35,6 +36,41 @@ from pecm.commands.demo import _cached_features
 from pecm.data import default_data_dir, load_pairs, split_pairs
 from pecm.model import PECM, PECMConfig
 from pecm.train import TrainConfig, evaluate_features, train
+
+
+def demo_split():
+    """`pecm demo`'s default split of the shipped pairs: (train, val); the test split is never returned."""
+    rest, _test = split_pairs(load_pairs(default_data_dir()), 0.2, 0)  # --test-fraction 0.2, --seed 0
+    return split_pairs(rest, 0.05 / 0.8, 1)  # --val-fraction 0.05 of all pairs
+
+
+def demo_model(train_set, seed: int = 0, **over) -> PECM:
+    """The demo's model (current demo defaults, `over` changing config fields), Doc2Vec fitted on train."""
+    cfg = PECMConfig.demo_cpu(seed=seed, group_threshold=1.0, image_slots="attend", text_units="clauses", **over)
+    model = PECM(cfg)
+    model.text.fit(train_set.texts)
+    return model
+
+
+def demo_features(model, train_set, val_set, demo: str, cache=None):
+    """((train, val) raw features, all read from the cache). ``cache`` None: ``DEMO/cache``, read only: a
+    missing or stale file stops the run (SystemExit) instead of being re-extracted over the demo's cache.
+    Another folder is filled on first use."""
+    path = cache or os.path.join(demo, "cache")
+    if cache is None:
+
+        def refuse(*_a, **_k):
+            raise SystemExit(f"--demo: the feature cache in {path} is missing or stale; run `pecm demo --out {demo}`")
+
+        real, PT.extract_features = PT.extract_features, refuse  # what `_cached_features` calls on a miss
+    try:
+        ids = [p.id for p in train_set.pairs]
+        tr_f, h1 = _cached_features(model, train_set, os.path.join(path, "train"), False, ids)
+        va_f, h2 = _cached_features(model, val_set, os.path.join(path, "val"), False, ids)
+    finally:
+        if cache is None:
+            PT.extract_features = real
+    return (tr_f, va_f), bool(h1 and h2)
 
 
 def summarise(r: dict) -> dict:
@@ -122,9 +158,7 @@ def main(argv=None) -> int:
     if a.img_loss_on == "sim":
         L.supcon = _supcon_on_sim
     torch.set_num_threads(2 if a.cache else 1)  # feature extraction (a new --cache) on both cores
-    pairs = load_pairs(default_data_dir())
-    rest, _test = split_pairs(pairs, 0.2, 0)  # the test split is never evaluated here
-    train_set, val_set = split_pairs(rest, 0.05 / 0.8, 1)
+    train_set, val_set = demo_split()
     over = {}
     if a.image_backbone:
         if not (a.image_weights and a.image_sha256 and a.image_size and a.cache):
@@ -134,21 +168,12 @@ def main(argv=None) -> int:
         if digest != a.image_sha256:
             raise SystemExit(f"--image-weights: sha256 {digest} differs from --image-sha256 {a.image_sha256}")
         over = {"image_backbone": a.image_backbone, "image_weights": a.image_weights, "image_size": a.image_size}
-    cfg = PECMConfig.demo_cpu(seed=a.seed, group_threshold=1.0, image_slots="attend", text_units="clauses", **over)
-    model = PECM(cfg)
-    model.text.fit(train_set.texts)
-    cache = a.cache or os.path.join(a.demo, "cache")
-    ids = [p.id for p in train_set.pairs]
-    if a.cache is None:
+    model = demo_model(train_set, a.seed, **over)
+    if a.cache and not os.path.isfile(os.path.join(a.cache, "train.text.pt")):
+        os.makedirs(a.cache, exist_ok=True)  # the report side is the demo's: reuse its cached features
         for side in ("train", "val"):
-            if not os.path.isfile(os.path.join(cache, f"{side}.image.pt")):
-                raise SystemExit(f"--demo: no feature cache in {cache}; run `pecm demo --out {a.demo}` first")
-    elif a.cache and not os.path.isfile(os.path.join(cache, "train.text.pt")):
-        os.makedirs(cache, exist_ok=True)  # the report side is the demo's: reuse its cached features
-        for side in ("train", "val"):
-            shutil.copy(os.path.join(a.demo, "cache", f"{side}.text.pt"), os.path.join(cache, f"{side}.text.pt"))
-    tr_f, h1 = _cached_features(model, train_set, os.path.join(cache, "train"), False, ids)
-    va_f, h2 = _cached_features(model, val_set, os.path.join(cache, "val"), False, ids)
+            shutil.copy(os.path.join(a.demo, "cache", f"{side}.text.pt"), os.path.join(a.cache, f"{side}.text.pt"))
+    (tr_f, va_f), cached = demo_features(model, train_set, val_set, a.demo, a.cache)
     torch.set_num_threads(1)  # = pecm demo --train-threads 1
     if a.hard > 0:
         _hard_batches(tr_f, a.hard, a.batch, a.seed)
@@ -163,7 +188,7 @@ def main(argv=None) -> int:
     out = {
         "name": a.name,
         "args": vars(a),
-        "features_cached": bool(h1 and h2),
+        "features_cached": cached,
         "epoch": [h["epoch"] for h in hist if h.get("selected")],
         "train_s": round(time.time() - t, 1),
         "val_rsum_history": [round(h["val"]["rsum"], 1) for h in hist],

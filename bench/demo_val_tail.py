@@ -20,13 +20,10 @@ import torch
 import torch.nn.functional as F
 
 import pecm.train as PT
-from pecm.commands.demo import _cached_features
-from pecm.data import default_data_dir, load_pairs, split_pairs
-from pecm.model import PECM, PECMConfig
 from pecm.train import TrainConfig, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from demo_val import summarise  # noqa: E402  (bench/demo_val.py)
+from demo_val import demo_features, demo_model, demo_split, summarise  # noqa: E402  (bench/demo_val.py)
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--name", default="tail")
@@ -37,16 +34,9 @@ ap.add_argument("--tail-lr", type=float, default=1.0)
 ap.add_argument("--extract", action="store_true")
 a = ap.parse_args()
 torch.set_num_threads(2 if a.extract else 1)
-pairs = load_pairs(default_data_dir())
-rest, _ = split_pairs(pairs, 0.2, 0)
-tr, va = split_pairs(rest, 0.05 / 0.8, 1)
-cfg = PECMConfig.demo_cpu(seed=0, group_threshold=1.0, image_slots="attend", text_units="clauses")
-model = PECM(cfg)
-model.text.fit(tr.texts)
-ids = [p.id for p in tr.pairs]
-cache = os.path.join(a.demo, "cache")
-tr_f, _ = _cached_features(model, tr, os.path.join(cache, "train"), False, ids)
-va_f, _ = _cached_features(model, va, os.path.join(cache, "val"), False, ids)
+tr, va = demo_split()
+model = demo_model(tr)
+(tr_f, va_f), _ = demo_features(model, tr, va, a.demo)
 bb = model.image.backbone
 
 
