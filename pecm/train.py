@@ -61,6 +61,8 @@ class TrainConfig:
     # dropout rate on the raw backbone features of each training batch (feature-level augmentation; 0 = off)
     feature_dropout: float = 0.0
     theta_lr: float = 1.0  # learning-rate multiplier of the weight logits theta (1 = the same lr as the heads)
+    # learning-rate multiplier of the unfrozen backbones (end-to-end mode; 1 = the heads' lr, no effect when frozen)
+    backbone_lr: float = 1.0
     div: str = "decorrelate"
     seed: int = 0
     amp: bool = True  # on CUDA only
@@ -78,8 +80,9 @@ class TrainConfig:
         for n in ("epochs", "batch_size", "save_every", "feature_batch"):
             if int(getattr(self, n)) < 1:
                 raise ValueError(f"{n}: expected an int >= 1, got {getattr(self, n)}")
-        if not self.theta_lr > 0:
-            raise ValueError(f"theta_lr: expected a positive float, got {self.theta_lr}")
+        for n in ("theta_lr", "backbone_lr"):
+            if not getattr(self, n) > 0:
+                raise ValueError(f"{n}: expected a positive float, got {getattr(self, n)}")
         if not 0.0 <= self.feature_dropout < 1.0:
             raise ValueError(f"feature_dropout: expected a rate in [0, 1), got {self.feature_dropout}")
         if not self.lr > 0:
@@ -300,11 +303,7 @@ def train(
         )
     else:
         ddp = step_mod
-    split_theta = cfg.theta_lr != 1.0 and model.theta.requires_grad  # one group otherwise (older train states)
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad and not (split_theta and p is model.theta)]}]
-    if split_theta:
-        groups.append({"params": [model.theta], "lr": cfg.lr * cfg.theta_lr})
-    opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.Adam(_param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_rank = math.ceil(n / world)
     steps_per_epoch = max(1, per_rank // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -327,9 +326,11 @@ def train(
         train_feats = extract_features(model, train_pairs, cfg.feature_batch, cfg.progress and rank == 0)
     if cached and val_pairs is not None and val_feats is None:
         val_feats = extract_features(model, val_pairs, cfg.feature_batch, cfg.progress and rank == 0)
-    select = cfg.select_best and val_feats is not None
-    if cfg.select_best and val_feats is None:
-        log.warning("select_best: no validation features (cached mode with val pairs needed); keeping the last epoch")
+    # end to end, the validation features change with the backbones: extracted again after every epoch (rank 0)
+    has_val = val_feats is not None or (not cached and val_pairs is not None)
+    select = cfg.select_best and has_val
+    if cfg.select_best and not has_val:
+        log.warning("select_best: no validation pairs (val_pairs=None); keeping the last epoch")
     use_amp = cfg.amp and dev.type == "cuda"
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
@@ -379,8 +380,9 @@ def train(
             "seconds": time.time() - t0,
             "train": {k: v / steps_per_epoch for k, v in sums.items()},
         }
-        if rank == 0 and val_feats is not None:
-            ev = evaluate_features(model, val_feats, val_pairs.cuis, by_list=("score",))["score"]
+        if rank == 0 and has_val:
+            vf = val_feats if cached else extract_features(model, val_pairs, cfg.feature_batch, False)
+            ev = evaluate_features(model, vf, val_pairs.cuis, by_list=("score",))["score"]
             rec["val"] = {"image_to_report": ev["image_to_report"], "report_to_image": ev["report_to_image"]}
             rec["val"]["rsum"] = sum(ev["image_to_report"].values()) + sum(ev["report_to_image"].values())
             if select and rec["val"]["rsum"] > best["rsum"]:
@@ -404,6 +406,25 @@ def train(
         log.info("selected epoch %d (best validation RSUM %.1f)", best["epoch"], best["rsum"])
         save_training(model, out_dir, opt, sched, cfg.epochs - 1, history, cfg, best)
     return history
+
+
+def _param_groups(model: PECM, cfg: TrainConfig) -> List[dict]:
+    """Adam parameter groups: the heads (and everything else trainable) at ``lr``, θ at ``lr · theta_lr`` and the
+    unfrozen backbones (``image.*``, ``text.*``) at ``lr · backbone_lr``. A group is split off only when its
+    multiplier is not 1, so a run with the defaults has one group (as older train states do)."""
+    theta = cfg.theta_lr != 1.0 and model.theta.requires_grad
+    base, back = [], []
+    split_back = cfg.backbone_lr != 1.0
+    for name, p in model.named_parameters():
+        if not p.requires_grad or (theta and p is model.theta):
+            continue
+        (back if split_back and name.startswith(("image.", "text.")) else base).append(p)
+    groups = [{"params": base}]
+    if theta:
+        groups.append({"params": [model.theta], "lr": cfg.lr * cfg.theta_lr})
+    if back:
+        groups.append({"params": back, "lr": cfg.lr * cfg.backbone_lr})
+    return groups
 
 
 def _save_trainable(model: PECM, path: str) -> None:

@@ -112,6 +112,8 @@ def test_eval_table_has_sim_vs_r_and_chance(ckpt, capsys):
         (["--temperature", "0"], "--temperature"),
         (["--data", "/nonexistent/dir"], "--data"),
         (["--select-best"], "--select-best"),
+        (["--theta-lr", "0"], "--theta-lr"),
+        (["--backbone-lr", "-0.1"], "--backbone-lr"),
     ],
 )
 def test_train_bad_flags_exit_2_one_line(tmp_path, capsys, argv, flag):

@@ -242,6 +242,52 @@ def test_select_best_keeps_the_best_validation_epoch(fitted, pairs, feats, tmp_p
     assert json.loads((tmp_path / "metrics.json").read_text())[best]["selected"] is True
 
 
+def test_select_best_end_to_end_evaluates_with_the_current_backbone(fitted, pairs, tmp_path):
+    """End to end (an unfrozen backbone), the validation features are extracted again after every epoch with the
+    backbone being trained: each epoch's validation RSUM is that of features from that epoch's backbone, the
+    selected epoch is the best, and the model (backbone included) and the saved checkpoint are that epoch's."""
+    val, tr = pairs.subset(range(16, 24)), pairs.subset(range(16))
+    m = PECM(PECMConfig.tiny(freeze_image=False), load_pretrained=False)
+    m.text.doc2vec, m.text.tokenizer = fitted.text.doc2vec, fitted.text.tokenizer
+    frozen_val = extract_features(m, val, batch=8, progress=False)  # the untrained backbone's features
+
+    def rsum(model, vf=None):
+        vf = extract_features(model, val, batch=8, progress=False) if vf is None else vf
+        ev = evaluate_features(model, vf, val.cuis, by_list=("score",))["score"]
+        return sum(ev["image_to_report"].values()) + sum(ev["report_to_image"].values())
+
+    hist = train(m, tr, str(tmp_path), _cfg(epochs=3, batch_size=4, select_best=True), val_pairs=val)
+    rsums = [h["val"]["rsum"] for h in hist]
+    best = int(np.argmax(rsums))
+    assert [h["selected"] for h in hist] == [i == best for i in range(3)]
+    assert rsum(m) == pytest.approx(rsums[best])
+    loaded = PECM.load(str(tmp_path))
+    assert rsum(loaded) == pytest.approx(rsums[best])
+    # the trained backbone, not the initial one, made the selected epoch's features
+    assert not torch.allclose(extract_features(loaded, val, batch=8, progress=False)["img"], frozen_val["img"])
+
+
+def test_backbone_lr_scales_the_backbone_updates_only(fitted, pairs, tmp_path):
+    """backbone_lr: the unfrozen backbone gets its own Adam group at lr * backbone_lr (its first Adam step moves
+    each weight by about lr * backbone_lr), the heads keep lr; a bad value names the field."""
+    moves = {}
+    for mult in (1.0, 0.01):
+        torch.manual_seed(0)
+        m = PECM(PECMConfig.tiny(freeze_image=False), load_pretrained=False)
+        m.text.doc2vec, m.text.tokenizer = fitted.text.doc2vec, fitted.text.tokenizer
+        b0 = {k: v.detach().clone() for k, v in m.image.named_parameters()}
+        h0 = {k: v.detach().clone() for k, v in m.image_head.named_parameters()}
+        train(m, pairs.subset(range(4)), str(tmp_path / str(mult)), _cfg(epochs=1, batch_size=4, backbone_lr=mult))
+        bb = max(float((p.detach() - b0[k]).abs().max()) for k, p in m.image.named_parameters())
+        hd = max(float((p.detach() - h0[k]).abs().max()) for k, p in m.image_head.named_parameters())
+        moves[mult] = (bb, hd)
+    lr = _cfg().lr
+    assert moves[1.0][0] == pytest.approx(lr, rel=0.05) and moves[0.01][0] == pytest.approx(lr * 0.01, rel=0.05)
+    assert moves[1.0][1] == pytest.approx(lr, rel=0.05) and moves[0.01][1] == pytest.approx(lr, rel=0.05)
+    with pytest.raises(ValueError, match="backbone_lr"):
+        TrainConfig(backbone_lr=0.0)
+
+
 def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 

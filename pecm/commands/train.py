@@ -50,8 +50,9 @@ def _check_flags(a) -> None:
     for flag in ("weight_decay", "lam", "mu", "nu", "kappa", "rho"):
         if not getattr(a, flag) >= 0:
             raise ValueError(f"--{flag.replace('_', '-')}: expected a value >= 0, got {getattr(a, flag)}")
-    if not a.theta_lr > 0:
-        raise ValueError(f"--theta-lr: expected a float > 0, got {a.theta_lr}")
+    for flag in ("theta_lr", "backbone_lr"):
+        if not getattr(a, flag) > 0:
+            raise ValueError(f"--{flag.replace('_', '-')}: expected a float > 0, got {getattr(a, flag)}")
     if not 0.0 <= a.feature_dropout < 1.0:
         raise ValueError(f"--feature-dropout: expected a rate in [0, 1), got {a.feature_dropout}")
     if not 0.0 <= a.val_fraction < 1.0:
@@ -111,6 +112,7 @@ def _train(a, distributed: bool) -> int:
         rho=a.rho,
         feature_dropout=a.feature_dropout,
         theta_lr=a.theta_lr,
+        backbone_lr=a.backbone_lr,
         div=a.div,
         seed=a.seed,
         amp=not a.no_amp,
@@ -166,6 +168,9 @@ def register(sub) -> None:
         "--feature-dropout", type=float, default=0.0, help="dropout on the raw features of each batch (augmentation)"
     )
     p.add_argument("--theta-lr", type=float, default=1.0, help="learning-rate multiplier of the weight logits theta")
+    p.add_argument(
+        "--backbone-lr", type=float, default=1.0, help="learning-rate multiplier of the backbones (with --unfreeze)"
+    )
     p.add_argument(
         "--image-slots",
         choices=("regions", "attend"),
