@@ -11,7 +11,10 @@ option reproduces the validation history of ``runs/demo/checkpoint/metrics.json`
 ``--image-backbone NAME --image-weights FILE --image-sha256 HEX --image-size S --cache DIR`` runs the same
 with another image backbone (its features are extracted once into DIR, the report side copied from the demo's
 cache). ``--feat-dropout P`` is
-``TrainConfig(feature_dropout=P)``. Two experiment-only settings are not library options:
+``TrainConfig(feature_dropout=P)``. ``--unfreeze image|text|both [--backbone-lr M]`` trains that backbone end to end
+(no feature cache for the training steps: images decoded once and kept in memory, both encoders run in every
+step, the validation features re-extracted after every epoch for the epoch selection; ``TrainConfig(backbone_lr=M)``
+scales the backbones' learning rate). Two experiment-only settings are not library options:
 ``--img-loss-on sim`` (L_img over the pooled image–image sim instead of R) and ``--hard F`` (a fraction F of
 each epoch's items go into batches of one k-means cluster of the training pairs' raw global image + report
 features, i.e. hard in-batch negatives; the rest are random batches, in shuffled order).
@@ -132,6 +135,20 @@ def _hard_batches(tr_f, frac: float, batch: int, seed: int):
     PT.torch.randperm = randperm
 
 
+def _memo_images(model) -> None:
+    """Decode each image once (end-to-end runs: every epoch reads every training image); same tensors as
+    `PECM.load_image_paths`, which the model's instance attribute now shadows."""
+    real, memo = model.load_image_paths, {}
+
+    def load(paths):
+        miss = [p for p in paths if p not in memo]
+        if miss:
+            memo.update(zip(miss, real(miss).unbind(0)))
+        return torch.stack([memo[p] for p in paths])
+
+    model.load_image_paths = load
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--name", required=True)
@@ -147,6 +164,9 @@ def main(argv=None) -> int:
     ap.add_argument("--img-loss-on", choices=("score", "sim"), default="score")
     ap.add_argument("--hard", type=float, default=0.0)
     ap.add_argument("--feat-dropout", type=float, default=0.0, help="dropout on the raw features (augmentation)")
+    ap.add_argument("--unfreeze", choices=("image", "text", "both"), help="train this backbone end to end")
+    ap.add_argument("--backbone-lr", type=float, default=1.0, help="learning-rate multiplier of --unfreeze backbones")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for training (the demo: 1)")
     ap.add_argument("--image-backbone", help="timm name (default: the demo's efficientnet_lite0)")
     ap.add_argument("--image-weights", help="local weights file for --image-backbone (checked: --image-sha256)")
     ap.add_argument("--image-sha256", help="expected sha256 of --image-weights (refused when it differs)")
@@ -168,22 +188,31 @@ def main(argv=None) -> int:
         if digest != a.image_sha256:
             raise SystemExit(f"--image-weights: sha256 {digest} differs from --image-sha256 {a.image_sha256}")
         over = {"image_backbone": a.image_backbone, "image_weights": a.image_weights, "image_size": a.image_size}
+    if a.unfreeze:
+        over.update(freeze_image=a.unfreeze == "text", freeze_text=a.unfreeze == "image")
     model = demo_model(train_set, a.seed, **over)
     if a.cache and not os.path.isfile(os.path.join(a.cache, "train.text.pt")):
         os.makedirs(a.cache, exist_ok=True)  # the report side is the demo's: reuse its cached features
         for side in ("train", "val"):
             shutil.copy(os.path.join(a.demo, "cache", f"{side}.text.pt"), os.path.join(a.cache, f"{side}.text.pt"))
-    (tr_f, va_f), cached = demo_features(model, train_set, val_set, a.demo, a.cache)
-    torch.set_num_threads(1)  # = pecm demo --train-threads 1
+    if a.unfreeze:
+        (tr_f, va_f), cached = (None, None), False
+        _memo_images(model)
+    else:
+        (tr_f, va_f), cached = demo_features(model, train_set, val_set, a.demo, a.cache)
+    torch.set_num_threads(a.threads)  # 1 = pecm demo --train-threads 1
     if a.hard > 0:
         _hard_batches(tr_f, a.hard, a.batch, a.seed)
     tc = TrainConfig(
         epochs=a.epochs, batch_size=a.batch, lr=a.lr, seed=a.seed, progress=False, save_every=a.epochs,
         select_best=True, lam=1.0, nu=a.nu, kappa=a.kappa, rho=a.rho, feature_dropout=a.feat_dropout,
+        backbone_lr=a.backbone_lr,
     )  # fmt: skip
     t = time.time()
     ckpt = os.path.join("/tmp", f"pecm-demo-val-{a.name}")
     hist = train(model, train_set, ckpt, tc, val_pairs=val_set, train_feats=tr_f, val_feats=va_f)
+    if va_f is None:  # end to end: the selected epoch's backbones make the validation features
+        va_f = PT.extract_features(model, val_set, progress=False)
     res = evaluate_features(model, va_f, val_set.cuis, by_list=("sim", "score", "conf"))
     out = {
         "name": a.name,
@@ -192,6 +221,7 @@ def main(argv=None) -> int:
         "epoch": [h["epoch"] for h in hist if h.get("selected")],
         "train_s": round(time.time() - t, 1),
         "val_rsum_history": [round(h["val"]["rsum"], 1) for h in hist],
+        "epoch_s": [round(h["seconds"], 1) for h in hist],
         "raw_cbir10": round(res["baseline"]["cbir_cui"]["@10"], 1),
     }
     for by in ("sim", "score", "conf"):
