@@ -25,43 +25,28 @@ import time
 
 import torch
 
-from pecm.commands.demo import _cached_features
-from pecm.data import default_data_dir, load_pairs, split_pairs
 from pecm.train import TrainConfig, evaluate_features, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from demo_val import demo_model, summarise  # noqa: E402  (bench/demo_val.py)
+from demo_val import demo_features, demo_model, demo_split, summarise  # noqa: E402  (bench/demo_val.py)
 
 SIDES = ("train", "val", "test")
 
 
-def demo_splits():
-    """`pecm demo`'s default split: (train, val, test), as demo_val.demo_split plus the test split."""
-    rest, test = split_pairs(load_pairs(default_data_dir()), 0.2, 0)
-    train_set, val = split_pairs(rest, 0.05 / 0.8, 1)
-    return train_set, val, test
-
-
 def seed_features(model, sets, demo: str, work: str, seed: int):
-    """{side: features} for train/val/test. Seed 0 reads the demo's cache (read only, as `pecm demo` wrote it);
-    another seed copies the demo's image-side files into ``work/seed_S`` and extracts its report side there."""
-    src = os.path.join(demo, "cache")
-    path = src
+    """(train, val, test) features. Seed 0 reads the demo's cache, read only (`demo_val.demo_features`: a stale
+    file stops the run); another seed copies the demo's image-side files into ``work/seed_S`` and extracts its
+    report side there."""
+    cache = None
     if seed != 0:
-        path = os.path.join(work, f"seed_{seed}")
-        os.makedirs(path, exist_ok=True)
+        cache = os.path.join(work, f"seed_{seed}")
+        os.makedirs(cache, exist_ok=True)
         for side in SIDES:
-            dst = os.path.join(path, f"{side}.image.pt")
+            dst = os.path.join(cache, f"{side}.image.pt")
             if not os.path.isfile(dst):
-                shutil.copy(os.path.join(src, f"{side}.image.pt"), dst)
-    ids = [p.id for p in sets["train"].pairs]
-    out, hit = {}, True
-    for side in SIDES:
-        out[side], h = _cached_features(model, sets[side], os.path.join(path, side), False, ids)
-        hit = hit and h
-    if seed == 0 and not hit:
-        raise SystemExit(f"--demo: the feature cache in {src} is stale (it was re-extracted); rerun `pecm demo`")
-    return out
+                shutil.copy(os.path.join(demo, "cache", f"{side}.image.pt"), dst)
+    train_set, val_set, test_set = sets
+    return demo_features(model, train_set, val_set, demo, cache, test_set=test_set)[0]
 
 
 def _stats(xs):
@@ -76,19 +61,18 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/pecm-demo-seeds", help="report-feature caches of seeds other than 0")
     ap.add_argument("--out", default=None, help="JSON file (default: print only)")
     a = ap.parse_args(argv)
-    train_set, val_set, test_set = demo_splits()
-    sets = {"train": train_set, "val": val_set, "test": test_set}
+    sets = train_set, val_set, test_set = demo_split(with_test=True)
     runs = []
     for seed in a.seeds:
         t = time.time()
         torch.set_num_threads(2)  # report-feature extraction
         model = demo_model(train_set, seed)
-        f = seed_features(model, sets, a.demo, a.work, seed)
+        tr_f, va_f, te_f = seed_features(model, sets, a.demo, a.work, seed)
         torch.set_num_threads(1)  # = pecm demo --train-threads 1
         tc = TrainConfig(seed=seed, progress=False, save_every=30, select_best=True, nu=1.0, kappa=1.0)
         hist = train(model, train_set, f"/tmp/pecm-demo-seeds-ckpt-{seed}", tc, val_pairs=val_set,
-                     train_feats=f["train"], val_feats=f["val"])  # fmt: skip
-        res = evaluate_features(model, f["test"], test_set.cuis, by_list=("sim", "score", "conf"))
+                     train_feats=tr_f, val_feats=va_f)  # fmt: skip
+        res = evaluate_features(model, te_f, test_set.cuis, by_list=("sim", "score", "conf"))
         run = {"seed": seed, "epoch": [h["epoch"] for h in hist if h.get("selected")], "s": round(time.time() - t)}
         run.update({by: summarise(res[by]) for by in ("sim", "score", "conf")})
         run["raw_cbir10"] = round(res["baseline"]["cbir_cui"]["@10"], 1)

@@ -41,10 +41,12 @@ from pecm.model import PECM, PECMConfig
 from pecm.train import TrainConfig, evaluate_features, train
 
 
-def demo_split():
-    """`pecm demo`'s default split of the shipped pairs: (train, val); the test split is never returned."""
-    rest, _test = split_pairs(load_pairs(default_data_dir()), 0.2, 0)  # --test-fraction 0.2, --seed 0
-    return split_pairs(rest, 0.05 / 0.8, 1)  # --val-fraction 0.05 of all pairs
+def demo_split(with_test: bool = False):
+    """`pecm demo`'s default split of the shipped pairs: (train, val); the test split only with ``with_test``
+    (`bench/demo_seeds.py`, which reports test numbers and chooses nothing), as (train, val, test)."""
+    rest, test = split_pairs(load_pairs(default_data_dir()), 0.2, 0)  # --test-fraction 0.2, --seed 0
+    train_set, val = split_pairs(rest, 0.05 / 0.8, 1)  # --val-fraction 0.05 of all pairs
+    return (train_set, val, test) if with_test else (train_set, val)
 
 
 def demo_model(train_set, seed: int = 0, **over) -> PECM:
@@ -55,10 +57,10 @@ def demo_model(train_set, seed: int = 0, **over) -> PECM:
     return model
 
 
-def demo_features(model, train_set, val_set, demo: str, cache=None):
-    """((train, val) raw features, all read from the cache). ``cache`` None: ``DEMO/cache``, read only: a
-    missing or stale file stops the run (SystemExit) instead of being re-extracted over the demo's cache.
-    Another folder is filled on first use."""
+def demo_features(model, train_set, val_set, demo: str, cache=None, test_set=None):
+    """((train, val[, test]) raw features, all read from the cache; test only with ``test_set``). ``cache`` None:
+    ``DEMO/cache``, read only: a missing or stale file stops the run (SystemExit) instead of being re-extracted
+    over the demo's cache. Another folder is filled on first use."""
     path = cache or os.path.join(demo, "cache")
     if cache is None:
 
@@ -66,14 +68,14 @@ def demo_features(model, train_set, val_set, demo: str, cache=None):
             raise SystemExit(f"--demo: the feature cache in {path} is missing or stale; run `pecm demo --out {demo}`")
 
         real, PT.extract_features = PT.extract_features, refuse  # what `_cached_features` calls on a miss
+    sides = [("train", train_set), ("val", val_set)] + ([("test", test_set)] if test_set is not None else [])
     try:
         ids = [p.id for p in train_set.pairs]
-        tr_f, h1 = _cached_features(model, train_set, os.path.join(path, "train"), False, ids)
-        va_f, h2 = _cached_features(model, val_set, os.path.join(path, "val"), False, ids)
+        got = [_cached_features(model, pairs, os.path.join(path, side), False, ids) for side, pairs in sides]
     finally:
         if cache is None:
             PT.extract_features = real
-    return (tr_f, va_f), bool(h1 and h2)
+    return tuple(f for f, _ in got), all(h for _, h in got)
 
 
 def summarise(r: dict) -> dict:
